@@ -1,0 +1,32 @@
+"""fusedconv: fold every BatchNorm of a PyTorch model into the layer beside it, exactly.
+
+>>> import fusedconv
+>>> fused = fusedconv.fuse(model.eval(), example_inputs=(x,))
+>>> print(fusedconv.verify(model, fused, (x,)))
+"""
+
+from .api import fuse, plan
+from .errors import FoldError, FoldWarning
+from .fold import fold_bn_conv, fold_conv_bn, folded_weights
+from .layers import count_batchnorms
+from .planner import Fold, FusionPlan, Skip
+from .verification import ErrorStats, VerificationReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ErrorStats",
+    "Fold",
+    "FoldError",
+    "FoldWarning",
+    "FusionPlan",
+    "Skip",
+    "VerificationReport",
+    "count_batchnorms",
+    "fold_bn_conv",
+    "fold_conv_bn",
+    "folded_weights",
+    "fuse",
+    "plan",
+    "verify",
+]

@@ -1,0 +1,74 @@
+"""The two calls most users need: :func:`plan` and :func:`fuse`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import count_batchnorms
+from .planner import FusionPlan, apply_plan, make_plan
+
+logger = logging.getLogger("fusedconv")
+
+
+def as_input_tuple(example_inputs: Any) -> tuple | None:
+    """Normalise ``example_inputs``: a Tensor becomes a 1-tuple, a list a tuple."""
+    if example_inputs is None or isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    raise TypeError(
+        "example_inputs must be a tuple of positional arguments for model(*example_inputs), or a Tensor; "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def plan(model: nn.Module, example_inputs: Any = None) -> FusionPlan:
+    """What :func:`fuse` would fold in ``model``, and what it would leave and why.
+
+    Without ``example_inputs`` the dataflow comes from torch.fx; with them, from
+    one run of ``model(*example_inputs)`` (which also works for models torch.fx
+    cannot trace, and checks tensor ranks). The model is not modified.
+
+    Raises ``TypeError`` for a non-module, :class:`fusedconv.FoldError` for a
+    model in training mode, a BatchNorm with NaN/inf/negative statistics or
+    mismatched channels, or a failing example run.
+    """
+    return make_plan(model, as_input_tuple(example_inputs))
+
+
+def fuse(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+    plan: FusionPlan | None = None,
+) -> nn.Module:
+    """Fold every foldable BatchNorm of an eval-mode ``model`` into the layer beside it.
+
+    Each folded BatchNorm is replaced by ``nn.Identity`` (timm's BatchNormAct
+    modules by their activation) at every path where it is registered, so the
+    model keeps its class, attribute names, forward code, device, dtype and
+    memory format. Returns a folded copy, or ``model`` itself when
+    ``inplace=True``. Pass ``plan`` (from :func:`fusedconv.plan`) to apply a plan
+    already made. All or nothing: on any error the caller's model is unchanged.
+    """
+    start = time.perf_counter()
+    chosen = plan if plan is not None else make_plan(model, as_input_tuple(example_inputs))
+    fused = apply_plan(model, chosen, inplace=inplace)
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(
+            "fusedconv: folded %d BatchNorms into %d layers in %.1f ms (dataflow from %s); %d BatchNorms left",
+            chosen.num_folded,
+            len(chosen.folds),
+            (time.perf_counter() - start) * 1e3,
+            chosen.source,
+            count_batchnorms(fused),
+        )
+    return fused

@@ -1,0 +1,131 @@
+"""Dataflow from torch.fx, without running the model.
+
+Tracked modules (layers and BatchNorms) are fx leaves, so each shows up as one
+``call_module`` node whose users are exactly the readers of its output. Where a
+submodule cannot be traced (data-dependent control flow, shape checks...), it
+becomes a black box and tracing is retried: the rest of the model still folds,
+and the tracked modules inside the box are reported as unseen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from . import Dataflow, Node
+
+
+class Untraceable(Exception):
+    """The model's own forward (not only a submodule) cannot be traced by torch.fx."""
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, tracked: dict[int, str], black_boxes: dict[str, str]):
+        super().__init__()
+        self.tracked = tracked
+        self.black_boxes = black_boxes
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            id(m) in self.tracked
+            or module_qualified_name in self.black_boxes
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+    def call_module(self, m, forward, args, kwargs):
+        # fx's own call_module also maintains scope metadata for every node, which
+        # costs most of the tracing time and which we don't need.
+        try:
+            path = self.path_of_module(m)
+        except NameError:  # a module created inside forward: trace through it
+            return forward(*args, **kwargs)
+        if self.is_leaf_module(m, path):
+            return self.create_proxy("call_module", path, args, kwargs)
+        try:
+            return forward(*args, **kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module that failed
+                self.failed_in = path
+            raise
+
+
+def _trace(model: nn.Module, tracked: dict[int, str]) -> tuple[fx.Graph, dict[str, str]]:
+    black_boxes: dict[str, str] = {}
+    while True:
+        tracer = _Tracer(tracked, black_boxes)
+        try:
+            return tracer.trace(model), black_boxes
+        except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+            if not tracer.failed_in or tracer.failed_in in black_boxes:
+                raise Untraceable(reason) from exc
+            black_boxes[tracer.failed_in] = reason
+
+
+def _reads_only_as_first_input(user: fx.Node, producer: fx.Node) -> bool:
+    if user.op != "call_module" or not user.args or user.args[0] is not producer:
+        return False
+    rest: list[fx.Node] = []
+    fx.node.map_arg((user.args[1:], user.kwargs), rest.append)
+    return producer not in rest
+
+
+def from_fx(model: nn.Module, tracked: dict[int, str]) -> Dataflow:
+    """Dataflow of ``model`` as torch.fx sees it. ``tracked`` maps id(module) to its name.
+
+    Raises :class:`Untraceable` when the model's own forward cannot be traced.
+    """
+    graph, black_boxes = _trace(model, tracked)
+    nodes = {name: Node(name) for name in tracked.values()}
+    modules: dict[str, nn.Module] = {}
+    tracked_of: dict[fx.Node, str] = {}
+    opaque_calls: dict[str, nn.Module] = {}
+
+    def module_at(path: str) -> nn.Module | None:
+        if path not in modules:
+            try:
+                modules[path] = model.get_submodule(path)
+            except AttributeError:
+                modules[path] = None
+        return modules[path]
+
+    for n in graph.nodes:
+        if n.op == "call_module":
+            mod = module_at(n.target)
+            name = tracked.get(id(mod))
+            if name is None:
+                opaque_calls[n.target] = mod
+            else:
+                nodes[name].calls += 1
+                tracked_of[n] = name
+        elif n.op == "get_attr":
+            owner = module_at(n.target.rpartition(".")[0])
+            name = tracked.get(id(owner))
+            if name is not None:  # e.g. F.conv2d(x, self.conv.weight) outside the conv
+                nodes[name].tensors_read_elsewhere = True
+
+    for n, name in tracked_of.items():
+        node = nodes[name]
+        if node.calls != 1:
+            continue
+        if n.args and isinstance(n.args[0], fx.Node):
+            node.input_from = tracked_of.get(n.args[0])
+        node.consumers = [
+            tracked_of[user] if user in tracked_of and _reads_only_as_first_input(user, n) else None
+            for user in n.users
+        ]
+
+    unseen: dict[str, str] = {}
+    for path, box in opaque_calls.items():
+        if box is None:
+            continue
+        if path in black_boxes:
+            why = f"inside {path}, which torch.fx cannot trace ({black_boxes[path]}); pass example_inputs to fold it"
+        else:
+            why = f"inside {path} ({type(box).__name__}), whose forward fusedconv does not look into"
+        for sub in box.modules():
+            name = tracked.get(id(sub))
+            if name is not None and sub is not box:
+                unseen.setdefault(name, why)
+    return Dataflow(nodes, "torch.fx", unseen)

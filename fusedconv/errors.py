@@ -1,0 +1,14 @@
+"""Exceptions and warnings raised by fusedconv."""
+
+
+class FoldError(ValueError):
+    """A model, layer or BatchNorm that fusedconv was asked to fold cannot be folded.
+
+    The message names the module (by its qualified name) and what is wrong with it.
+    When it is raised, the caller's model has not been modified.
+    """
+
+
+class FoldWarning(UserWarning):
+    """A BatchNorm was left unfolded for a reason the user may want to act on
+    (no running statistics, or part of the model could not be traced)."""

@@ -1,0 +1,232 @@
+"""Which modules fusedconv folds, and how to read them.
+
+Two roles:
+
+* a **layer** (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear) keeps running and
+  absorbs the BatchNorms beside it into its weight and bias;
+* a **batch norm** (torch ``BatchNorm*d``/``SyncBatchNorm``, ``FrozenBatchNorm2d``
+  from torchvision, timm's ``BatchNormAct2d`` family) disappears: it is replaced
+  by ``nn.Identity`` or, for the timm modules that also apply an activation, by
+  that activation.
+
+A module is only trusted when the class that defines its ``forward`` is one we
+know: a subclass that overrides ``forward`` (weight standardization, "same"
+padding computed on the fly, ...) may use its weight differently, so it is
+left alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .affine import ChannelAffine, batchnorm_affine
+from .errors import FoldError
+
+
+class LayerKind(enum.Enum):
+    """How a layer's weight is laid out: which axis holds output channels."""
+
+    CONV = "conv"  # (out, in/groups, *kernel)
+    CONV_TRANSPOSE = "conv_transpose"  # (in, out/groups, *kernel)
+    LINEAR = "linear"  # (out, in)
+
+
+def _forward_owner(module: nn.Module) -> str:
+    """Qualified name of the class whose ``forward`` the module runs."""
+    for klass in type(module).__mro__:
+        if "forward" in vars(klass):
+            return f"{klass.__module__}.{klass.__qualname__}"
+    return ""
+
+
+_STANDARD_LAYER_FORWARDS = {
+    f"torch.nn.modules.conv.{name}"
+    for name in ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
+} | {"torch.nn.modules.linear.Linear"}
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The kind of a foldable layer, or None if the module is not one."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return LayerKind.CONV_TRANSPOSE if module.transposed else LayerKind.CONV
+    if isinstance(module, nn.Linear):
+        return LayerKind.LINEAR
+    return None
+
+
+def layer_groups(module: nn.Module) -> int:
+    return getattr(module, "groups", 1)
+
+
+def layer_out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def layer_in_channels(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+
+
+def batched_rank(module: nn.Module) -> int:
+    """Rank of a batched input to the layer (and of its output)."""
+    if isinstance(module, nn.Linear):
+        return 2
+    return 2 + len(module.kernel_size)
+
+
+def pads_with_zeros(conv: nn.Module) -> bool:
+    """True when the convolution reads zeros outside its input.
+
+    A BatchNorm before such a conv cannot be folded: the conv would see
+    BN(x) padded with zeros, which is not BN of x padded with anything.
+    Reflect/replicate/circular padding copies input values, so it commutes
+    with a per-channel affine map.
+    """
+    if conv.padding_mode != "zeros":
+        return False
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return False
+        # "same": total padding per dim is dilation * (kernel - 1)
+        return any(d * (k - 1) > 0 for k, d in zip(conv.kernel_size, conv.dilation))
+    return any(p > 0 for p in conv.padding)
+
+
+def why_layer_cannot_change(module: nn.Module) -> str | None:
+    """Why folding into this layer could change what it computes, or None if it can be folded."""
+    owner = _forward_owner(module)
+    if owner not in _STANDARD_LAYER_FORWARDS:
+        return f"{type(module).__name__} has its own forward ({owner}), which may not use its weight as is"
+    if parametrize.is_parametrized(module):
+        return "its weight is computed by a parametrization (torch.nn.utils.parametrize)"
+    if module._forward_pre_hooks or module._forward_hooks:
+        return "it has forward hooks (weight_norm, pruning or user hooks may rewrite its weight or output)"
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return "it is a lazy module whose weight is not initialised yet (run a forward first)"
+    return None
+
+
+# --------------------------------------------------------------------------- batch norms
+
+
+@dataclass(frozen=True)
+class BatchNormKind:
+    """A family of BatchNorm-like modules fusedconv knows how to fold.
+
+    ``forwards`` are the qualified names of the ``forward`` implementations that
+    compute ``act(drop(batch_norm(x)))`` with the module's running statistics in
+    eval mode; ``replacement`` builds what stands in the module's place once its
+    affine part has been folded away; ``passes_through`` says that the
+    replacement is the identity, so the BN's output is the affine map itself
+    (needed to fold a BN into a layer after it, or two BNs in a row).
+    """
+
+    name: str
+    forwards: frozenset[str]
+    replacement: Callable[[nn.Module], nn.Module]
+    passes_through: bool
+
+
+def _identity(_: nn.Module) -> nn.Module:
+    return nn.Identity()
+
+
+def _activation_of(module: nn.Module) -> nn.Module:
+    parts = [m for m in (module.drop, module.act) if not isinstance(m, nn.Identity)]
+    if not parts:
+        return nn.Identity()
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+
+
+BATCHNORM_KINDS = (
+    BatchNormKind(
+        "torch BatchNorm",
+        frozenset({"torch.nn.modules.batchnorm._BatchNorm", "torch.nn.modules.batchnorm.SyncBatchNorm"}),
+        _identity,
+        passes_through=True,
+    ),
+    BatchNormKind(
+        "FrozenBatchNorm2d",
+        frozenset({"torchvision.ops.misc.FrozenBatchNorm2d"}),
+        _identity,
+        passes_through=True,
+    ),
+    BatchNormKind(
+        "timm BatchNormAct",
+        frozenset(
+            {
+                "timm.layers.norm_act.BatchNormAct2d",
+                "timm.layers.norm_act.SyncBatchNormAct",
+                "timm.layers.norm_act.FrozenBatchNormAct2d",
+            }
+        ),
+        _activation_of,
+        passes_through=False,
+    ),
+)
+
+
+def batchnorm_kind(module: nn.Module) -> BatchNormKind | None:
+    """The BatchNorm family a module belongs to, or None if it is not a BN we can fold."""
+    owner = _forward_owner(module)
+    for kind in BATCHNORM_KINDS:
+        if owner in kind.forwards:
+            return kind
+    return None
+
+
+def has_running_stats(bn: nn.Module) -> bool:
+    return isinstance(getattr(bn, "running_mean", None), torch.Tensor) and isinstance(
+        getattr(bn, "running_var", None), torch.Tensor
+    )
+
+
+def num_features(bn: nn.Module) -> int:
+    return bn.running_mean.numel()
+
+
+def bn_channel_affine(bn: nn.Module, name: str) -> ChannelAffine:
+    """The per-channel affine map an eval-mode BN computes, validated, in float64."""
+    weight = getattr(bn, "weight", None)
+    bias = getattr(bn, "bias", None)
+    return batchnorm_affine(
+        bn.running_mean,
+        bn.running_var,
+        weight if isinstance(weight, torch.Tensor) else None,
+        bias if isinstance(bias, torch.Tensor) else None,
+        float(bn.eps),
+        name=name,
+    )
+
+
+def why_batchnorm_cannot_fold(bn: nn.Module) -> str | None:
+    """Why this BN cannot be folded (other than where it sits), or None."""
+    if not has_running_stats(bn):
+        return "track_running_stats=False: it normalises with batch statistics, which no weight can hold"
+    if bn._forward_pre_hooks or bn._forward_hooks:
+        return "it has forward hooks"
+    return None
+
+
+def check_not_training(module: nn.Module, name: str) -> None:
+    """Raise :class:`FoldError` if a BatchNorm is in training mode."""
+    if module.training:
+        raise FoldError(
+            f"{name or 'model'} ({type(module).__name__}) is in training mode, where BatchNorm uses batch "
+            "statistics: call model.eval() before folding"
+        )
+
+
+def count_batchnorms(model: nn.Module) -> int:
+    """Number of BatchNorm-like modules (any family fusedconv knows, plus any other
+    ``_BatchNorm`` subclass) in ``model``."""
+    return sum(
+        1
+        for m in model.modules()
+        if batchnorm_kind(m) is not None or isinstance(m, nn.modules.batchnorm._BatchNorm)
+    )

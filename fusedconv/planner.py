@@ -1,0 +1,401 @@
+"""Planning a fusion from the dataflow, checking it, and applying it all at once.
+
+Rules (DESIGN.md sections 2-3). A layer takes BatchNorms only if it is called
+exactly once, reads its own weight unmodified (standard forward, no hooks or
+parametrizations), and shares no tensor with another module. A BN *after* the
+layer folds when the layer's output is read by that BN and nothing else; a BN
+*before* it folds when the BN's output is read by that layer and nothing else
+and the fold is exact there (no zero padding, not a ConvTranspose, (N, C) input
+for a Linear). BNs after a layer are matched first, since that fold is always
+exact; chains of BNs fold together.
+
+Applying a plan computes every new tensor first and only then touches the
+model, so an error leaves the caller's model as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .affine import compose
+from .dataflow import Dataflow
+from .dataflow.fx import Untraceable, from_fx
+from .dataflow.run import from_run
+from .errors import FoldError, FoldWarning
+from .fold import fold_affines, why_not_exact_before, write_folded
+from .layers import (
+    batched_rank,
+    batchnorm_kind,
+    bn_channel_affine,
+    check_not_training,
+    layer_in_channels,
+    layer_kind,
+    layer_out_channels,
+    num_features,
+    why_batchnorm_cannot_fold,
+    why_layer_cannot_change,
+)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One layer and the BatchNorms folded into it (qualified module names, in forward order)."""
+
+    layer: str
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+
+    @property
+    def batchnorms(self) -> tuple[str, ...]:
+        return self.before + self.after
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A BatchNorm-like module the plan leaves in place, and why."""
+
+    module: str
+    reason: str
+
+
+@dataclass
+class FusionPlan:
+    """What :func:`fusedconv.fuse` will fold, and what it leaves and why."""
+
+    folds: list[Fold]
+    skipped: list[Skip]
+    source: str
+    """"torch.fx" (no example inputs) or "run" (one run on the example inputs)."""
+    layout_assumed: bool = field(default=False)
+    """True when tensor ranks were not seen (torch.fx): BatchNorm1d next to a Linear is
+    assumed to see (N, C) input and convolutions a batched input."""
+
+    @property
+    def num_folded(self) -> int:
+        return sum(len(f.batchnorms) for f in self.folds)
+
+    def __str__(self) -> str:
+        source = "torch.fx graph" if self.source == "torch.fx" else "a run on the example inputs"
+        lines = [
+            f"fusion plan from {source}: {self.num_folded} BatchNorms fold into {len(self.folds)} layers, "
+            f"{len(self.skipped)} left"
+        ]
+        for f in self.folds:
+            chain = [*f.before, f"[{f.layer}]", *f.after]
+            lines.append("  fold  " + " -> ".join(chain))
+        for s in self.skipped:
+            lines.append(f"  left  {s.module}: {s.reason}")
+        return "\n".join(lines)
+
+
+class _ModelIndex:
+    """Names, paths and tensor ownership of the modules fusedconv tracks."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.paths: dict[int, list[str]] = defaultdict(list)
+        for path, m in model.named_modules(remove_duplicate=False):
+            self.paths[id(m)].append(path)
+        self.layers: dict[str, nn.Module] = {}
+        self.batchnorms: dict[str, nn.Module] = {}
+        holders: dict[int, int] = defaultdict(int)
+        for name, m in model.named_modules():
+            if layer_kind(m) is not None:
+                self.layers[name] = m
+            elif batchnorm_kind(m) is not None or isinstance(m, nn.modules.batchnorm._BatchNorm):
+                self.batchnorms[name] = m
+            for t in (*m._parameters.values(), *m._buffers.values()):
+                if t is not None:
+                    holders[id(t)] += 1
+        self.tracked = {id(m): name for name, m in (*self.layers.items(), *self.batchnorms.items())}
+        self.owners: dict[int, tuple[str, ...]] = defaultdict(tuple)
+        self.shared: set[str] = set()
+        for name, m in (*self.layers.items(), *self.batchnorms.items()):
+            for t in (*m._parameters.values(), *m._buffers.values()):
+                if t is not None:
+                    self.owners[id(t)] += (name,)
+                    if holders[id(t)] > 1:
+                        self.shared.add(name)
+
+
+def _expected_bn_ranks(bn: nn.Module) -> set[int] | None:
+    """Input ranks a BN class accepts, where its class says (None: any, e.g. SyncBatchNorm)."""
+    if isinstance(bn, nn.BatchNorm1d):
+        return {2, 3}
+    if isinstance(bn, nn.BatchNorm2d) or type(bn).__name__.endswith("2d"):  # FrozenBatchNorm2d too
+        return {4}
+    if isinstance(bn, nn.BatchNorm3d):
+        return {5}
+    return None
+
+
+class _Planner:
+    def __init__(self, index: _ModelIndex, flow: Dataflow):
+        self.index, self.flow = index, flow
+        self.used: set[str] = set()
+        self.reasons: dict[str, str] = {}  # why a BN next to a layer was not folded there
+
+    # -- what may take part in a fold -----------------------------------------
+    def _usage_problem(self, name: str) -> str | None:
+        if name in self.flow.unseen:
+            return self.flow.unseen[name]
+        node = self.flow.nodes[name]
+        if node.calls == 0:
+            return "never called by forward" + (" on the example inputs" if self.flow.source == "run" else "")
+        if node.calls > 1:
+            return f"called {node.calls} times: its weights serve every call, so a fold would change the others"
+        if node.tensors_read_elsewhere or name in self.index.shared:
+            return "one of its parameters or buffers is shared with or read by another part of the model"
+        return None
+
+    def layer_problem(self, name: str) -> str | None:
+        return self._usage_problem(name) or why_layer_cannot_change(self.index.layers[name])
+
+    def bn_problem(self, name: str) -> str | None:
+        bn = self.index.batchnorms[name]
+        if batchnorm_kind(bn) is None:
+            return f"{type(bn).__name__} overrides forward, so fusedconv cannot tell what it computes"
+        return why_batchnorm_cannot_fold(bn) or self._usage_problem(name)
+
+    def _layout_problem(self, layer_name: str, bn_name: str) -> str | None:
+        layer, bn = self.index.layers[layer_name], self.index.batchnorms[bn_name]
+        rank = batched_rank(layer)
+        seen = self.flow.nodes[bn_name].input_rank
+        if seen is not None and seen != rank:
+            return (
+                f"it sees a rank-{seen} tensor and normalises dim 1, but {layer_name} keeps its channels "
+                f"on {'the last dim' if rank == 2 else 'dim 1'} of a rank-{rank} tensor"
+            )
+        expected = _expected_bn_ranks(bn)
+        if expected is not None and rank not in expected:
+            return f"{type(bn).__name__} does not take the rank-{rank} tensors of {layer_name}"
+        return None
+
+    def _bn_follows(self, producer: str, bn_name: str) -> bool:
+        consumers = self.flow.nodes[producer].consumers
+        return consumers == [bn_name] and self.flow.nodes[bn_name].input_from == producer
+
+    # -- matching --------------------------------------------------------------
+    def after_chain(self, layer_name: str) -> tuple[str, ...]:
+        chain: list[str] = []
+        current = layer_name
+        while True:
+            consumers = self.flow.nodes[current].consumers
+            if len(consumers) != 1 or consumers[0] not in self.index.batchnorms:
+                break
+            bn_name = consumers[0]
+            if bn_name in self.used or not self._bn_follows(current, bn_name) or self.bn_problem(bn_name):
+                break
+            layout = self._layout_problem(layer_name, bn_name)
+            if layout:
+                self.reasons[bn_name] = layout
+                break
+            if num_features(self.index.batchnorms[bn_name]) != layer_out_channels(self.index.layers[layer_name]):
+                raise FoldError(
+                    f"{bn_name} has {num_features(self.index.batchnorms[bn_name])} channels but reads the output "
+                    f"of {layer_name}, which has {layer_out_channels(self.index.layers[layer_name])}"
+                )
+            chain.append(bn_name)
+            if not batchnorm_kind(self.index.batchnorms[bn_name]).passes_through:
+                break  # its activation now stands between this BN and the next
+            current = bn_name
+        return tuple(chain)
+
+    def before_chain(self, layer_name: str) -> tuple[str, ...]:
+        chain: list[str] = []
+        current = layer_name
+        source = self.flow.nodes[layer_name].input_from
+        while (
+            source in self.index.batchnorms
+            and source not in self.used
+            and self.flow.nodes[source].consumers == [current]
+            and not self.bn_problem(source)
+            and batchnorm_kind(self.index.batchnorms[source]).passes_through
+        ):
+            chain.insert(0, source)
+            current, source = source, self.flow.nodes[source].input_from
+        if not chain:
+            return ()
+        layer = self.index.layers[layer_name]
+        problem = why_not_exact_before(layer) or self._layout_problem(layer_name, chain[-1])
+        if problem:
+            for bn_name in chain:
+                self.reasons[bn_name] = f"before {layer_name}, but {problem}"
+            return ()
+        bn = self.index.batchnorms[chain[-1]]
+        if num_features(bn) != layer_in_channels(layer):
+            raise FoldError(
+                f"{chain[-1]} has {num_features(bn)} channels but feeds {layer_name}, which takes "
+                f"{layer_in_channels(layer)} input channels"
+            )
+        return tuple(chain)
+
+    def explain(self, bn_name: str) -> str:
+        problem = self.bn_problem(bn_name)
+        if problem:
+            return problem
+        if bn_name in self.reasons:
+            return self.reasons[bn_name]
+        source = self.flow.nodes[bn_name].input_from
+        if source in self.index.layers:
+            layer_problem = self.layer_problem(source)
+            if layer_problem:
+                return f"the layer before it, {source}, cannot change: {layer_problem}"
+            readers = len(self.flow.nodes[source].consumers)
+            return f"the output of {source} is also read elsewhere ({readers} readers), so it must stay as it is"
+        if source in self.index.batchnorms:
+            return f"it follows {source}, which is not folded into a layer"
+        return (
+            "its input is not the output of a Conv/ConvTranspose/Linear (an activation, add, concat or "
+            "other op stands between), and no layer that could absorb it reads its output alone"
+        )
+
+    def plan(self) -> FusionPlan:
+        folds: dict[str, Fold] = {}
+        for name in self.index.layers:
+            if self.layer_problem(name):
+                continue
+            after = self.after_chain(name)
+            if after:
+                self.used.update(after)
+                folds[name] = Fold(name, after=after)
+        for name in self.index.layers:
+            if self.layer_problem(name):
+                continue
+            before = self.before_chain(name)
+            if before:
+                self.used.update(before)
+                folds[name] = Fold(name, before=before, after=folds[name].after if name in folds else ())
+        skipped = [Skip(n, self.explain(n)) for n in self.index.batchnorms if n not in self.used]
+        ordered = [folds[n] for n in self.index.layers if n in folds]
+        return FusionPlan(ordered, skipped, self.flow.source, layout_assumed=self.flow.source == "torch.fx")
+
+
+def _warn_about(plan: FusionPlan, flow: Dataflow) -> None:
+    no_stats = [s.module for s in plan.skipped if s.reason.startswith("track_running_stats=False")]
+    if no_stats:
+        warnings.warn(
+            f"fusedconv: {len(no_stats)} BatchNorm(s) without running statistics left unfolded: "
+            + ", ".join(no_stats[:5]),
+            FoldWarning,
+            stacklevel=3,
+        )
+    boxes = sorted({reason for name, reason in flow.unseen.items() if "cannot trace" in reason})
+    for reason in boxes:
+        warnings.warn(f"fusedconv: modules {reason}", FoldWarning, stacklevel=3)
+
+
+def _dataflow(model: nn.Module, index: _ModelIndex, example_inputs: tuple | None) -> Dataflow:
+    if example_inputs is None:
+        try:
+            return from_fx(model, index.tracked)
+        except Untraceable as exc:
+            raise FoldError(
+                f"torch.fx cannot trace {type(model).__name__}.forward ({exc}); pass example_inputs=... so "
+                "that fusedconv can follow a real run instead"
+            ) from exc
+    try:
+        return from_run(model, example_inputs, index.tracked, index.owners)
+    except Exception as exc:
+        raise FoldError(
+            f"running {type(model).__name__} on example_inputs failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def make_plan(model: nn.Module, example_inputs: tuple | None = None) -> FusionPlan:
+    """Find what can be folded in ``model`` (not modified) and check it."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedconv folds an nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise FoldError(
+            f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics: "
+            "call model.eval() before folding"
+        )
+    index = _ModelIndex(model)
+    for name, bn in index.batchnorms.items():
+        check_not_training(bn, name)
+    flow = _dataflow(model, index, example_inputs)
+    plan = _Planner(index, flow).plan()
+    for fold in plan.folds:  # bad statistics are reported by plan() already
+        _checked_affines(model, fold)
+    _warn_about(plan, flow)
+    return plan
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise FoldError(f"the plan names {name!r}, which this model does not have") from exc
+
+
+def _checked_affines(model: nn.Module, fold: Fold):
+    """The composed (before, after) affine maps of a fold, after checking every BN."""
+    sides = []
+    for names in (fold.before, fold.after):
+        affines = []
+        for bn_name in names:
+            bn = _module(model, bn_name)
+            check_not_training(bn, bn_name)
+            problem = why_batchnorm_cannot_fold(bn)
+            if problem:
+                raise FoldError(f"{bn_name}: {problem}")
+            affines.append(bn_channel_affine(bn, bn_name))
+        sides.append(compose(affines))
+    return sides
+
+
+def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Module:
+    """Fold ``plan`` into ``model`` (or into a copy), all or nothing.
+
+    Every new tensor is computed (and every BN checked) before the model or its
+    copy is touched, so an error leaves the caller's model as it was.
+    """
+    computed = []
+    for fold in plan.folds:
+        before, after = _checked_affines(model, fold)
+        weight, bias = fold_affines(_module(model, fold.layer), before, after, name=fold.layer)
+        computed.append((fold, weight, bias))
+    paths: dict[int, list[str]] = defaultdict(list)
+    for path, m in model.named_modules(remove_duplicate=False):
+        if path:
+            paths[id(m)].append(path)
+    bn_paths = {name: paths[id(_module(model, name))] for f in plan.folds for name in f.batchnorms}
+
+    if inplace:
+        target = model
+        for fold, weight, bias in computed:
+            write_folded(_module(model, fold.layer), weight, bias)
+    else:
+        # Seed deepcopy's memo with the folded weights, so that the copy gets them
+        # directly instead of copying the old ones and then overwriting them.
+        memo: dict[int, object] = {}
+        for name in bn_paths:  # BNs that become Identity need no copy either
+            bn = _module(model, name)
+            if batchnorm_kind(bn).passes_through:
+                memo[id(bn)] = batchnorm_kind(bn).replacement(bn)
+        for fold, weight, bias in computed:
+            layer = _module(model, fold.layer)
+            memo[id(layer.weight)] = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+            if layer.bias is not None:
+                memo[id(layer.bias)] = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
+        target = copy.deepcopy(model, memo)
+        for fold, weight, bias in computed:
+            layer = _module(target, fold.layer)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
+    for name, bn_paths_of_one in bn_paths.items():
+        bn = _module(target, name)
+        if isinstance(bn, nn.Identity):  # already replaced through the copy's memo
+            continue
+        replacement = batchnorm_kind(bn).replacement(bn)
+        for path in bn_paths_of_one:
+            parent, _, attr = path.rpartition(".")
+            setattr(target.get_submodule(parent), attr, replacement)
+    return target
