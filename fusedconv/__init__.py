@@ -5,6 +5,8 @@
 >>> print(fusedconv.verify(model, fused, (x,)))
 """
 
+import logging
+
 from .api import fuse, plan
 from .errors import FoldError, FoldWarning
 from .fold import fold_bn_conv, fold_conv_bn, folded_weights
@@ -13,6 +15,9 @@ from .planner import Fold, FusionPlan, Skip
 from .verification import ErrorStats, VerificationReport, verify
 
 __version__ = "0.1.0"
+
+# A library logs; the application decides where it goes.
+logging.getLogger("fusedconv").addHandler(logging.NullHandler())
 
 __all__ = [
     "ErrorStats",

@@ -123,13 +123,15 @@ class BatchNormKind:
     eval mode; ``replacement`` builds what stands in the module's place once its
     affine part has been folded away; ``passes_through`` says that the
     replacement is the identity, so the BN's output is the affine map itself
-    (needed to fold a BN into a layer after it, or two BNs in a row).
+    (needed to fold a BN into a layer after it, or two BNs in a row);
+    ``frozen`` modules use their running statistics even in training mode.
     """
 
     name: str
     forwards: frozenset[str]
     replacement: Callable[[nn.Module], nn.Module]
     passes_through: bool
+    frozen: bool = False
 
 
 def _identity(_: nn.Module) -> nn.Module:
@@ -155,18 +157,20 @@ BATCHNORM_KINDS = (
         frozenset({"torchvision.ops.misc.FrozenBatchNorm2d"}),
         _identity,
         passes_through=True,
+        frozen=True,
     ),
     BatchNormKind(
         "timm BatchNormAct",
-        frozenset(
-            {
-                "timm.layers.norm_act.BatchNormAct2d",
-                "timm.layers.norm_act.SyncBatchNormAct",
-                "timm.layers.norm_act.FrozenBatchNormAct2d",
-            }
-        ),
+        frozenset({"timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct"}),
         _activation_of,
         passes_through=False,
+    ),
+    BatchNormKind(
+        "timm FrozenBatchNormAct2d",
+        frozenset({"timm.layers.norm_act.FrozenBatchNormAct2d"}),
+        _activation_of,
+        passes_through=False,
+        frozen=True,
     ),
 )
 
@@ -214,8 +218,10 @@ def why_batchnorm_cannot_fold(bn: nn.Module) -> str | None:
 
 
 def check_not_training(module: nn.Module, name: str) -> None:
-    """Raise :class:`FoldError` if a BatchNorm is in training mode."""
-    if module.training:
+    """Raise :class:`FoldError` if a BatchNorm is in training mode (and would
+    therefore normalise with batch statistics)."""
+    kind = batchnorm_kind(module)
+    if module.training and not (kind is not None and kind.frozen):
         raise FoldError(
             f"{name or 'model'} ({type(module).__name__}) is in training mode, where BatchNorm uses batch "
             "statistics: call model.eval() before folding"

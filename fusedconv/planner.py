@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from torch import nn
 from .affine import compose
 from .dataflow import Dataflow
 from .dataflow.fx import Untraceable, from_fx
-from .dataflow.run import from_run
+from .dataflow.run import RunFailed, from_run
 from .errors import FoldError, FoldWarning
 from .fold import fold_affines, why_not_exact_before, write_folded
 from .layers import (
@@ -72,9 +72,6 @@ class FusionPlan:
     skipped: list[Skip]
     source: str
     """"torch.fx" (no example inputs) or "run" (one run on the example inputs)."""
-    layout_assumed: bool = field(default=False)
-    """True when tensor ranks were not seen (torch.fx): BatchNorm1d next to a Linear is
-    assumed to see (N, C) input and convolutions a batched input."""
 
     @property
     def num_folded(self) -> int:
@@ -125,7 +122,7 @@ class _ModelIndex:
 
 
 def _expected_bn_ranks(bn: nn.Module) -> set[int] | None:
-    """Input ranks a BN class accepts, where its class says (None: any, e.g. SyncBatchNorm)."""
+    """Input ranks a BN class accepts (None: any rank from 2, e.g. SyncBatchNorm)."""
     if isinstance(bn, nn.BatchNorm1d):
         return {2, 3}
     if isinstance(bn, nn.BatchNorm2d) or type(bn).__name__.endswith("2d"):  # FrozenBatchNorm2d too
@@ -164,17 +161,28 @@ class _Planner:
         return why_batchnorm_cannot_fold(bn) or self._usage_problem(name)
 
     def _layout_problem(self, layer_name: str, bn_name: str) -> str | None:
+        """Why the BN's channel axis may not be the layer's channel axis, or None.
+
+        A BN normalises dim 1 of its input; the layer keeps its channels on dim 1
+        of a batched input (the last dim for a Linear), so the two agree exactly
+        when the tensor between them has the layer's batched rank.
+        """
         layer, bn = self.index.layers[layer_name], self.index.batchnorms[bn_name]
         rank = batched_rank(layer)
         seen = self.flow.nodes[bn_name].input_rank
-        if seen is not None and seen != rank:
+        if seen is None:
+            if _expected_bn_ranks(bn) == {rank}:
+                return None  # e.g. BatchNorm2d only takes the rank-4 output of a batched Conv2d
             return (
-                f"it sees a rank-{seen} tensor and normalises dim 1, but {layer_name} keeps its channels "
-                f"on {'the last dim' if rank == 2 else 'dim 1'} of a rank-{rank} tensor"
+                f"without example_inputs the rank of its input is unknown, and {type(bn).__name__} accepts "
+                f"several ranks while dim 1 is {layer_name}'s channel axis only at rank {rank}: pass "
+                "example_inputs to fold it"
             )
-        expected = _expected_bn_ranks(bn)
-        if expected is not None and rank not in expected:
-            return f"{type(bn).__name__} does not take the rank-{rank} tensors of {layer_name}"
+        if seen != rank:
+            return (
+                f"it normalises dim 1 of a rank-{seen} tensor, but {layer_name} keeps its channels on "
+                f"{'the last dim' if rank == 2 else 'dim 1'} (rank {rank})"
+            )
         return None
 
     def _bn_follows(self, producer: str, bn_name: str) -> bool:
@@ -274,7 +282,7 @@ class _Planner:
                 folds[name] = Fold(name, before=before, after=folds[name].after if name in folds else ())
         skipped = [Skip(n, self.explain(n)) for n in self.index.batchnorms if n not in self.used]
         ordered = [folds[n] for n in self.index.layers if n in folds]
-        return FusionPlan(ordered, skipped, self.flow.source, layout_assumed=self.flow.source == "torch.fx")
+        return FusionPlan(ordered, skipped, self.flow.source)
 
 
 def _warn_about(plan: FusionPlan, flow: Dataflow) -> None:
@@ -302,9 +310,12 @@ def _dataflow(model: nn.Module, index: _ModelIndex, example_inputs: tuple | None
             ) from exc
     try:
         return from_run(model, example_inputs, index.tracked, index.owners)
-    except Exception as exc:
+    except RunFailed as failure:
+        exc = failure.__cause__
+        where = index.paths.get(id(failure.module), [""])[0] if failure.module is not None else ""
+        inside = f" in {where} ({type(failure.module).__name__})" if where else ""
         raise FoldError(
-            f"running {type(model).__name__} on example_inputs failed: {type(exc).__name__}: {exc}"
+            f"running {type(model).__name__} on example_inputs failed{inside}: {type(exc).__name__}: {exc}"
         ) from exc
 
 
@@ -379,13 +390,19 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Modul
         for name in bn_paths:  # BNs that become Identity need no copy either
             bn = _module(model, name)
             if batchnorm_kind(bn).passes_through:
-                memo[id(bn)] = batchnorm_kind(bn).replacement(bn)
+                memo[id(bn)] = batchnorm_kind(bn).replacement(bn).train(bn.training)
         for fold, weight, bias in computed:
             layer = _module(model, fold.layer)
             memo[id(layer.weight)] = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
             if layer.bias is not None:
                 memo[id(layer.bias)] = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
-        target = copy.deepcopy(model, memo)
+        try:
+            target = copy.deepcopy(model, memo)
+        except Exception as exc:  # e.g. pruning or legacy weight_norm keep non-leaf weight tensors
+            raise FoldError(
+                f"cannot copy {type(model).__name__} (copy.deepcopy failed: {exc}); fold it in place with "
+                "inplace=True, or make it copyable first (e.g. torch.nn.utils.prune.remove)"
+            ) from exc
         for fold, weight, bias in computed:
             layer = _module(target, fold.layer)
             if layer.bias is None:
@@ -394,7 +411,7 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Modul
         bn = _module(target, name)
         if isinstance(bn, nn.Identity):  # already replaced through the copy's memo
             continue
-        replacement = batchnorm_kind(bn).replacement(bn)
+        replacement = batchnorm_kind(bn).replacement(bn).train(bn.training)
         for path in bn_paths_of_one:
             parent, _, attr = path.rpartition(".")
             setattr(target.get_submodule(parent), attr, replacement)

@@ -10,6 +10,7 @@ and the tracked modules inside the box are reported as unseen.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from . import Dataflow, Node
@@ -63,6 +64,62 @@ def _trace(model: nn.Module, tracked: dict[int, str]) -> tuple[fx.Graph, dict[st
             black_boxes[tracer.failed_in] = reason
 
 
+# Calls whose output has the rank of their first input: ranks flow through them.
+_RANK_KEEPING_FUNCTIONS = {
+    torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.leaky_relu, F.elu, F.dropout,
+}
+_RANK_KEEPING_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "to"}
+_RANK_KEEPING_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU,
+    nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout,
+)
+
+
+def _flatten_rank(args: tuple, kwargs: dict) -> int | None:
+    start = args[0] if args else kwargs.get("start_dim", 0)
+    end = args[1] if len(args) > 1 else kwargs.get("end_dim", -1)
+    return start + 1 if isinstance(start, int) and start >= 0 and end == -1 else None
+
+
+def _shape_rank(shape) -> int | None:
+    if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+        shape = shape[0]
+    return len(shape) or None
+
+
+def _ranks(graph: fx.Graph, module_at, tracked: dict[int, str]) -> dict[fx.Node, int]:
+    """Ranks of the graph's values where the graph alone decides them.
+
+    Without example inputs, a BatchNorm1d's channel axis depends on whether it
+    sees (N, C) or (N, C, L); a flatten or view before a classifier head says
+    which, so such heads still fold.
+    """
+    ranks: dict[fx.Node, int] = {}
+    for n in graph.nodes:
+        first = n.args[0] if n.args else None
+        rank = None
+        if n.op == "call_function" and n.target is torch.flatten or n.op == "call_method" and n.target == "flatten":
+            rank = _flatten_rank(n.args[1:], n.kwargs)
+        elif n.op == "call_method" and n.target in ("view", "reshape"):
+            rank = _shape_rank(n.args[1:])
+        elif n.op == "call_function" and n.target is torch.reshape and len(n.args) > 1:
+            rank = _shape_rank(n.args[1:])
+        elif n.op == "call_module":
+            mod = module_at(n.target)
+            if isinstance(mod, nn.Flatten):
+                rank = _flatten_rank((mod.start_dim, mod.end_dim), {})
+            elif id(mod) in tracked or isinstance(mod, _RANK_KEEPING_MODULES):
+                rank = ranks.get(first)
+        elif (n.op == "call_function" and n.target in _RANK_KEEPING_FUNCTIONS) or (
+            n.op == "call_method" and n.target in _RANK_KEEPING_METHODS
+        ):
+            rank = ranks.get(first)
+        if rank is not None:
+            ranks[n] = rank
+    return ranks
+
+
 def _reads_only_as_first_input(user: fx.Node, producer: fx.Node) -> bool:
     if user.op != "call_module" or not user.args or user.args[0] is not producer:
         return False
@@ -105,12 +162,14 @@ def from_fx(model: nn.Module, tracked: dict[int, str]) -> Dataflow:
             if name is not None:  # e.g. F.conv2d(x, self.conv.weight) outside the conv
                 nodes[name].tensors_read_elsewhere = True
 
+    ranks = _ranks(graph, module_at, tracked)
     for n, name in tracked_of.items():
         node = nodes[name]
         if node.calls != 1:
             continue
         if n.args and isinstance(n.args[0], fx.Node):
             node.input_from = tracked_of.get(n.args[0])
+            node.input_rank = ranks.get(n.args[0])
         node.consumers = [
             tracked_of[user] if user in tracked_of and _reads_only_as_first_input(user, n) else None
             for user in n.users

@@ -63,6 +63,16 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+class RunFailed(Exception):
+    """The model raised during the example run; ``module`` is the innermost module
+    that was running (None if it failed outside any module). The model's
+    exception is the ``__cause__``."""
+
+    def __init__(self, module: nn.Module | None):
+        super().__init__(module)
+        self.module = module
+
+
 class _Frame:
     __slots__ = ("name", "serial", "inputs")
 
@@ -76,7 +86,8 @@ class _Recorder(TorchFunctionMode):
         self.tracked = tracked
         self.owners = owners  # id(parameter or buffer) -> tracked modules holding it
         self.nodes = {name: Node(name) for name in tracked.values()}
-        self.stack: list[_Frame] = []
+        self.stack: list[_Frame] = []  # tracked modules now running
+        self.running: list[nn.Module] = []  # every module now running, to say where a run failed
         self.serial = 0
         self.produced_by: dict[int, str] = {}  # id(tensor) -> tracked module whose first call returned it
         self.readers: dict[int, dict[Any, str | None]] = {}
@@ -85,6 +96,7 @@ class _Recorder(TorchFunctionMode):
 
     # -- module calls -------------------------------------------------------
     def before_call(self, module: nn.Module, args: tuple) -> None:
+        self.running.append(module)
         name = self.tracked.get(id(module))
         if name is None:
             return
@@ -98,6 +110,7 @@ class _Recorder(TorchFunctionMode):
         self.stack.append(_Frame(name, self.serial, {id(t) for t in inputs}))
 
     def after_call(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.running.pop()
         name = self.tracked.get(id(module))
         if name is None:
             return
@@ -148,7 +161,7 @@ def from_run(
 
     ``tracked`` maps id(module) to its name; ``owners`` maps id(tensor) of every
     parameter/buffer of a tracked module to the tracked modules holding it.
-    Exceptions raised by the model propagate.
+    Raises :class:`RunFailed` (caused by the model's exception) if the run fails.
     """
     recorder = _Recorder(tracked, owners)
     hooks = [
@@ -158,6 +171,8 @@ def from_run(
     try:
         with torch.no_grad(), recorder:
             output = model(*example_inputs)
+    except Exception as exc:
+        raise RunFailed(recorder.running[-1] if recorder.running else None) from exc
     finally:
         for hook in hooks:
             hook.remove()

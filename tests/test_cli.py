@@ -1,0 +1,331 @@
+"""The ``fusedconv`` command line (demo, plan) and the built-in demo network."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fusedconv
+from fusedconv import cli, examples
+from utils import float64_reference, relative_error
+
+SMALL_DEMO = ["demo", "--batch", "2", "--size", "16", "--runs", "2", "--threads", "1"]
+
+# Every BN of the demo network and where it must go (layer, BNs before it, BNs after it).
+DEMO_FOLDS = {
+    ("stem.0", (), ("stem.1",)),
+    ("depthwise.0", (), ("depthwise.1",)),
+    ("dilated.0", (), ("dilated.1",)),
+    ("block.conv1", ("block.bn0",), ("block.bn1",)),  # bn0 cannot go into conv0: conv0 feeds the skip
+    ("block.conv2", (), ("block.bn2",)),
+    ("up", (), ("up_bn",)),
+    ("proj", ("pre_bn",), ()),
+    ("fc", (), ("fc_bn",)),
+}
+DEMO_NUM_BN = 9
+
+RESNET18_NUM_BN = 20
+
+
+def parse_demo_output(text: str) -> dict:
+    """The numbers of ``fusedconv demo``'s table; a missing line fails the test."""
+
+    def find(pattern: str) -> tuple[str, ...]:
+        match = re.search(pattern, text, re.MULTILINE)
+        assert match, f"no line matching {pattern!r} in:\n{text}"
+        return match.groups()
+
+    folded = find(r"^\s*layers folded\s+(\d+)\s*$")
+    bn_before, bn_after = find(r"^\s*BatchNorms\s+(\d+) -> (\d+)\s*$")
+    unf_abs, unf_rel = find(r"^\s*unfolded\s+(\S+)\s+(\S+)\s*$")
+    fol_abs, fol_rel = find(r"^\s*folded\s+(\S+)\s+(\S+)\s*$")
+    (ratio,) = find(r"^\s*ratio\s+([0-9.]+|nan|inf)\s")
+    lat_before, lat_after = find(r"^\s*([0-9.]+) ms\s+([0-9.]+) ms\s+speed-up [0-9.]+x\s*$")
+    (fold_ms,) = find(r"^\s*fold time\s+([0-9.]+) ms\s*$")
+    return {
+        "folded": int(folded[0]),
+        "bn_before": int(bn_before),
+        "bn_after": int(bn_after),
+        "unfolded_abs": float(unf_abs),
+        "unfolded_rel": float(unf_rel),
+        "folded_abs": float(fol_abs),
+        "folded_rel": float(fol_rel),
+        "ratio": float(ratio),
+        "latency_before_ms": float(lat_before),
+        "latency_after_ms": float(lat_after),
+        "fold_ms": float(fold_ms),
+    }
+
+
+def check_demo_numbers(nums: dict) -> None:
+    assert nums["folded"] == len(DEMO_FOLDS)
+    assert nums["bn_before"] == DEMO_NUM_BN
+    assert nums["bn_after"] == 0
+    # float32 against float64: small but not zero (zero would mean the reference is not float64)
+    assert 0 < nums["unfolded_rel"] < 1e-5
+    assert 0 < nums["folded_rel"] < 1e-5
+    assert 0 < nums["unfolded_abs"] < 1e-4 and 0 < nums["folded_abs"] < 1e-4
+    assert nums["ratio"] <= cli.MAX_ERROR_RATIO
+    # the printed ratio is the ratio of the printed relative errors (3 significant digits each)
+    assert nums["ratio"] == pytest.approx(nums["folded_rel"] / nums["unfolded_rel"], rel=0.02)
+    assert nums["latency_before_ms"] > 0 and nums["latency_after_ms"] > 0
+    assert nums["fold_ms"] > 0
+
+
+# --------------------------------------------------------------------------- demo network
+
+
+def test_demo_network_has_every_fold_kind():
+    model = examples.build_demo_network(0)
+    convs = [m for m in model.modules() if type(m) is nn.Conv2d]
+    assert any(m.groups == m.in_channels == m.out_channels > 1 for m in convs), "no depthwise conv"
+    assert any(m.dilation != (1, 1) for m in convs), "no dilated conv"
+    assert any(m.kernel_size == (1, 1) and m.padding == (0, 0) for m in convs), "no 1x1 conv"
+    transposed = [m for m in model.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert transposed and all(m.groups > 1 and m.out_channels // m.groups > 1 for m in transposed)
+    assert any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    assert fusedconv.count_batchnorms(model) == DEMO_NUM_BN
+    assert sum(p.numel() for p in model.parameters()) < 300_000
+    # BN affine parameters are not the trivial 1 / 0 (they would hide a wrong axis), some gammas < 0
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        assert not torch.any(m.weight == 1) and not torch.all(m.bias == 0)
+    assert any((m.weight < 0).any() for m in bns)
+
+
+def test_build_demo_network_is_deterministic_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a, b, c = (examples.build_demo_network(s) for s in (0, 0, 1))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["stem.0.weight"], sc["stem.0.weight"])
+    assert not torch.equal(sa["up_bn.weight"], sc["up_bn.weight"])
+
+
+def test_calibrate_gives_real_statistics_and_eval_mode():
+    model = examples.build_demo_network(0)
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    momenta = {n: m.momentum for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    shape = (4, 3, 16, 16)
+    out = examples.calibrate(model, shape, steps=2, seed=3)
+    assert out is model and not model.training
+    assert all(torch.equal(params[k], v) for k, v in model.named_parameters())
+    assert {n: m.momentum for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)} == momenta
+
+    # the running stats are the plain average of the batch stats of the calibration passes
+    stem = copy.deepcopy(model.stem[0])
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(shape, generator=gen) for _ in range(2)]
+    with torch.no_grad():
+        ys = [stem(x) for x in xs]
+    mean = sum(y.mean((0, 2, 3)) for y in ys) / 2
+    var = sum(y.var((0, 2, 3), unbiased=True) for y in ys) / 2
+    torch.testing.assert_close(model.stem[1].running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.stem[1].running_var, var, rtol=1e-5, atol=1e-6)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert not torch.all(m.running_var == 1) and not torch.all(m.running_mean == 0)
+
+    with pytest.raises(ValueError, match="batch size"):
+        examples.calibrate(examples.build_demo_network(0), (1, 3, 16, 16))
+
+
+def test_demo_input():
+    x = examples.demo_input(3, seed=5, size=20)
+    assert x.shape == (3, 3, 20, 20) and x.dtype == torch.float32
+    assert torch.equal(x, examples.demo_input(3, seed=5, size=20))
+    assert not torch.equal(x, examples.demo_input(3, seed=6, size=20))
+
+
+@pytest.mark.parametrize("example", [False, True], ids=["fx", "run"])
+def test_demo_network_plan_and_fold(example):
+    model = examples.calibrate(examples.build_demo_network(0), (8, 3, 32, 32), steps=2, seed=0)
+    x = examples.demo_input(2, seed=1, size=32)
+    inputs = (x,) if example else None
+    state = copy.deepcopy(model.state_dict())
+
+    plan = fusedconv.plan(model, inputs)
+    assert plan.source == ("run" if example else "torch.fx")
+    assert {(f.layer, tuple(f.before), tuple(f.after)) for f in plan.folds} == DEMO_FOLDS
+    assert plan.num_folded == DEMO_NUM_BN
+    assert plan.skipped == []
+
+    fused = fusedconv.fuse(model, inputs)
+    assert fused is not model
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # copy: untouched
+    assert fusedconv.count_batchnorms(fused) == 0
+    assert isinstance(fused.block.bn0, nn.Identity) and isinstance(fused.stem[1], nn.Identity)
+    # conv0's output is also the skip: conv0 itself must not have changed
+    assert torch.equal(fused.block.conv0.weight, model.block.conv0.weight)
+    assert fused.block.conv0.bias is None
+
+    ref = float64_reference(model, (x,))
+    with torch.no_grad():
+        err_fused = relative_error(fused(x), ref)
+        err_orig = relative_error(model(x), ref)
+    assert 0 < err_orig < 1e-5
+    assert err_fused <= cli.MAX_ERROR_RATIO * err_orig
+
+
+# --------------------------------------------------------------------------- fusedconv demo
+
+
+def test_demo_in_process(capsys):
+    rc = cli.main(SMALL_DEMO)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    out = captured.out
+    assert out.startswith("fusedconv demo:")
+    assert "input 2x3x16x16" in out and "copy" in out and "dataflow torch.fx" in out
+    check_demo_numbers(parse_demo_output(out))
+    # the plan follows the table and names the layers and BNs that were folded
+    plan_text = out.split("fold time", 1)[1]
+    for layer, before, after in DEMO_FOLDS:
+        for name in (layer, *before, *after):
+            assert name in plan_text, f"{name} missing from the printed plan"
+    assert captured.err == ""  # no warnings, no debug output without --verbose
+
+
+def test_demo_inplace_and_run_dataflow(capsys):
+    rc = cli.main([*SMALL_DEMO, "--inplace", "--dataflow", "run", "--seed", "3"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "in place" in captured.out and "dataflow run" in captured.out and "seed 3" in captured.out
+    check_demo_numbers(parse_demo_output(captured.out))
+
+
+def test_demo_verbose_logs_debug_lines(capsys):
+    logger = logging.getLogger("fusedconv")
+    handlers, level = list(logger.handlers), logger.level
+    assert cli.main([*SMALL_DEMO, "--verbose"]) == 0
+    assert logger.handlers == handlers and logger.level == level  # main() cleans up
+    err = capsys.readouterr().err
+    assert "fusedconv: DEBUG: calibrating" in err
+    assert "fusedconv: DEBUG: fuse took" in err
+    # the handler is removed again: a later quiet run prints nothing on stderr
+    assert cli.main(SMALL_DEMO) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_demo_fails_when_the_folded_model_is_wrong(capsys, monkeypatch):
+    real_fuse = fusedconv.fuse
+
+    def slightly_wrong_fuse(*args, **kwargs):
+        fused = real_fuse(*args, **kwargs)
+        with torch.no_grad():  # a few ulps on one layer: about 2.5x the float32 error
+            fused.proj.weight.mul_(1 + 5e-7)
+        return fused
+
+    monkeypatch.setattr(fusedconv, "fuse", slightly_wrong_fuse)
+    rc = cli.main(SMALL_DEMO)
+    captured = capsys.readouterr()
+    ratio = parse_demo_output(captured.out)["ratio"]
+    # small enough that only a limit near 1.2 catches it
+    assert cli.MAX_ERROR_RATIO < ratio < 5
+    assert rc == cli.EXIT_CHECK_FAILED
+    assert "FAILED" in captured.err and f"{ratio:.3f}x" in captured.err
+
+    monkeypatch.setattr(cli, "MAX_ERROR_RATIO", 5.0)
+    assert cli.main(SMALL_DEMO) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([*SMALL_DEMO, "--size", "4"], "--size must be at least 8"),
+        (["demo", "--batch", "0"], "expected a positive integer"),
+        (["demo", "--dataflow", "magic"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_demo_bad_arguments(capsys, argv, message):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_python_m_fusedconv_demo():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusedconv", *SMALL_DEMO],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    check_demo_numbers(parse_demo_output(proc.stdout))
+
+
+# --------------------------------------------------------------------------- fusedconv plan
+
+
+def test_plan_resnet18(capsys):
+    pytest.importorskip("torchvision")
+    rc = cli.main(["plan", "torchvision.models:resnet18"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    out = captured.out
+    assert "torchvision.models:resnet18 (ResNet)" in out and "dataflow torch.fx" in out
+    assert f"{RESNET18_NUM_BN} folds, {RESNET18_NUM_BN} of {RESNET18_NUM_BN} BatchNorms folded, 0 skipped" in out
+    for name in ("conv1", "bn1", "layer1.0.conv2", "layer1.0.bn2", "layer4.0.downsample.0", "layer4.0.downsample.1"):
+        assert re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", out), f"{name} missing:\n{out}"
+
+
+def test_plan_with_input_shape_uses_a_run(capsys):
+    pytest.importorskip("torchvision")
+    rc = cli.main(["plan", "torchvision.models:resnet18", "--input-shape", "1,3,32,32"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "example input 1x3x32x32" in captured.out and "dataflow run" in captured.out
+    assert f"{RESNET18_NUM_BN} folds, {RESNET18_NUM_BN} of {RESNET18_NUM_BN} BatchNorms folded" in captured.out
+
+
+def test_plan_of_the_demo_network(capsys):
+    # a factory returning a train-mode model: the CLI switches it to eval
+    assert cli.main(["plan", "fusedconv.examples:build_demo_network"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(DEMO_FOLDS)} folds, {DEMO_NUM_BN} of {DEMO_NUM_BN} BatchNorms folded, 0 skipped" in out
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("resnet18", "expected MODULE:CALLABLE"),
+        (":resnet18", "expected MODULE:CALLABLE"),
+        ("torchvision.models:", "expected MODULE:CALLABLE"),
+        ("no_such_module_fusedconv:f", "cannot import module 'no_such_module_fusedconv'"),
+        ("torchvision.models:no_such_model", "has no attribute 'no_such_model'"),
+        ("math:pi", "not a callable"),
+        ("builtins:dict", "not a torch.nn.Module"),
+        ("torchvision.models:get_model", "calling torchvision.models:get_model() failed: TypeError"),
+    ],
+)
+def test_plan_bad_spec(capsys, spec, message):
+    rc = cli.main(["plan", spec])
+    captured = capsys.readouterr()
+    assert rc == cli.EXIT_USAGE
+    assert captured.out == ""
+    assert "fusedconv: error:" in captured.err and message in captured.err, captured.err
+
+
+@pytest.mark.parametrize("shape", ["1,3,x", "1,0,4", ",", "1x3x8x8"])
+def test_plan_bad_input_shape(capsys, shape):
+    assert cli.main(["plan", "torchvision.models:resnet18", "--input-shape", shape]) == cli.EXIT_USAGE
+    assert "bad shape" in capsys.readouterr().err
+
+
+def test_parse_shape():
+    assert cli.parse_shape("1,3,224,224") == (1, 3, 224, 224)
+    assert cli.parse_shape(" 4 , 5 ") == (4, 5)
+    for bad in ("1,3,x", "1x3", "1,,3", "", "1,-2"):
+        with pytest.raises(Exception, match="bad shape"):
+            cli.parse_shape(bad)
