@@ -27,11 +27,8 @@ class ChannelAffine:
         return ChannelAffine(self.scale * after.scale, self.shift * after.scale + after.shift)
 
 
-def _check_finite(tensor: torch.Tensor, what: str, name: str) -> None:
-    bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
-        channels = bad.nonzero().flatten()[:5].tolist()
-        raise FoldError(f"{name}: {what} is not finite (NaN or inf) in channels {channels}")
+def _first_channels(mask: torch.Tensor) -> list[int]:
+    return mask.nonzero().flatten()[:5].tolist()
 
 
 def batchnorm_affine(
@@ -51,19 +48,19 @@ def batchnorm_affine(
     """
     mean = running_mean.detach().to(torch.float64)
     var = running_var.detach().to(torch.float64)
-    _check_finite(mean, "running_mean", name)
-    _check_finite(var, "running_var", name)
-    if bool((var < 0).any()):
-        channels = (var < 0).nonzero().flatten()[:5].tolist()
-        raise FoldError(f"{name}: running_var is negative in channels {channels}")
-    denom = var + eps
-    if bool((denom <= 0).any()):
-        raise FoldError(f"{name}: running_var + eps is zero, so the BatchNorm divides by zero")
     gamma = torch.ones_like(mean) if weight is None else weight.detach().to(torch.float64)
     beta = torch.zeros_like(mean) if bias is None else bias.detach().to(torch.float64)
-    _check_finite(gamma, "weight", name)
-    _check_finite(beta, "bias", name)
-    scale = gamma / torch.sqrt(denom)
+    stats = torch.stack((mean, var, gamma, beta))
+    # One host sync for the common case; the message is worked out only on failure.
+    if not bool(torch.isfinite(stats).all() & (var + eps > 0).all()):
+        for row, what in zip(stats, ("running_mean", "running_var", "weight", "bias")):
+            bad = ~torch.isfinite(row)
+            if bool(bad.any()):
+                raise FoldError(f"{name}: {what} is not finite (NaN or inf) in channels {_first_channels(bad)}")
+        if bool((var < 0).any()):
+            raise FoldError(f"{name}: running_var is negative in channels {_first_channels(var < 0)}")
+        raise FoldError(f"{name}: running_var + eps is zero, so the BatchNorm divides by zero")
+    scale = gamma / torch.sqrt(var + eps)
     return ChannelAffine(scale, beta - mean * scale)
 
 

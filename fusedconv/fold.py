@@ -14,6 +14,7 @@ This module also holds the public pairwise API (fold one layer with one BN).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -71,14 +72,43 @@ def why_not_exact_before(layer: nn.Module) -> str | None:
     return None
 
 
-def fold_affines(
+@dataclass(frozen=True)
+class LayerFold:
+    """What folding does to one layer: ``weight' = weight * scale`` (``scale`` a small
+    float64 grid that broadcasts against the weight, None for 1) and ``bias' = bias``."""
+
+    scale: torch.Tensor | None
+    bias: torch.Tensor
+
+    def write_weight(self, source: torch.Tensor, destination: torch.Tensor) -> None:
+        """``destination = round(source * scale)``, computed in float64 a few
+        output rows at a time so that the float64 temporary stays in cache and
+        no second copy of the weight is ever allocated. ``destination`` may be
+        ``source`` (in place)."""
+        source, destination = source.detach(), destination.detach()
+        per_row = max(1, source[0].numel()) if source.shape[0] else 1
+        step = max(1, _CHUNK_ELEMENTS // per_row)
+        with torch.no_grad():
+            for start in range(0, source.shape[0], step):
+                block = source[start : start + step].to(torch.float64, copy=True)
+                if self.scale is not None:
+                    block.mul_(self.scale[start : start + step])
+                destination[start : start + step].copy_(block)
+
+
+# Elements per float64 chunk (512 KiB): small enough for L2, large enough that
+# per-chunk overhead stays small.
+_CHUNK_ELEMENTS = 1 << 16
+
+
+def plan_layer_fold(
     layer: nn.Module,
     before: ChannelAffine | None,
     after: ChannelAffine | None,
     *,
     name: str = "layer",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``before -> layer -> after``, each rounded once to the layer's dtype.
+) -> LayerFold:
+    """Scale grid and new bias of ``before -> layer -> after``, with every check.
 
     The layer is not modified. Raises :class:`FoldError` (naming ``name``) when
     the channel counts don't match or ``before`` cannot be folded exactly.
@@ -104,34 +134,45 @@ def fold_affines(
                 f"{layer_in_channels(layer)} input channels"
             )
 
+    device = weight.device
     b = (
-        torch.zeros(out_channels, dtype=torch.float64, device=weight.device)
+        torch.zeros(out_channels, dtype=torch.float64, device=device)
         if bias is None
         else bias.detach().to(torch.float64)
     )
-    scale = None  # per-weight-element float64 scale, kept as a small broadcastable grid
+    scale = None
     if before is not None:
         # The BN shift enters every output as sum over inputs and taps of W * shift:
         # a constant per output channel because this layer never pads with zeros.
         w = weight.detach()
         tap_sums = w.sum(dim=tuple(range(2, w.dim())), dtype=torch.float64) if w.dim() > 2 else w.double()
-        b = b + (tap_sums * _channel_grid(before.shift, tap_sums.shape, 1, groups)).sum(dim=1)
-        scale = _channel_grid(before.scale, weight.shape, _IN_AXIS[kind], groups)
+        b = b + (tap_sums * _channel_grid(before.shift.to(device), tap_sums.shape, 1, groups)).sum(dim=1)
+        scale = _channel_grid(before.scale.to(device), weight.shape, _IN_AXIS[kind], groups)
     if after is not None:
-        out_scale = _channel_grid(after.scale, weight.shape, _OUT_AXIS[kind], groups)
+        out_scale = _channel_grid(after.scale.to(device), weight.shape, _OUT_AXIS[kind], groups)
         scale = out_scale if scale is None else scale * out_scale
-        b = b * after.scale + after.shift
-    # One multiply promoted to float64 (weights convert exactly), one rounding back.
-    w = weight.detach() if scale is None else weight.detach() * scale
-    bias_dtype = weight.dtype if bias is None else bias.dtype
-    return w.to(weight.dtype, copy=True), b.to(bias_dtype)
+        b = b * after.scale.to(device) + after.shift.to(device)
+    return LayerFold(scale, b.to(weight.dtype if bias is None else bias.dtype))
 
 
-def write_folded(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """Store folded tensors in the layer, in place (the weight keeps its identity,
-    dtype, device and memory format; a missing bias becomes a new Parameter)."""
+def fold_affines(
+    layer: nn.Module,
+    before: ChannelAffine | None,
+    after: ChannelAffine | None,
+    *,
+    name: str = "layer",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New weight and bias of ``before -> layer -> after``, each rounded once to
+    the layer's dtype (same shape, device and memory format). The layer is not modified."""
+    fold = plan_layer_fold(layer, before, after, name=name)
+    weight = torch.empty_like(layer.weight, requires_grad=False)
+    fold.write_weight(layer.weight, weight)
+    return weight, fold.bias
+
+
+def set_bias(layer: nn.Module, bias: torch.Tensor) -> None:
+    """Store a folded bias in place (a layer without one gets a new Parameter)."""
     with torch.no_grad():
-        layer.weight.copy_(weight)
         if layer.bias is None:
             layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
         else:
@@ -163,9 +204,11 @@ def folded_weights(
 
 
 def _folded_copy(layer: nn.Module, before: Sequence[nn.Module], after: Sequence[nn.Module]) -> nn.Module:
-    weight, bias = folded_weights(layer, before, after)
+    fold = plan_layer_fold(layer, _affine_of(before, "before"), _affine_of(after, "after"),
+                           name=type(layer).__name__)
     new = copy.deepcopy(layer)
-    write_folded(new, weight, bias)
+    fold.write_weight(layer.weight, new.weight)
+    set_bias(new, fold.bias)
     return new
 
 

@@ -28,7 +28,7 @@ from .dataflow import Dataflow
 from .dataflow.fx import Untraceable, from_fx
 from .dataflow.run import RunFailed, from_run
 from .errors import FoldError, FoldWarning
-from .fold import fold_affines, why_not_exact_before, write_folded
+from .fold import plan_layer_fold, set_bias, why_not_exact_before
 from .layers import (
     batched_rank,
     batchnorm_kind,
@@ -319,8 +319,10 @@ def _dataflow(model: nn.Module, index: _ModelIndex, example_inputs: tuple | None
         ) from exc
 
 
-def make_plan(model: nn.Module, example_inputs: tuple | None = None) -> FusionPlan:
-    """Find what can be folded in ``model`` (not modified) and check it."""
+def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_stats: bool = True) -> FusionPlan:
+    """Find what can be folded in ``model`` (not modified) and, unless
+    ``check_stats`` is False (the caller applies the plan at once, which checks
+    them again), check the statistics of every BN it folds."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedconv folds an nn.Module, got {type(model).__name__}")
     if model.training:
@@ -333,8 +335,9 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None) -> FusionPl
         check_not_training(bn, name)
     flow = _dataflow(model, index, example_inputs)
     plan = _Planner(index, flow).plan()
-    for fold in plan.folds:  # bad statistics are reported by plan() already
-        _checked_affines(model, fold)
+    if check_stats:
+        for fold in plan.folds:
+            _checked_affines(model, fold)
     _warn_about(plan, flow)
     return plan
 
@@ -368,11 +371,13 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Modul
     Every new tensor is computed (and every BN checked) before the model or its
     copy is touched, so an error leaves the caller's model as it was.
     """
+    # Check everything and compute the small per-layer results first; after this
+    # nothing can fail, so the weights are then written where they will live.
     computed = []
     for fold in plan.folds:
         before, after = _checked_affines(model, fold)
-        weight, bias = fold_affines(_module(model, fold.layer), before, after, name=fold.layer)
-        computed.append((fold, weight, bias))
+        layer = _module(model, fold.layer)
+        computed.append((fold, layer, plan_layer_fold(layer, before, after, name=fold.layer)))
     paths: dict[int, list[str]] = defaultdict(list)
     for path, m in model.named_modules(remove_duplicate=False):
         if path:
@@ -381,21 +386,22 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Modul
 
     if inplace:
         target = model
-        for fold, weight, bias in computed:
-            write_folded(_module(model, fold.layer), weight, bias)
+        for fold, layer, layer_fold in computed:
+            layer_fold.write_weight(layer.weight, layer.weight)
+            set_bias(layer, layer_fold.bias)
     else:
-        # Seed deepcopy's memo with the folded weights, so that the copy gets them
-        # directly instead of copying the old ones and then overwriting them.
+        # Seed deepcopy's memo with fresh tensors for the weights that will be
+        # folded and with the BNs' replacements, so that the copy does not copy
+        # what is about to be overwritten or dropped.
         memo: dict[int, object] = {}
-        for name in bn_paths:  # BNs that become Identity need no copy either
+        for name in bn_paths:
             bn = _module(model, name)
             if batchnorm_kind(bn).passes_through:
                 memo[id(bn)] = batchnorm_kind(bn).replacement(bn).train(bn.training)
-        for fold, weight, bias in computed:
-            layer = _module(model, fold.layer)
-            memo[id(layer.weight)] = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
-            if layer.bias is not None:
-                memo[id(layer.bias)] = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
+        for fold, layer, layer_fold in computed:
+            memo[id(layer.weight)] = nn.Parameter(
+                torch.empty_like(layer.weight, requires_grad=False), requires_grad=layer.weight.requires_grad
+            )
         try:
             target = copy.deepcopy(model, memo)
         except Exception as exc:  # e.g. pruning or legacy weight_norm keep non-leaf weight tensors
@@ -403,10 +409,10 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Modul
                 f"cannot copy {type(model).__name__} (copy.deepcopy failed: {exc}); fold it in place with "
                 "inplace=True, or make it copyable first (e.g. torch.nn.utils.prune.remove)"
             ) from exc
-        for fold, weight, bias in computed:
-            layer = _module(target, fold.layer)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
+        for fold, layer, layer_fold in computed:
+            new_layer = _module(target, fold.layer)
+            layer_fold.write_weight(layer.weight, new_layer.weight)
+            set_bias(new_layer, layer_fold.bias)
     for name, bn_paths_of_one in bn_paths.items():
         bn = _module(target, name)
         if isinstance(bn, nn.Identity):  # already replaced through the copy's memo

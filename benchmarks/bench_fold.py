@@ -1,0 +1,337 @@
+"""Fold time of fusedconv against the tools people use today, in one run.
+
+For each model, every tool gets a fresh deep copy of the same eval-mode model per
+repeat (copied outside the timed region) and the median over --repeats is
+reported, together with the BatchNorms before / left and the time per folded BN.
+
+Tools:
+  fusedconv            fusedconv.fuse(m)                      (returns a folded copy)
+  fusedconv inplace    fusedconv.fuse(m, inplace=True)
+  fusedconv run        fusedconv.fuse(m, example_inputs=x, inplace=True)  (dataflow from one real run)
+  fx fuse              torch.fx.experimental.optimization.fuse(m)          (copies, like fusedconv)
+  fx fuse inplace      torch.fx.experimental.optimization.fuse(m, inplace=True)
+  fuse_conv_bn_eval    a loop of torch.nn.utils.fusion.fuse_conv_bn_eval over (conv, bn) pairs.
+                       Like torch.ao.quantization.fuse_modules, this needs a hand-made pair list;
+                       here it is built (outside the timed region) from registration order: a conv
+                       immediately followed by a BN among the children of one module. That
+                       heuristic is right for these models, not in general.
+  ultralytics fuse     model.fuse(verbose=False) (yolov8n only; in place, also fuses the Detect head)
+
+Run from the repository root:
+  python benchmarks/bench_fold.py --models resnet50 yolov8n --repeats 11 --json fold.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+# ultralytics: never touch the network (no DNS check, no downloads), keep it quiet.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import format_ms, machine_info, measure, print_machine_info, print_table  # noqa: E402
+
+import fusedconv  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- models
+
+@dataclass
+class ModelSpec:
+    name: str
+    build: Callable[[], nn.Module]
+    image_size: int
+    is_yolo: bool = False
+
+
+def _torchvision(arch: str) -> Callable[[], nn.Module]:
+    def build():
+        import torchvision
+
+        return getattr(torchvision.models, arch)(weights=None)
+
+    return build
+
+
+def _timm(arch: str) -> Callable[[], nn.Module]:
+    def build():
+        import timm
+
+        return timm.create_model(arch, pretrained=False)
+
+    return build
+
+
+def _yolov8n() -> nn.Module:
+    # Built from the yaml that ships inside the ultralytics package: no weights, no network.
+    from ultralytics.nn.tasks import DetectionModel
+
+    return DetectionModel("yolov8n.yaml", verbose=False)
+
+
+def model_specs(image_size: int, yolo_size: int) -> dict[str, ModelSpec]:
+    specs = [
+        ModelSpec("resnet50", _torchvision("resnet50"), image_size),
+        ModelSpec("resnet18", _torchvision("resnet18"), image_size),
+        ModelSpec("mobilenet_v2", _torchvision("mobilenet_v2"), image_size),
+        ModelSpec("densenet121", _torchvision("densenet121"), image_size),
+        ModelSpec("efficientnet_b0", _torchvision("efficientnet_b0"), image_size),
+        ModelSpec("timm_resnet50", _timm("resnet50"), image_size),
+        ModelSpec("yolov8n", _yolov8n, yolo_size, is_yolo=True),
+    ]
+    return {s.name: s for s in specs}
+
+
+# ------------------------------------------------------------------------------ tools
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def registration_order_pairs(model: nn.Module) -> list[tuple[str, str, str]]:
+    """(parent, conv attribute, bn attribute) for each conv registered right before a BN.
+
+    Stands in for the hand-written list that fuse_modules-style folding needs. Exact
+    types only: a BN subclass (e.g. timm's BatchNormAct2d) carries more than a BN.
+    """
+    pairs = []
+    for parent_name, parent in model.named_modules():
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if type(conv) in _CONVS and type(bn) in _BNS:
+                pairs.append((parent_name, conv_name, bn_name))
+    return pairs
+
+
+def fold_pairs_with_fuse_conv_bn_eval(model: nn.Module, pairs: list[tuple[str, str, str]]) -> nn.Module:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for parent_name, conv_name, bn_name in pairs:
+        parent = model.get_submodule(parent_name)
+        setattr(parent, conv_name, fuse_conv_bn_eval(getattr(parent, conv_name), getattr(parent, bn_name)))
+        setattr(parent, bn_name, nn.Identity())
+    return model
+
+
+@dataclass
+class Tool:
+    name: str
+    # fold(model_copy, example_inputs, pairs) -> folded model
+    fold: Callable[[nn.Module, tuple, list], nn.Module]
+    yolo_only: bool = False
+    uses_example_inputs: bool = False
+
+
+def _fx_fuse(model: nn.Module, inplace: bool) -> nn.Module:
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(model, inplace=inplace)
+
+
+TOOLS = [
+    Tool("fusedconv", lambda m, x, p: fusedconv.fuse(m)),
+    Tool("fusedconv inplace", lambda m, x, p: fusedconv.fuse(m, inplace=True)),
+    Tool("fusedconv run", lambda m, x, p: fusedconv.fuse(m, example_inputs=x, inplace=True),
+         uses_example_inputs=True),
+    Tool("fx fuse", lambda m, x, p: _fx_fuse(m, inplace=False)),
+    Tool("fx fuse inplace", lambda m, x, p: _fx_fuse(m, inplace=True)),
+    Tool("fuse_conv_bn_eval", lambda m, x, p: fold_pairs_with_fuse_conv_bn_eval(m, p)),
+    Tool("ultralytics fuse", lambda m, x, p: m.fuse(verbose=False), yolo_only=True),
+]
+
+
+# -------------------------------------------------------------------------- benchmark
+
+@dataclass
+class Result:
+    model: str
+    tool: str
+    example_input: str
+    bn_before: int
+    bn_left: int | None = None
+    timing: Any = None
+    error: str | None = None
+    verify_ratio: float | None = None
+
+    @property
+    def folded(self) -> int:
+        return 0 if self.bn_left is None else self.bn_before - self.bn_left
+
+    @property
+    def per_bn(self) -> float | None:
+        if self.timing is None or self.folded <= 0:
+            return None
+        return self.timing.median / self.folded
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "tool": self.tool, "example_input": self.example_input,
+            "bn_before": self.bn_before, "bn_left": self.bn_left, "bn_folded": self.folded,
+            "per_bn_s": self.per_bn, "error": self.error, "verify_ratio": self.verify_ratio,
+            **({"timing": self.timing.to_json()} if self.timing is not None else {}),
+        }
+
+
+def _short(exc: BaseException, limit: int = 70) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def bench_model(spec: ModelSpec, tools: list[Tool], args, device: torch.device) -> list[Result]:
+    model = spec.build().eval().to(device)
+    if args.check:
+        # Random BN statistics, so that a wrong fold shows in the error ratio.
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.utils import randomize_batchnorm_stats
+
+        randomize_batchnorm_stats(model, torch.Generator().manual_seed(0))
+    example = (torch.randn(1, 3, spec.image_size, spec.image_size, device=device),)
+    shape = "x".join(map(str, example[0].shape))
+    pairs = registration_order_pairs(model)
+    bn_before = fusedconv.count_batchnorms(model)
+
+    results = []
+    for tool in tools:
+        if tool.yolo_only and not spec.is_yolo:
+            continue
+        result = Result(spec.name, tool.name, shape if tool.uses_example_inputs else "-", bn_before)
+        results.append(result)
+
+        def run(m, tool=tool):
+            return tool.fold(m, example, pairs)
+
+        # One untimed run: warms up (imports, fx caches) and gives the folded model to count.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with torch.no_grad():
+                    folded = run(copy.deepcopy(model))
+        except Exception as exc:  # a baseline that cannot handle this model
+            result.error = _short(exc)
+            continue
+        result.bn_left = fusedconv.count_batchnorms(folded)
+        if args.check:
+            result.verify_ratio = fusedconv.verify(model, folded, example).ratio
+        del folded
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                result.timing = measure(run, repeats=args.repeats, setup=lambda: copy.deepcopy(model),
+                                        device=device)
+        print(f"  {spec.name:<16} {tool.name:<18} median {format_ms(result.timing.median)} ms", flush=True)
+    return results
+
+
+def _find(results: list[Result], model: str, tool: str) -> Result | None:
+    for r in results:
+        if r.model == model and r.tool == tool and r.timing is not None:
+            return r
+    return None
+
+
+def print_ratios(results: list[Result]) -> list[dict]:
+    ratios = []
+    print("\nRatios (> 1: fusedconv is faster)")
+    for model in dict.fromkeys(r.model for r in results):
+        for base, ours in (("fx fuse", "fusedconv"), ("fx fuse inplace", "fusedconv inplace")):
+            b, o = _find(results, model, base), _find(results, model, ours)
+            if b and o:
+                ratio = b.timing.median / o.timing.median
+                ratios.append({"model": model, "baseline": base, "fusedconv": ours, "time_ratio": ratio})
+                print(f"  {model:<16} {base} / {ours}: {ratio:.1f}x "
+                      f"(BN left {b.bn_left} vs {o.bn_left} of {o.bn_before})")
+        # ultralytics fuse works in place: compare with each in-place fusedconv variant that ran.
+        b = _find(results, model, "ultralytics fuse")
+        for ours in ("fusedconv inplace", "fusedconv run"):
+            o = _find(results, model, ours)
+            if b and o and b.per_bn and o.per_bn:
+                ratio = b.per_bn / o.per_bn
+                ratios.append({"model": model, "baseline": "ultralytics fuse", "fusedconv": ours,
+                               "per_bn_ratio": ratio})
+                print(f"  {model:<16} ultralytics fuse / {ours}, per BN: {ratio:.2f}x "
+                      f"({b.per_bn * 1e6:.0f} vs {o.per_bn * 1e6:.0f} us per BN)")
+
+    print("\nTargets")
+    for model, base, key, target in (
+        ("resnet50", "fx fuse", "time_ratio", 10.0),
+        ("yolov8n", "ultralytics fuse", "per_bn_ratio", 1.0),
+    ):
+        found = [r for r in ratios if r["model"] == model and r["baseline"] == base and key in r]
+        if not found:
+            print(f"  {model}: {base} vs fusedconv: not measured")
+        for r in found:
+            verdict = "OK" if r[key] >= target else "MISSED"
+            print(f"  {model}: {base} / {r['fusedconv']} = {r[key]:.2f}x, target >= {target:g}x: {verdict}")
+    return ratios
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    all_models = list(model_specs(224, 64))
+    parser.add_argument("--models", nargs="+", default=all_models, choices=all_models, metavar="MODEL",
+                        help=f"models to fold (default: all of {', '.join(all_models)})")
+    parser.add_argument("--tools", nargs="+", default=[t.name for t in TOOLS], choices=[t.name for t in TOOLS],
+                        metavar="TOOL", help="tools to time (default: all)")
+    parser.add_argument("--repeats", type=int, default=11, help="timed repeats per tool (median reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--image-size", type=int, default=224, help="example input size for the classifiers")
+    parser.add_argument("--yolo-size", type=int, default=64,
+                        help="example input size for yolov8n (a multiple of 32; the dataflow does not depend "
+                             "on it, and a small one keeps the example run cheap)")
+    parser.add_argument("--check", action="store_true",
+                        help="randomize BN statistics and report fusedconv.verify's error ratio per tool")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    info = machine_info(device)
+    print_machine_info(info)
+    specs = model_specs(args.image_size, args.yolo_size)
+    tools = [t for t in TOOLS if t.name in args.tools]
+    print(f"# repeats={args.repeats}; fresh deepcopy per repeat, outside the timed region; times are medians")
+
+    results: list[Result] = []
+    for name in args.models:
+        results.extend(bench_model(specs[name], tools, args, device))
+
+    headers = ["model", "tool", "example input", "BN before", "BN left", "median ms", "min ms", "us/BN"]
+    if args.check:
+        headers.append("err ratio")
+    headers.append("note")
+    rows = []
+    for r in results:
+        row = [r.model, r.tool, r.example_input, str(r.bn_before), "-" if r.bn_left is None else str(r.bn_left),
+               format_ms(r.timing.median if r.timing else None), format_ms(r.timing.min if r.timing else None),
+               "-" if r.per_bn is None else f"{r.per_bn * 1e6:.0f}"]
+        if args.check:
+            row.append("-" if r.verify_ratio is None else f"{r.verify_ratio:.2f}")
+        row.append("failed: " + r.error if r.error else "")
+        rows.append(row)
+    print()
+    print_table(headers, rows, left=(0, 1, 2, -1))
+    ratios = print_ratios(results)
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "config": vars(args), "results": [r.to_json() for r in results],
+                       "ratios": ratios}, f, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
