@@ -46,6 +46,3 @@ class Dataflow:
     unseen: dict[str, str] = field(default_factory=dict)
     """Tracked modules whose uses could not be seen, with the reason (inside a
     submodule torch.fx could not trace, or inside an opaque leaf module)."""
-
-    def node(self, name: str) -> Node:
-        return self.nodes[name]
