@@ -9,6 +9,7 @@ the final one to its own dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -31,37 +32,73 @@ def _first_channels(mask: torch.Tensor) -> list[int]:
     return mask.nonzero().flatten()[:5].tolist()
 
 
-def batchnorm_affine(
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    *,
-    name: str = "BatchNorm",
-) -> ChannelAffine:
-    """The affine map of an eval-mode BatchNorm, after checking its statistics.
+@dataclass(frozen=True)
+class BatchNormStats:
+    """What an eval-mode BatchNorm reads: running statistics, optional affine
+    parameters (None for ``affine=False``) and eps; ``name`` labels errors."""
 
-    ``weight``/``bias`` are None for ``affine=False``. Raises :class:`FoldError`
-    naming ``name`` when a statistic is NaN/inf, the variance is negative, or
-    ``running_var + eps`` is zero.
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    name: str = "BatchNorm"
+
+
+def _as_float64(stats: BatchNormStats) -> tuple[torch.Tensor, ...]:
+    mean = stats.running_mean.detach().reshape(-1).to(torch.float64)
+    var = stats.running_var.detach().reshape(-1).to(torch.float64)
+    gamma = torch.ones_like(mean) if stats.weight is None else stats.weight.detach().reshape(-1).to(torch.float64)
+    beta = torch.zeros_like(mean) if stats.bias is None else stats.bias.detach().reshape(-1).to(torch.float64)
+    return mean, var, gamma, beta
+
+
+def _raise_for_bad_stats(stats: BatchNormStats) -> None:
+    """Raise the :class:`FoldError` that names what is wrong with one BN, if anything is."""
+    mean, var, gamma, beta = _as_float64(stats)
+    for values, what in zip((mean, var, gamma, beta), ("running_mean", "running_var", "weight", "bias")):
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            raise FoldError(f"{stats.name}: {what} is not finite (NaN or inf) in channels {_first_channels(bad)}")
+    if bool((var < 0).any()):
+        raise FoldError(f"{stats.name}: running_var is negative in channels {_first_channels(var < 0)}")
+    if not bool((var + stats.eps > 0).all()):
+        raise FoldError(f"{stats.name}: running_var + eps is zero, so the BatchNorm divides by zero")
+
+
+def batchnorm_affines(all_stats: Sequence[BatchNormStats]) -> list[ChannelAffine]:
+    """The affine maps of many eval-mode BatchNorms, after checking their statistics.
+
+    BNs on the same device are computed together: a handful of tensor ops and
+    one host sync in all, however many BNs a model has. Raises
+    :class:`FoldError` naming the BN whose statistic is NaN/inf, whose variance
+    is negative, or whose ``running_var + eps`` is zero.
     """
-    mean = running_mean.detach().to(torch.float64)
-    var = running_var.detach().to(torch.float64)
-    gamma = torch.ones_like(mean) if weight is None else weight.detach().to(torch.float64)
-    beta = torch.zeros_like(mean) if bias is None else bias.detach().to(torch.float64)
-    stats = torch.stack((mean, var, gamma, beta))
-    # One host sync for the common case; the message is worked out only on failure.
-    if not bool(torch.isfinite(stats).all() & (var + eps > 0).all()):
-        for row, what in zip(stats, ("running_mean", "running_var", "weight", "bias")):
-            bad = ~torch.isfinite(row)
-            if bool(bad.any()):
-                raise FoldError(f"{name}: {what} is not finite (NaN or inf) in channels {_first_channels(bad)}")
-        if bool((var < 0).any()):
-            raise FoldError(f"{name}: running_var is negative in channels {_first_channels(var < 0)}")
-        raise FoldError(f"{name}: running_var + eps is zero, so the BatchNorm divides by zero")
-    scale = gamma / torch.sqrt(var + eps)
-    return ChannelAffine(scale, beta - mean * scale)
+    affines: list[ChannelAffine | None] = [None] * len(all_stats)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, stats in enumerate(all_stats):
+        by_device.setdefault(stats.running_mean.device, []).append(i)
+    for indices in by_device.values():
+        columns = list(zip(*(_as_float64(all_stats[i]) for i in indices)))
+        mean, var, gamma, beta = (torch.cat(column) for column in columns)
+        sizes = [t.numel() for t in columns[0]]
+        eps = torch.repeat_interleave(
+            torch.tensor([all_stats[i].eps for i in indices], dtype=torch.float64, device=mean.device),
+            torch.tensor(sizes, device=mean.device),
+        )
+        if not bool(torch.isfinite(torch.stack((mean, var, gamma, beta))).all() & (var + eps > 0).all()):
+            for i in indices:
+                _raise_for_bad_stats(all_stats[i])
+        scale = gamma / torch.sqrt(var + eps)
+        shift = beta - mean * scale
+        for i, s, t in zip(indices, scale.split(sizes), shift.split(sizes)):
+            affines[i] = ChannelAffine(s, t)
+    return affines
+
+
+def batchnorm_affine(stats: BatchNormStats) -> ChannelAffine:
+    """The affine map of one eval-mode BatchNorm (see :func:`batchnorm_affines`)."""
+    return batchnorm_affines([stats])[0]
 
 
 def compose(affines: list[ChannelAffine]) -> ChannelAffine | None:

@@ -49,6 +49,7 @@ def fuse(
     *,
     inplace: bool = False,
     plan: FusionPlan | None = None,
+    backend: str | None = None,
 ) -> nn.Module:
     """Fold every foldable BatchNorm of an eval-mode ``model`` into the layer beside it.
 
@@ -57,11 +58,14 @@ def fuse(
     model keeps its class, attribute names, forward code, device, dtype and
     memory format. Returns a folded copy, or ``model`` itself when
     ``inplace=True``. Pass ``plan`` (from :func:`fusedconv.plan`) to apply a plan
-    already made. All or nothing: on any error the caller's model is unchanged.
+    already made. ``backend`` (``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``;
+    default: the fastest that loads for the model's device, or the
+    ``FUSEDCONV_BACKEND`` variable) picks the kernels that scale the weights.
+    All or nothing: on any error the caller's model is unchanged.
     """
     start = time.perf_counter()
     chosen = plan if plan is not None else make_plan(model, as_input_tuple(example_inputs), check_stats=False)
-    fused = apply_plan(model, chosen, inplace=inplace)
+    fused = apply_plan(model, chosen, inplace=inplace, backend=backend)
     if logger.isEnabledFor(logging.INFO):
         logger.info(
             "fusedconv: folded %d BatchNorms into %d layers in %.1f ms (dataflow from %s); %d BatchNorms left",

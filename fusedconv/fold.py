@@ -20,11 +20,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .affine import ChannelAffine, compose
+from . import kernels
+from .affine import ChannelAffine, batchnorm_affines, compose
 from .errors import FoldError
+from .kernels.reference import column_factors
 from .layers import (
     LayerKind,
-    bn_channel_affine,
+    bn_statistics,
     check_not_training,
     layer_groups,
     layer_in_channels,
@@ -33,27 +35,6 @@ from .layers import (
     pads_with_zeros,
     why_batchnorm_cannot_fold,
 )
-
-# Which of the weight's first two axes holds output / input channels.
-# ConvTranspose stores (in, out/groups, *k): its output channel is dim 1 *inside each group*.
-_OUT_AXIS = {LayerKind.CONV: 0, LayerKind.CONV_TRANSPOSE: 1, LayerKind.LINEAR: 0}
-_IN_AXIS = {LayerKind.CONV: 1, LayerKind.CONV_TRANSPOSE: 0, LayerKind.LINEAR: 1}
-
-
-def _channel_grid(vec: torch.Tensor, weight_shape: torch.Size, axis: int, groups: int) -> torch.Tensor:
-    """Lay a per-channel vector along ``axis`` of a weight so that it broadcasts.
-
-    Axis 0 holds global channel indices. Axis 1 holds an index *inside the group*
-    that the row belongs to, so row r of group g = r // (rows/groups) reads
-    ``vec[g * cols + j]``. Building the small (rows, cols) grid, rather than
-    viewing the weight as (groups, ...), keeps channels_last weights working.
-    """
-    rows, cols = weight_shape[0], weight_shape[1]
-    if axis == 0:
-        grid = vec.view(rows, 1)
-    else:
-        grid = vec.view(groups, 1, cols).expand(groups, rows // groups, cols).reshape(rows, cols)
-    return grid.view(grid.shape + (1,) * (len(weight_shape) - 2))
 
 
 def why_not_exact_before(layer: nn.Module) -> str | None:
@@ -74,31 +55,31 @@ def why_not_exact_before(layer: nn.Module) -> str | None:
 
 @dataclass(frozen=True)
 class LayerFold:
-    """What folding does to one layer: ``weight' = weight * scale`` (``scale`` a small
-    float64 grid that broadcasts against the weight, None for 1) and ``bias' = bias``."""
+    """What folding does to one layer, in the terms of :func:`fusedconv.kernels.rescale_`:
+    ``weight[r, c, ...] *= row_scale[r] * col_scale[g(r) * cols + c]`` (float64
+    vectors, None for 1) and ``bias' = bias``."""
 
-    scale: torch.Tensor | None
+    row_scale: torch.Tensor | None
+    col_scale: torch.Tensor | None
+    groups: int
     bias: torch.Tensor
 
-    def write_weight(self, source: torch.Tensor, destination: torch.Tensor) -> None:
-        """``destination = round(source * scale)``, computed in float64 a few
-        output rows at a time so that the float64 temporary stays in cache and
-        no second copy of the weight is ever allocated. ``destination`` may be
-        ``source`` (in place)."""
-        source, destination = source.detach(), destination.detach()
-        per_row = max(1, source[0].numel()) if source.shape[0] else 1
-        step = max(1, _CHUNK_ELEMENTS // per_row)
-        with torch.no_grad():
-            for start in range(0, source.shape[0], step):
-                block = source[start : start + step].to(torch.float64, copy=True)
-                if self.scale is not None:
-                    block.mul_(self.scale[start : start + step])
-                destination[start : start + step].copy_(block)
 
-
-# Elements per float64 chunk (512 KiB): small enough for L2, large enough that
-# per-chunk overhead stays small.
-_CHUNK_ELEMENTS = 1 << 16
+def rescale_weights(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold], backend: str | None = None) -> None:
+    """Apply each fold's scales to its weight in place, all in one batched call."""
+    dense = [i for i, w in enumerate(weights) if kernels.has_dense_rows(w)]
+    # The kernels walk a weight as one dense block; a weight that is a strided
+    # view of something else (rare) takes the plain PyTorch path.
+    odd = [i for i in range(len(weights)) if i not in set(dense)]
+    for indices, chosen in ((dense, backend), (odd, "torch")):
+        if indices:
+            kernels.rescale_(
+                [weights[i] for i in indices],
+                [folds[i].row_scale for i in indices],
+                [folds[i].col_scale for i in indices],
+                [folds[i].groups for i in indices],
+                backend=chosen,
+            )
 
 
 def plan_layer_fold(
@@ -140,19 +121,22 @@ def plan_layer_fold(
         if bias is None
         else bias.detach().to(torch.float64)
     )
-    scale = None
+    in_scale = out_scale = None
     if before is not None:
         # The BN shift enters every output as sum over inputs and taps of W * shift:
         # a constant per output channel because this layer never pads with zeros.
         w = weight.detach()
         tap_sums = w.sum(dim=tuple(range(2, w.dim())), dtype=torch.float64) if w.dim() > 2 else w.double()
-        b = b + (tap_sums * _channel_grid(before.shift.to(device), tap_sums.shape, 1, groups)).sum(dim=1)
-        scale = _channel_grid(before.scale.to(device), weight.shape, _IN_AXIS[kind], groups)
+        shifts = column_factors(before.shift.to(device), tap_sums.shape[0], tap_sums.shape[1], groups)
+        b = b + (tap_sums * shifts).sum(dim=1)
+        in_scale = before.scale.to(device)
     if after is not None:
-        out_scale = _channel_grid(after.scale.to(device), weight.shape, _OUT_AXIS[kind], groups)
-        scale = out_scale if scale is None else scale * out_scale
-        b = b * after.scale.to(device) + after.shift.to(device)
-    return LayerFold(scale, b.to(weight.dtype if bias is None else bias.dtype))
+        out_scale = after.scale.to(device)
+        b = b * out_scale + after.shift.to(device)
+    # Conv and Linear keep output channels on dim 0 and input channels (within
+    # the group) on dim 1; ConvTranspose stores (in, out/groups, *k), the other way round.
+    row, col = (in_scale, out_scale) if kind is LayerKind.CONV_TRANSPOSE else (out_scale, in_scale)
+    return LayerFold(row, col, groups, b.to(weight.dtype if bias is None else bias.dtype))
 
 
 def fold_affines(
@@ -165,8 +149,8 @@ def fold_affines(
     """New weight and bias of ``before -> layer -> after``, each rounded once to
     the layer's dtype (same shape, device and memory format). The layer is not modified."""
     fold = plan_layer_fold(layer, before, after, name=name)
-    weight = torch.empty_like(layer.weight, requires_grad=False)
-    fold.write_weight(layer.weight, weight)
+    weight = layer.weight.detach().clone()
+    rescale_weights([weight], [fold])
     return weight, fold.bias
 
 
@@ -180,15 +164,15 @@ def set_bias(layer: nn.Module, bias: torch.Tensor) -> None:
 
 
 def _affine_of(bns: Sequence[nn.Module], role: str) -> ChannelAffine | None:
-    affines = []
+    stats = []
     for i, bn in enumerate(bns):
         label = f"{role} BatchNorm #{i} ({type(bn).__name__})"
         check_not_training(bn, label)
         reason = why_batchnorm_cannot_fold(bn)
         if reason is not None:
             raise FoldError(f"{label}: {reason}")
-        affines.append(bn_channel_affine(bn, label))
-    return compose(affines)
+        stats.append(bn_statistics(bn, label))
+    return compose(batchnorm_affines(stats))
 
 
 def folded_weights(
@@ -207,7 +191,7 @@ def _folded_copy(layer: nn.Module, before: Sequence[nn.Module], after: Sequence[
     fold = plan_layer_fold(layer, _affine_of(before, "before"), _affine_of(after, "after"),
                            name=type(layer).__name__)
     new = copy.deepcopy(layer)
-    fold.write_weight(layer.weight, new.weight)
+    rescale_weights([new.weight], [fold])
     set_bias(new, fold.bias)
     return new
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .affine import ChannelAffine, batchnorm_affine
+from .affine import BatchNormStats
 from .errors import FoldError
 
 
@@ -194,17 +194,17 @@ def num_features(bn: nn.Module) -> int:
     return bn.running_mean.numel()
 
 
-def bn_channel_affine(bn: nn.Module, name: str) -> ChannelAffine:
-    """The per-channel affine map an eval-mode BN computes, validated, in float64."""
+def bn_statistics(bn: nn.Module, name: str) -> BatchNormStats:
+    """What an eval-mode BN reads, labelled ``name`` for error messages."""
     weight = getattr(bn, "weight", None)
     bias = getattr(bn, "bias", None)
-    return batchnorm_affine(
+    return BatchNormStats(
         bn.running_mean,
         bn.running_var,
         weight if isinstance(weight, torch.Tensor) else None,
         bias if isinstance(bias, torch.Tensor) else None,
         float(bn.eps),
-        name=name,
+        name,
     )
 
 

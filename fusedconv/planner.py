@@ -23,16 +23,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .affine import compose
+from . import kernels
+from .affine import batchnorm_affines, compose
 from .dataflow import Dataflow
 from .dataflow.fx import Untraceable, from_fx
 from .dataflow.run import RunFailed, from_run
 from .errors import FoldError, FoldWarning
-from .fold import plan_layer_fold, set_bias, why_not_exact_before
+from .fold import plan_layer_fold, rescale_weights, set_bias, why_not_exact_before
 from .layers import (
     batched_rank,
     batchnorm_kind,
-    bn_channel_affine,
+    bn_statistics,
     check_not_training,
     layer_in_channels,
     layer_kind,
@@ -336,10 +337,14 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
     flow = _dataflow(model, index, example_inputs)
     plan = _Planner(index, flow).plan()
     if check_stats:
-        for fold in plan.folds:
-            _checked_affines(model, fold)
+        _checked_affines(model, plan.folds)
     _warn_about(plan, flow)
     return plan
+
+
+def _first_weight_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
@@ -349,35 +354,40 @@ def _module(model: nn.Module, name: str) -> nn.Module:
         raise FoldError(f"the plan names {name!r}, which this model does not have") from exc
 
 
-def _checked_affines(model: nn.Module, fold: Fold):
-    """The composed (before, after) affine maps of a fold, after checking every BN."""
-    sides = []
-    for names in (fold.before, fold.after):
-        affines = []
-        for bn_name in names:
+def _checked_affines(model: nn.Module, folds: list[Fold]) -> list[tuple]:
+    """The composed (before, after) affine maps of each fold, after checking every
+    BN; all BNs' statistics are read and checked together."""
+    stats = []
+    for fold in folds:
+        for bn_name in fold.batchnorms:
             bn = _module(model, bn_name)
             check_not_training(bn, bn_name)
             problem = why_batchnorm_cannot_fold(bn)
             if problem:
                 raise FoldError(f"{bn_name}: {problem}")
-            affines.append(bn_channel_affine(bn, bn_name))
-        sides.append(compose(affines))
-    return sides
+            stats.append(bn_statistics(bn, bn_name))
+    affines = iter(batchnorm_affines(stats))
+    return [
+        (compose([next(affines) for _ in fold.before]), compose([next(affines) for _ in fold.after]))
+        for fold in folds
+    ]
 
 
-def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Module:
+def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: str | None = None) -> nn.Module:
     """Fold ``plan`` into ``model`` (or into a copy), all or nothing.
 
-    Every new tensor is computed (and every BN checked) before the model or its
-    copy is touched, so an error leaves the caller's model as it was.
+    Every BN is checked and every new bias computed before the model or its copy
+    is touched, so an error leaves the caller's model as it was. The weights are
+    then scaled in place by one batched :func:`fusedconv.kernels.rescale_` call
+    (``backend`` picks the backend; by default the fastest for the device).
     """
     # Check everything and compute the small per-layer results first; after this
     # nothing can fail, so the weights are then written where they will live.
-    computed = []
-    for fold in plan.folds:
-        before, after = _checked_affines(model, fold)
-        layer = _module(model, fold.layer)
-        computed.append((fold, layer, plan_layer_fold(layer, before, after, name=fold.layer)))
+    layer_folds = [
+        plan_layer_fold(_module(model, fold.layer), before, after, name=fold.layer)
+        for fold, (before, after) in zip(plan.folds, _checked_affines(model, plan.folds))
+    ]
+    kernels.resolve(_first_weight_device(model), backend)  # a backend asked for by name must load
     paths: dict[int, list[str]] = defaultdict(list)
     for path, m in model.named_modules(remove_duplicate=False):
         if path:
@@ -386,22 +396,14 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Modul
 
     if inplace:
         target = model
-        for fold, layer, layer_fold in computed:
-            layer_fold.write_weight(layer.weight, layer.weight)
-            set_bias(layer, layer_fold.bias)
     else:
-        # Seed deepcopy's memo with fresh tensors for the weights that will be
-        # folded and with the BNs' replacements, so that the copy does not copy
-        # what is about to be overwritten or dropped.
+        # Seed deepcopy's memo with the BNs' replacements, so that the copy
+        # does not copy what is about to be dropped.
         memo: dict[int, object] = {}
         for name in bn_paths:
             bn = _module(model, name)
             if batchnorm_kind(bn).passes_through:
                 memo[id(bn)] = batchnorm_kind(bn).replacement(bn).train(bn.training)
-        for fold, layer, layer_fold in computed:
-            memo[id(layer.weight)] = nn.Parameter(
-                torch.empty_like(layer.weight, requires_grad=False), requires_grad=layer.weight.requires_grad
-            )
         try:
             target = copy.deepcopy(model, memo)
         except Exception as exc:  # e.g. pruning or legacy weight_norm keep non-leaf weight tensors
@@ -409,10 +411,10 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Modul
                 f"cannot copy {type(model).__name__} (copy.deepcopy failed: {exc}); fold it in place with "
                 "inplace=True, or make it copyable first (e.g. torch.nn.utils.prune.remove)"
             ) from exc
-        for fold, layer, layer_fold in computed:
-            new_layer = _module(target, fold.layer)
-            layer_fold.write_weight(layer.weight, new_layer.weight)
-            set_bias(new_layer, layer_fold.bias)
+    layers = [_module(target, fold.layer) for fold in plan.folds]
+    rescale_weights([layer.weight for layer in layers], layer_folds, backend)
+    for layer, layer_fold in zip(layers, layer_folds):
+        set_bias(layer, layer_fold.bias)
     for name, bn_paths_of_one in bn_paths.items():
         bn = _module(target, name)
         if isinstance(bn, nn.Identity):  # already replaced through the copy's memo

@@ -1,0 +1,178 @@
+"""The two in-place primitives that every fold is made of, with interchangeable backends.
+
+* :func:`rescale_` multiplies each weight by a per-output-channel and/or a
+  per-input-channel float64 factor (a BatchNorm after or before the layer);
+* :func:`pad_add_` adds a small kernel, optionally scaled per output channel,
+  into the aligned window of a larger one (a re-parameterization branch).
+
+Both take whole lists of tensors, so that a model is folded with one call (one
+kernel launch per dtype on a GPU). Each is a ``torch.library`` op
+(``torch.ops.fusedconv.rescale_`` and ``torch.ops.fusedconv.pad_add_``) whose
+``backend`` argument picks ``torch``, ``cpp``, ``cuda`` or ``triton``
+(:mod:`fusedconv.kernels.backends`); all compute in float64 and round each
+written value once, so every backend gives the same bits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .backends import available_backends, backend_report, resolve
+
+__all__ = ["available_backends", "backend_report", "pad_add_", "rescale_", "resolve"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class KernelInputError(ValueError):
+    """An argument of :func:`rescale_` or :func:`pad_add_` is malformed."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise KernelInputError(message)
+
+
+def has_dense_rows(t: torch.Tensor) -> bool:
+    """Contiguous or channels_last: every kernel walks such a tensor as one
+    flat block in which dim 0 is the outermost dimension."""
+    return (
+        t.is_contiguous()
+        or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+        or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+    )
+
+
+def _check_kernel_tensor(t: torch.Tensor, what: str, device: torch.device) -> None:
+    _check(isinstance(t, torch.Tensor), f"{what} is {type(t).__name__}, not a Tensor")
+    _check(t.dtype in _FLOAT_DTYPES, f"{what} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
+    _check(t.dim() >= 2, f"{what} has {t.dim()} dims; a weight has at least 2")
+    _check(t.device == device, f"{what} is on {t.device}, the first tensor on {device}")
+    _check(has_dense_rows(t), f"{what} is neither contiguous nor channels_last (strides {t.stride()})")
+
+
+def _check_scale(scale: torch.Tensor | None, numel: int, what: str, device: torch.device) -> None:
+    if scale is None:
+        return
+    _check(scale.dtype == torch.float64, f"{what} must be float64, got {scale.dtype}")
+    _check(scale.dim() == 1 and scale.numel() == numel, f"{what} has shape {tuple(scale.shape)}; expected ({numel},)")
+    _check(scale.device == device, f"{what} is on {scale.device}, the weights on {device}")
+    _check(scale.is_contiguous(), f"{what} is not contiguous")
+
+
+def check_rescale_args(weights, row_scales, col_scales, groups) -> None:
+    """Raise :class:`KernelInputError` unless the arguments of :func:`rescale_` are well formed."""
+    n = len(weights)
+    _check(len(row_scales) == len(col_scales) == len(groups) == n,
+           f"rescale_ needs one row scale, column scale and group count per weight "
+           f"({n} weights, {len(row_scales)}, {len(col_scales)}, {len(groups)})")
+    for i, (w, row, col, g) in enumerate(zip(weights, row_scales, col_scales, groups)):
+        device = weights[0].device
+        _check_kernel_tensor(w, f"weights[{i}]", device)
+        _check(g >= 1 and w.shape[0] % g == 0, f"weights[{i}]: {w.shape[0]} rows do not split into {g} groups")
+        _check_scale(row, w.shape[0], f"row_scales[{i}]", device)
+        _check_scale(col, g * w.shape[1], f"col_scales[{i}]", device)
+
+
+def check_pad_add_args(bigs, smalls, scales, offsets, dilations) -> None:
+    """Raise :class:`KernelInputError` unless the arguments of :func:`pad_add_` are well formed."""
+    n = len(bigs)
+    _check(len(smalls) == len(scales) == n, f"pad_add_ needs one small kernel and scale per big kernel "
+           f"({n} big, {len(smalls)} small, {len(scales)} scales)")
+    spatial_total = sum(b.dim() - 2 for b in bigs)
+    _check(len(offsets) == len(dilations) == spatial_total,
+           f"pad_add_ needs one offset and dilation per spatial dim of each big kernel ({spatial_total}); "
+           f"got {len(offsets)} offsets and {len(dilations)} dilations")
+    at = 0
+    for i, (big, small, scale) in enumerate(zip(bigs, smalls, scales)):
+        device = bigs[0].device
+        _check_kernel_tensor(big, f"bigs[{i}]", device)
+        _check_kernel_tensor(small, f"smalls[{i}]", device)
+        _check(small.dtype == big.dtype, f"smalls[{i}] is {small.dtype} but bigs[{i}] is {big.dtype}")
+        _check(small.dim() == big.dim() and small.shape[:2] == big.shape[:2],
+               f"smalls[{i}] has shape {tuple(small.shape)}, which does not fit bigs[{i}] {tuple(big.shape)}")
+        for d in range(big.dim() - 2):
+            off, dil, k, K = offsets[at + d], dilations[at + d], small.shape[2 + d], big.shape[2 + d]
+            _check(dil >= 1 and off >= 0 and off + dil * (k - 1) < K,
+                   f"pair {i}, spatial dim {d}: {k} taps at offset {off} and dilation {dil} do not fit in {K}")
+        at += big.dim() - 2
+        _check_scale(scale, big.shape[0], f"scales[{i}]", device)
+
+
+def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+@torch.library.custom_op("fusedconv::rescale_", mutates_args=("weights",))
+def _rescale_op(
+    weights: list[torch.Tensor],
+    row_scales: list[Optional[torch.Tensor]],
+    col_scales: list[Optional[torch.Tensor]],
+    groups: list[int],
+    backend: Optional[str] = None,
+) -> None:
+    check_rescale_args(weights, row_scales, col_scales, groups)
+    if weights:
+        resolve(_device_of(weights), backend).rescale_(weights, row_scales, col_scales, groups)
+
+
+@torch.library.custom_op("fusedconv::pad_add_", mutates_args=("bigs",))
+def _pad_add_op(
+    bigs: list[torch.Tensor],
+    smalls: list[torch.Tensor],
+    scales: list[Optional[torch.Tensor]],
+    offsets: list[int],
+    dilations: list[int],
+    backend: Optional[str] = None,
+) -> None:
+    check_pad_add_args(bigs, smalls, scales, offsets, dilations)
+    if bigs:
+        resolve(_device_of(bigs), backend).pad_add_(bigs, smalls, scales, offsets, dilations)
+
+
+def rescale_(
+    weights: Sequence[torch.Tensor],
+    row_scales: Sequence[torch.Tensor | None],
+    col_scales: Sequence[torch.Tensor | None],
+    groups: Sequence[int],
+    *,
+    backend: str | None = None,
+) -> None:
+    """Scale weights in place: ``W[r, c, ...] *= row_scale[r] * col_scale[g(r) * cols + c]``.
+
+    ``r`` and ``c`` index a weight's dims 0 and 1, ``g(r) = r // (rows / groups)``
+    is the group of row ``r``. Conv weights ``(out, in/groups, *k)`` take a BN
+    after the layer as ``row_scale`` and a BN before it as ``col_scale``;
+    ConvTranspose weights ``(in, out/groups, *k)`` the other way round; Linear
+    with ``groups=1``. Scales are float64 vectors (None for 1); the product is
+    formed in float64 and each weight rounded once. Weights must be contiguous or
+    channels_last, all on one device; any floating dtype. ``backend`` (or the
+    ``FUSEDCONV_BACKEND`` variable) forces a backend; by default the fastest
+    that loads for the device is used.
+    """
+    with torch.no_grad():
+        _rescale_op(list(weights), list(row_scales), list(col_scales), [int(g) for g in groups], backend)
+
+
+def pad_add_(
+    bigs: Sequence[torch.Tensor],
+    smalls: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor | None],
+    offsets: Sequence[int],
+    dilations: Sequence[int],
+    *,
+    backend: str | None = None,
+) -> None:
+    """Add small kernels into windows of big ones, in place:
+    ``big[o, i, off + j * dil] += small[o, i, j] * scale[o]`` (per spatial dim).
+
+    ``offsets`` and ``dilations`` hold one entry per spatial dim of each big
+    kernel, concatenated. ``scale`` is a float64 vector (None for 1); the sum is
+    formed in float64 and rounded once. Big and small kernels of a pair share
+    their dtype and first two dims.
+    """
+    with torch.no_grad():
+        _pad_add_op(list(bigs), list(smalls), list(scales), [int(o) for o in offsets],
+                    [int(d) for d in dilations], backend)
