@@ -1,9 +1,10 @@
-"""Command line interface: ``fusedconv demo`` and ``fusedconv plan``.
+"""Command line interface: ``fusedconv demo``, ``fusedconv plan`` and ``fusedconv backends``.
 
 ``fusedconv demo`` builds the built-in demo network (:mod:`fusedconv.examples`),
 folds it, checks the folded model against a float64 reference and prints the
 numbers.  ``fusedconv plan MODULE:CALLABLE`` prints the fusion plan of any model
 that a no-argument callable builds, e.g. ``torchvision.models:resnet50``.
+``fusedconv backends`` says which kernel backends can run here, and why not.
 
 ``python -m fusedconv ...`` is the same as the ``fusedconv`` console script.
 """
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 import fusedconv
+from fusedconv import kernels
 
 logger = logging.getLogger("fusedconv")
 
@@ -201,7 +203,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     _synchronize(device)
     start = time.perf_counter()
-    fused = fusedconv.fuse(model, example_inputs, inplace=args.inplace)
+    fused = fusedconv.fuse(model, example_inputs, inplace=args.inplace, backend=args.backend)
     _synchronize(device)
     fold_time = time.perf_counter() - start
     logger.debug("fuse took %s", _ms(fold_time))
@@ -225,7 +227,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     )
     print(
         f"  {device}{threads}, torch {torch.__version__}, folded "
-        f"{'in place' if args.inplace else 'as a copy'}, dataflow {plan.source}"
+        f"{'in place' if args.inplace else 'as a copy'}, dataflow {plan.source}, "
+        f"backend {kernels.choose(device, args.backend)}"
     )
     print()
     speedup = latency_before / latency_after if latency_after > 0 else float("inf")
@@ -246,6 +249,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     )
     print()
     print(str(plan))
+    print()
+    print(f"backends on {device.type}:")
+    print(kernels.backend_report(device))
 
     if not math.isfinite(ratio) or ratio > MAX_ERROR_RATIO:
         print(
@@ -285,6 +291,12 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"  {len(plan.folds)} folds, {plan.num_folded} of {bns} BatchNorms folded, {len(plan.skipped)} skipped")
     print()
     print(str(plan))
+    return EXIT_OK
+
+
+def run_backends(args: argparse.Namespace) -> int:
+    """``fusedconv backends``: which kernel backends run here, and why the others don't."""
+    print(kernels.backend_report(args.device))
     return EXIT_OK
 
 
@@ -333,7 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="fx",
         help="find the dataflow with torch.fx (default) or from one run on the demo input",
     )
+    demo.add_argument(
+        "--backend",
+        choices=kernels.BACKENDS,
+        default=None,
+        help="kernels that scale the weights (default: the fastest that loads, or $FUSEDCONV_BACKEND)",
+    )
     demo.set_defaults(func=run_demo)
+
+    backends = sub.add_parser(
+        "backends",
+        parents=[common],
+        help="list the kernel backends and why any of them cannot run here",
+        description="Say which of the cuda, triton, cpp and torch backends can run on the device, and why not.",
+    )
+    backends.add_argument("--device", default=None, help="torch device (default: cuda if there is one, else cpu)")
+    backends.set_defaults(func=run_backends)
 
     plan = sub.add_parser(
         "plan",

@@ -193,6 +193,30 @@ def test_demo_in_process(capsys):
         for name in (layer, *before, *after):
             assert name in plan_text, f"{name} missing from the printed plan"
     assert captured.err == ""  # no warnings, no debug output without --verbose
+    # which backend folded, and which backends this machine has
+    assert "backend cpp" in out or "backend torch" in out
+    assert "backends on cpu:" in out and " torch: available" in out
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_demo_with_a_backend(capsys, backend):
+    from fusedconv.kernels import available_backends
+
+    if available_backends("cpu")[backend] is not None:
+        pytest.skip(f"{backend}: {available_backends('cpu')[backend]}")
+    rc = cli.main([*SMALL_DEMO, "--backend", backend])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"backend {backend}" in captured.out
+    check_demo_numbers(parse_demo_output(captured.out))
+
+
+def test_backends_command(capsys):
+    assert cli.main(["backends", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cuda", "triton", "cpp", "torch"):
+        assert f"{name}: " in out
+    assert " torch: available" in out
 
 
 def test_demo_inplace_and_run_dataflow(capsys):

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <unordered_map>
 #include <vector>
 
 namespace fusedconv {
@@ -44,5 +45,20 @@ struct BatchTable {
     return host.to(device, /*non_blocking=*/true);
   }
 };
+
+// Entries that write the same tensor (several branches added into one kernel)
+// must run in list order, while one launch runs its entries in parallel. Entry
+// i goes to wave k when it is the k-th entry writing its address; waves are
+// launched one after another. Returns each entry's wave.
+inline std::vector<int> waves_by_target(const std::vector<const void*>& targets, int* num_waves) {
+  std::unordered_map<const void*, int> seen;
+  std::vector<int> wave(targets.size());
+  *num_waves = 0;
+  for (size_t i = 0; i < targets.size(); ++i) {
+    wave[i] = seen[targets[i]]++;
+    *num_waves = std::max(*num_waves, wave[i] + 1);
+  }
+  return wave;
+}
 
 }  // namespace fusedconv

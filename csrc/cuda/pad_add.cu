@@ -56,8 +56,10 @@ __global__ void pad_add_kernel(const int64_t* __restrict__ table, int64_t num_re
       }
     }
     const double factor = scale != nullptr ? scale[out_channel] : 1.0;
-    big[big_at] = round_from_double<scalar_t>(static_cast<double>(big[big_at]) +
-                                              static_cast<double>(small[small_at]) * factor);
+    // Explicitly rounded multiply and add: nvcc would otherwise contract them
+    // into one fma, which rounds once where every other backend rounds twice.
+    const double added = __dmul_rn(static_cast<double>(small[small_at]), factor);
+    big[big_at] = round_from_double<scalar_t>(__dadd_rn(static_cast<double>(big[big_at]), added));
   }
 }
 
@@ -69,48 +71,56 @@ void pad_add_cuda(at::TensorList bigs, at::TensorList smalls, const OptionalTens
     return;
   }
   const c10::cuda::CUDAGuard guard(bigs[0].device());
-  for (const at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}) {
-    BatchTable table;
-    size_t at = 0;
-    for (size_t i = 0; i < bigs.size(); ++i) {
-      const at::Tensor &big = bigs[i], &small = smalls[i];
-      const int64_t spatial = big.dim() - 2;
-      TORCH_CHECK(spatial >= 1 && spatial <= kDims - 2, "pad_add_: kernels have 1 to 3 spatial dims");
-      TORCH_CHECK(at + spatial <= offsets.size() && at + spatial <= dilations.size(),
-                  "pad_add_: too few offsets or dilations");
-      const size_t first = at;
-      at += spatial;
-      if (big.scalar_type() != dtype || small.numel() == 0) {
+  std::vector<const void*> targets;
+  for (const at::Tensor& big : bigs) {
+    targets.push_back(big.data_ptr());
+  }
+  int num_waves = 0;
+  const std::vector<int> wave = waves_by_target(targets, &num_waves);
+  for (int current = 0; current < num_waves; ++current) {
+    for (const at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}) {
+      BatchTable table;
+      size_t at = 0;
+      for (size_t i = 0; i < bigs.size(); ++i) {
+        const at::Tensor &big = bigs[i], &small = smalls[i];
+        const int64_t spatial = big.dim() - 2;
+        TORCH_CHECK(spatial >= 1 && spatial <= kDims - 2, "pad_add_: kernels have 1 to 3 spatial dims");
+        TORCH_CHECK(at + spatial <= offsets.size() && at + spatial <= dilations.size(),
+                    "pad_add_: too few offsets or dilations");
+        const size_t first = at;
+        at += spatial;
+        if (wave[i] != current || big.scalar_type() != dtype || small.numel() == 0) {
+          continue;
+        }
+        TORCH_CHECK(big.is_cuda() && small.is_cuda(), "pad_add_: kernels must be CUDA tensors");
+        const std::optional<at::Tensor> scale = scales.get(i);
+        int64_t* r = table.add_record(kFields, small.numel());
+        r[kBig] = reinterpret_cast<int64_t>(big.data_ptr());
+        r[kSmall] = reinterpret_cast<int64_t>(small.data_ptr());
+        r[kScale] = scale.has_value() ? reinterpret_cast<int64_t>(scale->data_ptr()) : 0;
+        r[kNumel] = small.numel();
+        for (int d = 0; d < kDims; ++d) {
+          const bool present = d < small.dim();
+          r[kSizes + d] = present ? small.size(d) : 1;
+          r[kSmallStrides + d] = present ? small.stride(d) : 0;
+          r[kBigStrides + d] = present ? big.stride(d) : 0;
+        }
+        for (int d = 0; d < kDims - 2; ++d) {
+          r[kOffsets + d] = d < spatial ? offsets[first + d] : 0;
+          r[kDilations + d] = d < spatial ? dilations[first + d] : 1;
+        }
+      }
+      if (table.num_chunks() == 0) {
         continue;
       }
-      TORCH_CHECK(big.is_cuda() && small.is_cuda(), "pad_add_: kernels must be CUDA tensors");
-      const std::optional<at::Tensor> scale = scales.get(i);
-      int64_t* r = table.add_record(kFields, small.numel());
-      r[kBig] = reinterpret_cast<int64_t>(big.data_ptr());
-      r[kSmall] = reinterpret_cast<int64_t>(small.data_ptr());
-      r[kScale] = scale.has_value() ? reinterpret_cast<int64_t>(scale->data_ptr()) : 0;
-      r[kNumel] = small.numel();
-      for (int d = 0; d < kDims; ++d) {
-        const bool present = d < small.dim();
-        r[kSizes + d] = present ? small.size(d) : 1;
-        r[kSmallStrides + d] = present ? small.stride(d) : 0;
-        r[kBigStrides + d] = present ? big.stride(d) : 0;
-      }
-      for (int d = 0; d < kDims - 2; ++d) {
-        r[kOffsets + d] = d < spatial ? offsets[first + d] : 0;
-        r[kDilations + d] = d < spatial ? dilations[first + d] : 1;
-      }
+      const at::Tensor device_table = table.to_device(bigs[0].device());
+      const int64_t num_records = static_cast<int64_t>(table.records.size()) / kFields;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedconv_pad_add_cuda", [&] {
+        pad_add_kernel<scalar_t><<<table.num_chunks(), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            device_table.data_ptr<int64_t>(), num_records);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
-    if (table.num_chunks() == 0) {
-      continue;
-    }
-    const at::Tensor device_table = table.to_device(bigs[0].device());
-    const int64_t num_records = static_cast<int64_t>(table.records.size()) / kFields;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedconv_pad_add_cuda", [&] {
-      pad_add_kernel<scalar_t><<<table.num_chunks(), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          device_table.data_ptr<int64_t>(), num_records);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
   }
 }
 

@@ -63,38 +63,49 @@ void rescale_cuda(at::TensorList weights, const OptionalTensors& row_scales, con
     return;
   }
   const c10::cuda::CUDAGuard guard(weights[0].device());
-  for (const at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}) {
-    BatchTable table;
-    for (size_t i = 0; i < weights.size(); ++i) {
-      const at::Tensor& w = weights[i];
-      const std::optional<at::Tensor> row = row_scales.get(i), col = col_scales.get(i);
-      if (w.scalar_type() != dtype || w.numel() == 0 || (!row.has_value() && !col.has_value())) {
+  std::vector<const void*> targets;
+  for (const at::Tensor& w : weights) {
+    targets.push_back(w.data_ptr());
+  }
+  int num_waves = 0;
+  const std::vector<int> wave = waves_by_target(targets, &num_waves);
+  for (int current = 0; current < num_waves; ++current) {
+    for (const at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}) {
+      BatchTable table;
+      for (size_t i = 0; i < weights.size(); ++i) {
+        const at::Tensor& w = weights[i];
+        const std::optional<at::Tensor> row = row_scales.get(i), col = col_scales.get(i);
+        if (wave[i] != current || w.scalar_type() != dtype || w.numel() == 0 ||
+            (!row.has_value() && !col.has_value())) {
+          continue;
+        }
+        TORCH_CHECK(w.is_cuda(), "rescale_: weights must be CUDA tensors");
+        // Dense with dim 0 outermost (contiguous or channels_last): a row is numel / rows
+        // elements. stride(0) itself is not used: it is arbitrary when there is one row.
+        const int64_t row_length = w.numel() / w.size(0);
+        TORCH_CHECK(row_length < std::numeric_limits<int32_t>::max() - kChunkElements,
+                    "rescale_: a row of more than 2^31 elements is not supported");
+        int64_t* r = table.add_record(kFields, w.numel());
+        r[kData] = reinterpret_cast<int64_t>(w.data_ptr());
+        r[kNumel] = w.numel();
+        r[kRowLength] = row_length;
+        r[kColStride] = w.size(1) > 1 ? w.stride(1) : 1;  // any stride is legal for a size-1 dim
+        r[kCols] = w.size(1);
+        r[kRowsPerGroup] = w.size(0) / groups[i];
+        r[kRowScale] = row.has_value() ? reinterpret_cast<int64_t>(row->data_ptr()) : 0;
+        r[kColScale] = col.has_value() ? reinterpret_cast<int64_t>(col->data_ptr()) : 0;
+      }
+      if (table.num_chunks() == 0) {
         continue;
       }
-      TORCH_CHECK(w.is_cuda() && w.stride(0) * w.size(0) == w.numel(),
-                  "rescale_: weights must be dense CUDA tensors with dim 0 outermost");
-      TORCH_CHECK(w.stride(0) < std::numeric_limits<int32_t>::max() - kChunkElements,
-                  "rescale_: a row of more than 2^31 elements is not supported");
-      int64_t* r = table.add_record(kFields, w.numel());
-      r[kData] = reinterpret_cast<int64_t>(w.data_ptr());
-      r[kNumel] = w.numel();
-      r[kRowLength] = w.stride(0);
-      r[kColStride] = w.stride(1);
-      r[kCols] = w.size(1);
-      r[kRowsPerGroup] = w.size(0) / groups[i];
-      r[kRowScale] = row.has_value() ? reinterpret_cast<int64_t>(row->data_ptr()) : 0;
-      r[kColScale] = col.has_value() ? reinterpret_cast<int64_t>(col->data_ptr()) : 0;
+      const at::Tensor device_table = table.to_device(weights[0].device());
+      const int64_t num_records = static_cast<int64_t>(table.records.size()) / kFields;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedconv_rescale_cuda", [&] {
+        rescale_kernel<scalar_t><<<table.num_chunks(), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            device_table.data_ptr<int64_t>(), num_records);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
-    if (table.num_chunks() == 0) {
-      continue;
-    }
-    const at::Tensor device_table = table.to_device(weights[0].device());
-    const int64_t num_records = static_cast<int64_t>(table.records.size()) / kFields;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedconv_rescale_cuda", [&] {
-      rescale_kernel<scalar_t><<<table.num_chunks(), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          device_table.data_ptr<int64_t>(), num_records);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
   }
 }
 

@@ -19,9 +19,19 @@ from typing import Optional, Sequence
 
 import torch
 
-from .backends import available_backends, backend_report, resolve
+from .backends import BACKENDS, BackendUnavailable, available_backends, backend_report, choose, resolve
 
-__all__ = ["available_backends", "backend_report", "pad_add_", "rescale_", "resolve"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "KernelInputError",
+    "available_backends",
+    "backend_report",
+    "choose",
+    "pad_add_",
+    "rescale_",
+    "resolve",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

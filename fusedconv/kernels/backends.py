@@ -80,27 +80,32 @@ def _why_not_on(name: str, device: torch.device) -> str | None:
     return f"the {name} backend does not run on {device.type}"
 
 
-def resolve(device: torch.device, requested: str | None = None) -> ModuleType:
-    """The backend module to use on ``device``: the one asked for (argument,
-    then ``FUSEDCONV_BACKEND``), else the fastest that loads."""
+def choose(device: torch.device, requested: str | None = None) -> str:
+    """The name of the backend to use on ``device``: the one asked for
+    (argument, then ``FUSEDCONV_BACKEND``), else the fastest that loads."""
     requested = requested or os.environ.get("FUSEDCONV_BACKEND") or None
     if requested is not None:
-        module = _module(requested)
+        _module(requested)
         reason = _why_not_on(requested, device)
         if reason:
             raise BackendUnavailable(f"fusedconv backend {requested!r} cannot run here: {reason}")
-        return module
+        return requested
     for name in _AUTOMATIC_ORDER.get(device.type, ("torch",)):
         try:
-            module = _module(name)
+            _module(name)
         except BackendUnavailable as exc:
             if name not in _reported:
                 _reported.add(name)
                 logger.info("%s; falling back", exc)
             continue
         if _why_not_on(name, device) is None:
-            return module
-    return _module("torch")
+            return name
+    return "torch"
+
+
+def resolve(device: torch.device, requested: str | None = None) -> ModuleType:
+    """The module of the backend :func:`choose` picks."""
+    return _module(choose(device, requested))
 
 
 def available_backends(device: torch.device | str | None = None) -> dict[str, str | None]:

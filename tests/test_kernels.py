@@ -1,0 +1,284 @@
+"""The two primitives, every backend that runs here, against the float64 math.
+
+The torch backend is checked against an independent float64 computation;
+every other backend (cpp; triton under ``TRITON_INTERPRET=1``, which conftest
+sets on machines without a GPU; cuda on a GPU) must then give the same bits as
+the torch backend, for every dtype, layout and layer kind.
+"""
+
+import pytest
+import torch
+
+from fusedconv import kernels
+from fusedconv.kernels import KernelInputError
+from fusedconv.kernels.backends import BackendUnavailable, available_backends
+from fusedconv.kernels.reference import round_from_float64
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RUNNABLE = [name for name, why in available_backends(DEVICE).items() if why is None and name != "torch"]
+
+# (name, weight shape, groups): dim 0 of a ConvTranspose weight holds input
+# channels, so its "rows" are inputs and its "columns" outputs within a group.
+WEIGHTS = [
+    ("conv1d", (6, 4, 3), 1),
+    ("conv2d_groups", (8, 2, 3, 3), 2),
+    ("depthwise", (8, 1, 3, 3), 8),
+    ("conv3d_groups", (6, 3, 2, 3, 2), 2),
+    ("conv_transpose2d_groups", (8, 3, 4, 4), 2),
+    ("linear", (10, 7), 1),
+]
+SCALES = ("row", "col", "both")
+
+
+def _random_scale(n: int, gen: torch.Generator) -> torch.Tensor:
+    # Away from 1 and of both signs: a scale on the wrong axis cannot go unnoticed.
+    sign = torch.where(torch.rand(n, generator=gen) < 0.2, -1.0, 1.0).double()
+    return (torch.rand(n, generator=gen, dtype=torch.float64) * 1.5 + 0.25) * sign
+
+
+def _rescale_case(dtype, channels_last, seed=0):
+    """Weights of every kind x scale mode, with their scales, in one batch."""
+    gen = torch.Generator().manual_seed(seed)
+    weights, rows, cols, groups = [], [], [], []
+    for _, shape, g in WEIGHTS:
+        for mode in SCALES:
+            w = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+            if channels_last and w.dim() in (4, 5):
+                w = w.to(memory_format=torch.channels_last if w.dim() == 4 else torch.channels_last_3d)
+            weights.append(w.to(DEVICE))
+            rows.append(_random_scale(shape[0], gen).to(DEVICE) if mode in ("row", "both") else None)
+            cols.append(_random_scale(g * shape[1], gen).to(DEVICE) if mode in ("col", "both") else None)
+            groups.append(g)
+    return weights, rows, cols, groups
+
+
+def _expected_rescale(w, row, col, g):
+    """The contract written out index by index, in float64."""
+    rows, cols = w.shape[0], w.shape[1]
+    factor = torch.ones(rows, cols, dtype=torch.float64)
+    for r in range(rows):
+        for c in range(cols):
+            a = row[r].item() if row is not None else 1.0
+            b = col[(r // (rows // g)) * cols + c].item() if col is not None else 1.0
+            factor[r, c] = a * b
+    exact = w.cpu().double() * factor.view(rows, cols, *(1,) * (w.dim() - 2))
+    return round_from_float64(exact, w.dtype)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_rescale_matches_the_contract(dtype, channels_last):
+    weights, rows, cols, groups = _rescale_case(dtype, channels_last, seed=1)
+    expected = [_expected_rescale(*args) for args in zip(weights, rows, cols, groups)]
+    kernels.rescale_(weights, rows, cols, groups, backend="torch")
+    for w, e in zip(weights, expected):
+        assert torch.equal(w.cpu(), e)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rescale_backend_gives_the_torch_bits(backend, dtype, channels_last):
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the Triton interpreter truncates float32 to bfloat16 instead of rounding to nearest even")
+    weights, rows, cols, groups = _rescale_case(dtype, channels_last, seed=2)
+    expected = [w.clone() for w in weights]
+    kernels.rescale_(expected, rows, cols, groups, backend="torch")
+    layouts = [w.stride() for w in weights]
+    kernels.rescale_(weights, rows, cols, groups, backend=backend)
+    for w, e, stride in zip(weights, expected, layouts):
+        assert w.stride() == stride
+        assert torch.equal(w, e), (w - e).abs().max()
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_rescale_mixes_dtypes_in_one_call(backend):
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(4, 3, 3, generator=gen).to(DEVICE, dt) for dt in DTYPES]
+    scales = [_random_scale(4, gen).to(DEVICE) for _ in DTYPES]
+    expected = [w.clone() for w in weights]
+    kernels.rescale_(expected, scales, [None] * 4, [1] * 4, backend="torch")
+    kernels.rescale_(weights, scales, [None] * 4, [1] * 4, backend=backend)
+    for w, e in zip(weights, expected):
+        if not (backend == "triton" and w.dtype == torch.bfloat16 and DEVICE == "cpu"):
+            assert torch.equal(w, e)
+
+
+# (big shape, small shape, offsets, dilations): RepVGG 1x1 into 3x3, ACNet 1x3 and
+# 3x1 into 3x3, a dilated 3x3 into 7x7 (UniRepLKNet), 1d and 3d, RepLKNet 5x5 into 13x13.
+PAIRS = [
+    ((6, 4, 3, 3), (6, 4, 1, 1), (1, 1), (1, 1)),
+    ((6, 4, 3, 3), (6, 4, 1, 3), (1, 0), (1, 1)),
+    ((6, 4, 3, 3), (6, 4, 3, 1), (0, 1), (1, 1)),
+    ((4, 1, 7, 7), (4, 1, 3, 3), (1, 1), (2, 2)),
+    ((5, 3, 5), (5, 3, 3), (1,), (1,)),
+    ((3, 2, 3, 3, 3), (3, 2, 1, 1, 1), (1, 1, 1), (1, 1, 1)),
+    ((4, 1, 13, 13), (4, 1, 5, 5), (4, 4), (1, 1)),
+]
+
+
+def _pad_add_case(dtype, channels_last, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    bigs, smalls, scales, offsets, dilations = [], [], [], [], []
+    for i, (big_shape, small_shape, off, dil) in enumerate(PAIRS):
+        big = torch.randn(big_shape, generator=gen, dtype=torch.float64).to(dtype)
+        small = torch.randn(small_shape, generator=gen, dtype=torch.float64).to(dtype)
+        if channels_last and big.dim() == 4:
+            big, small = (t.to(memory_format=torch.channels_last) for t in (big, small))
+        bigs.append(big.to(DEVICE))
+        smalls.append(small.to(DEVICE))
+        scales.append(_random_scale(big_shape[0], gen).to(DEVICE) if i % 2 == 0 else None)
+        offsets += off
+        dilations += dil
+    return bigs, smalls, scales, offsets, dilations
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_pad_add_matches_the_contract(dtype, channels_last):
+    bigs, smalls, scales, offsets, dilations = _pad_add_case(dtype, channels_last, seed=4)
+    expected = []
+    for (big_shape, small_shape, off, dil), big, small, scale in zip(PAIRS, bigs, smalls, scales):
+        exact = big.cpu().double().clone()
+        for index in torch.cartesian_prod(*(torch.arange(n) for n in small_shape)).view(-1, len(small_shape)):
+            o, i, *taps = index.tolist()
+            at = (o, i, *(p + t * d for p, t, d in zip(off, taps, dil)))
+            factor = scale[o].item() if scale is not None else 1.0
+            exact[at] = exact[at] + small.cpu().double()[(o, i, *taps)] * factor
+        expected.append(round_from_float64(exact, dtype))
+    kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend="torch")
+    for big, e in zip(bigs, expected):
+        assert torch.equal(big.cpu(), e)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pad_add_backend_gives_the_torch_bits(backend, dtype, channels_last):
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the Triton interpreter truncates float32 to bfloat16 instead of rounding to nearest even")
+    bigs, smalls, scales, offsets, dilations = _pad_add_case(dtype, channels_last, seed=5)
+    expected = [b.clone() for b in bigs]
+    kernels.pad_add_(expected, smalls, scales, offsets, dilations, backend="torch")
+    kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend=backend)
+    for big, e in zip(bigs, expected):
+        assert torch.equal(big, e), (big - e).abs().max()
+
+
+@pytest.mark.parametrize("backend", ["torch", *RUNNABLE])
+def test_empty_calls_do_nothing(backend):
+    kernels.rescale_([], [], [], [], backend=backend)
+    kernels.pad_add_([], [], [], [], [], backend=backend)
+    empty = torch.empty(0, 3, 3, 3, device=DEVICE)
+    kernels.rescale_([empty], [torch.empty(0, dtype=torch.float64, device=DEVICE)], [None], [1], backend=backend)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (lambda: ([torch.randn(4, 3)], [torch.ones(4)], [None], [1]), "must be float64"),
+        (lambda: ([torch.randn(4, 3)], [torch.ones(5, dtype=torch.float64)], [None], [1]), r"expected \(4,\)"),
+        (lambda: ([torch.randn(4, 3)], [None], [None], [3]), "do not split into 3"),
+        (lambda: ([torch.randn(3, 4).t()], [torch.ones(4, dtype=torch.float64)], [None], [1]), "channels_last"),
+        (lambda: ([torch.randn(4, 3).int()], [None], [None], [1]), "dtype torch.int32"),
+        (lambda: ([torch.randn(4)], [None], [None], [1]), "at least 2"),
+        (lambda: ([torch.randn(4, 3)], [None, None], [None], [1]), "one row scale"),
+    ],
+)
+def test_rescale_rejects_bad_arguments(args, message):
+    weights, rows, cols, groups = args()
+    before = [w.clone() for w in weights]
+    with pytest.raises(KernelInputError, match=message):
+        kernels.rescale_(weights, rows, cols, groups)
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
+
+
+@pytest.mark.parametrize(
+    "small_shape, offsets, dilations, message",
+    [
+        ((4, 3, 3, 3), (1, 1), (1, 1), "do not fit"),
+        ((4, 3, 3, 3), (0, 0), (2, 1), "do not fit"),
+        ((4, 3, 1, 1), (0,), (1,), "one offset and dilation"),
+        ((4, 2, 1, 1), (0, 0), (1, 1), "does not fit"),
+    ],
+)
+def test_pad_add_rejects_bad_windows(small_shape, offsets, dilations, message):
+    big = torch.randn(4, 3, 3, 3)
+    with pytest.raises(KernelInputError, match=message):
+        kernels.pad_add_([big], [torch.randn(small_shape)], [None], offsets, dilations)
+
+
+def test_backend_asked_for_by_name_must_run():
+    with pytest.raises(BackendUnavailable, match="unknown backend 'fast'"):
+        kernels.rescale_([torch.randn(2, 2)], [None], [None], [1], backend="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="cuda"):
+            kernels.rescale_([torch.randn(2, 2)], [None], [None], [1], backend="cuda")
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    from fusedconv.kernels import reference
+
+    monkeypatch.setenv("FUSEDCONV_BACKEND", "torch")
+    assert kernels.resolve(torch.device(DEVICE)) is reference
+    monkeypatch.setenv("FUSEDCONV_BACKEND", "no-such-backend")
+    with pytest.raises(BackendUnavailable, match="no-such-backend"):
+        kernels.resolve(torch.device(DEVICE))
+
+
+def test_report_names_every_backend_and_why():
+    status = available_backends("cpu")
+    assert set(status) == {"cuda", "triton", "cpp", "torch"}
+    assert status["torch"] is None
+    if not torch.cuda.is_available():
+        assert "CUDA" in status["cuda"] or "cuda" in status["cuda"]
+    report = kernels.backend_report("cpu")
+    assert all(name in report for name in status)
+
+
+def test_ops_are_registered_with_torch_library():
+    w = torch.randn(4, 2, 3, 3)
+    expected = w.clone()
+    scale = _random_scale(4, torch.Generator().manual_seed(6))
+    kernels.rescale_([expected], [scale], [None], [1], backend="torch")
+    with torch.no_grad():
+        torch.ops.fusedconv.rescale_([w], [scale], [None], [1], "torch")
+    assert torch.equal(w, expected)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_fuse_with_each_backend_gives_the_torch_bits(backend):
+    """End to end: the same plan applied by another backend writes the same model."""
+    from torch import nn
+
+    from fusedconv import fuse
+    from utils import randomize_batchnorm_stats
+
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(8),
+        nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2), nn.BatchNorm2d(6),
+        nn.BatchNorm2d(6), nn.Conv2d(6, 6, 1),
+        nn.Flatten(), nn.Linear(6 * 8 * 8, 5), nn.BatchNorm1d(5),
+    ).eval()
+    randomize_batchnorm_stats(model, torch.Generator().manual_seed(7))
+    model = model.to(DEVICE)
+    by_torch = fuse(model, backend="torch")
+    by_backend = fuse(model, backend=backend)
+    assert by_backend.state_dict().keys() == by_torch.state_dict().keys()
+    for key, value in by_torch.state_dict().items():
+        assert torch.equal(by_backend.state_dict()[key], value), key
+
+
+def test_extension_is_built_where_it_can_be():
+    """CI proves the C++ build (and, where nvcc is found, the CUDA compile):
+    a machine with a compiler must have a working cpp backend."""
+    import shutil
+
+    from fusedconv.kernels import extension
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert available_backends("cpu")["cpp"] is None
+    if torch.version.cuda and shutil.which("nvcc"):
+        assert "cuda" in extension.build_info(), extension.build_info()
