@@ -282,3 +282,21 @@ def test_extension_is_built_where_it_can_be():
     assert available_backends("cpu")["cpp"] is None
     if torch.version.cuda and shutil.which("nvcc"):
         assert "cuda" in extension.build_info(), extension.build_info()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [b for b in RUNNABLE if not (b == "triton" and DEVICE == "cpu")])
+def test_rescale_beyond_2_to_the_31_elements(backend):
+    """int64 offsets: a weight of more than 2**31 elements (4.3 GB in float16) is
+    scaled everywhere, its last elements included."""
+    gen = torch.Generator(device=DEVICE).manual_seed(8)
+    weight = torch.empty(2, 2**30 + 8, dtype=torch.float16, device=DEVICE).uniform_(-2, 2, generator=gen)
+    assert weight.numel() > 2**31
+    scale = torch.tensor([0.75, -1.3], dtype=torch.float64, device=DEVICE)
+    # (0, 15) would be scaled twice if the offset of the last element wrapped at 2**31
+    probes = [(0, 0), (0, 15), (0, 2**30 + 7), (1, 0), (1, 2**30 // 2), (1, 2**30 + 7)]
+    before = [weight[r, c].item() for r, c in probes]
+    kernels.rescale_([weight], [scale], [None], [1], backend=backend)
+    for (r, c), old in zip(probes, before):
+        expected = round_from_float64(torch.tensor(old * scale[r].item(), dtype=torch.float64), torch.float16)
+        assert weight[r, c].item() == expected.item(), (r, c)
