@@ -88,10 +88,12 @@ def plan_layer_fold(
     after: ChannelAffine | None,
     *,
     name: str = "layer",
+    extra_bias: torch.Tensor | None = None,
 ) -> LayerFold:
     """Scale grid and new bias of ``before -> layer -> after``, with every check.
 
-    The layer is not modified. Raises :class:`FoldError` (naming ``name``) when
+    ``extra_bias`` (float64) is added to the new bias before its one rounding
+    (the biases of branches merged into the layer). The layer is not modified. Raises :class:`FoldError` (naming ``name``) when
     the channel counts don't match or ``before`` cannot be folded exactly.
     """
     kind = layer_kind(layer)
@@ -133,6 +135,8 @@ def plan_layer_fold(
     if after is not None:
         out_scale = after.scale.to(device)
         b = b * out_scale + after.shift.to(device)
+    if extra_bias is not None:
+        b = b + extra_bias.to(device)
     # Conv and Linear keep output channels on dim 0 and input channels (within
     # the group) on dim 1; ConvTranspose stores (in, out/groups, *k), the other way round.
     row, col = (in_scale, out_scale) if kind is LayerKind.CONV_TRANSPOSE else (out_scale, in_scale)

@@ -1,0 +1,105 @@
+"""Which blocks fusedconv re-parameterizes, and how: a registry of converters.
+
+A converter takes a module and its qualified name and returns the
+:class:`~fusedconv.reparam.Reparameterization` (or a list of them) that merges
+it, without modifying anything. fusedconv's own blocks
+(:class:`fusedconv.blocks.RepBlock`) describe themselves; converters for the
+blocks of timm and ultralytics are registered when those packages have been
+imported (fusedconv never imports them itself); users register their own with
+:func:`register_block`.
+
+A registered block is trusted like its own ``reparameterize``/``fuse`` method
+is: its branches are used by its forward only, so merging them changes nothing
+outside it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Callable, Sequence, Union
+
+from torch import nn
+
+from .errors import FoldError
+from .reparam import Reparameterization, apply_reparameterizations, check_reparameterization
+
+logger = logging.getLogger("fusedconv")
+
+Converter = Callable[[nn.Module, str], Union[Reparameterization, Sequence[Reparameterization]]]
+
+_CONVERTERS: dict[type, Converter] = {}
+
+# Package whose blocks have built-in converters -> the fusedconv module that registers them.
+_THIRD_PARTY = {"timm": "fusedconv.thirdparty.timm", "ultralytics": "fusedconv.thirdparty.ultralytics"}
+_loaded: set[str] = set()
+
+
+def register_block(cls: type, converter: Converter | None = None):
+    """Register ``converter`` for modules of exactly the class ``cls``.
+
+    Usable as a decorator on the converter: ``@register_block(MyBlock)``.
+    A later registration for the same class replaces the earlier one.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_block takes an nn.Module subclass, got {cls!r}")
+    if converter is None:
+        return lambda fn: register_block(cls, fn) or fn
+    _CONVERTERS[cls] = converter
+    return None
+
+
+def _load_third_party() -> None:
+    for package, module in _THIRD_PARTY.items():
+        if package in sys.modules and package not in _loaded:
+            _loaded.add(package)
+            importlib.import_module(module)
+
+
+def converter_for(module: nn.Module) -> Converter | None:
+    """The converter that merges ``module``, or None if it is not a known block."""
+    from .blocks.base import RepBlock  # the blocks import the reparam math, not the registry
+
+    _load_third_party()
+    converter = _CONVERTERS.get(type(module))
+    if converter is None and isinstance(module, RepBlock) and not module.deployed:
+        return lambda block, name: block.reparameterization(name)
+    return converter
+
+
+def plan_blocks(model: nn.Module) -> list[Reparameterization]:
+    """Checked merges of every known block in ``model`` (outermost blocks first;
+    a block's own submodules are its converter's business). Nothing is modified;
+    raises :class:`fusedconv.FoldError` naming the block at fault."""
+    plans: list[Reparameterization] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        converter = converter_for(module)
+        if converter is None:
+            continue
+        inside.append(f"{name}." if name else "")
+        if module.training:
+            raise FoldError(
+                f"{name or type(module).__name__} ({type(module).__name__}) is in training mode, where its "
+                "BatchNorms use batch statistics: call model.eval() before merging"
+            )
+        planned = converter(module, name or type(module).__name__)
+        for plan in [planned] if isinstance(planned, Reparameterization) else planned:
+            plans.append(check_reparameterization(plan))
+    return plans
+
+
+def reparameterize(model: nn.Module, *, backend: str | None = None) -> nn.Module:
+    """Merge every re-parameterizable block of ``model`` into one conv, in place.
+
+    Finds fusedconv's blocks and every registered block class (timm's and
+    ultralytics' when they are imported). All or nothing: every merge is
+    planned and checked before the first is applied. Returns ``model``.
+    """
+    plans = plan_blocks(model)
+    apply_reparameterizations(plans, backend)
+    logger.info("fusedconv: merged %d blocks", len(plans))
+    return model
