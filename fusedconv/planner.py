@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,9 +27,12 @@ from . import kernels
 from .affine import batchnorm_affines, compose
 from .dataflow import Dataflow
 from .dataflow.fx import Untraceable, from_fx
+from .dataflow.source import from_source
 from .dataflow.run import RunFailed, from_run
 from .errors import FoldError, FoldWarning
 from .fold import plan_layer_fold, rescale_weights, set_bias, why_not_exact_before
+from .registry import find_blocks, plan_blocks
+from .reparam import apply_reparameterizations
 from .layers import (
     batched_rank,
     batchnorm_kind,
@@ -72,18 +75,23 @@ class FusionPlan:
     folds: list[Fold]
     skipped: list[Skip]
     source: str
-    """"torch.fx" (no example inputs) or "run" (one run on the example inputs)."""
+    """Where the dataflow came from: "source" (the forward code, read without
+    running it), "torch.fx" (a trace) or "run" (one run on the example inputs)."""
+    merges: list[str] = field(default_factory=list)
+    """Re-parameterizable blocks merged into one conv each (qualified names)."""
 
     @property
     def num_folded(self) -> int:
         return sum(len(f.batchnorms) for f in self.folds)
 
     def __str__(self) -> str:
-        source = "torch.fx graph" if self.source == "torch.fx" else "a run on the example inputs"
+        source = {"source": "the forward code", "torch.fx": "a torch.fx graph"}.get(
+            self.source, "a run on the example inputs")
         lines = [
-            f"fusion plan from {source}: {self.num_folded} BatchNorms fold into {len(self.folds)} layers, "
-            f"{len(self.skipped)} left"
+            f"fusion plan from {source}: {len(self.merges)} blocks merge into one conv each, "
+            f"{self.num_folded} BatchNorms fold into {len(self.folds)} layers, {len(self.skipped)} left"
         ]
+        lines.extend(f"  merge {name}" for name in self.merges)
         for f in self.folds:
             chain = [*f.before, f"[{f.layer}]", *f.after]
             lines.append("  fold  " + " -> ".join(chain))
@@ -93,18 +101,26 @@ class FusionPlan:
 
 
 class _ModelIndex:
-    """Names, paths and tensor ownership of the modules fusedconv tracks."""
+    """Names, paths and tensor ownership of the modules fusedconv tracks.
 
-    def __init__(self, model: nn.Module):
+    Modules inside ``blocks`` (re-parameterizable blocks, merged by their
+    converters) are not tracked: the blocks are opaque to the dataflow.
+    """
+
+    def __init__(self, model: nn.Module, blocks: dict[str, nn.Module]):
         self.model = model
+        self.blocks = blocks
         self.paths: dict[int, list[str]] = defaultdict(list)
         for path, m in model.named_modules(remove_duplicate=False):
             self.paths[id(m)].append(path)
         self.layers: dict[str, nn.Module] = {}
         self.batchnorms: dict[str, nn.Module] = {}
         holders: dict[int, int] = defaultdict(int)
+        inside = tuple(f"{name}." if name else "" for name in blocks)
         for name, m in model.named_modules():
-            if layer_kind(m) is not None:
+            if inside and name.startswith(inside):
+                pass  # merged with its block
+            elif layer_kind(m) is not None:
                 self.layers[name] = m
             elif batchnorm_kind(m) is not None or isinstance(m, nn.modules.batchnorm._BatchNorm):
                 self.batchnorms[name] = m
@@ -303,7 +319,7 @@ def _warn_about(plan: FusionPlan, flow: Dataflow) -> None:
 def _dataflow(model: nn.Module, index: _ModelIndex, example_inputs: tuple | None) -> Dataflow:
     if example_inputs is None:
         try:
-            return from_fx(model, index.tracked)
+            return from_fx(model, index.tracked, {id(block) for block in index.blocks.values()})
         except Untraceable as exc:
             raise FoldError(
                 f"torch.fx cannot trace {type(model).__name__}.forward ({exc}); pass example_inputs=... so "
@@ -331,13 +347,22 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics: "
             "call model.eval() before folding"
         )
-    index = _ModelIndex(model)
+    index = _ModelIndex(model, {name: block for name, block, _ in find_blocks(model)})
     for name, bn in index.batchnorms.items():
         check_not_training(bn, name)
-    flow = _dataflow(model, index, example_inputs)
-    plan = _Planner(index, flow).plan()
+    plan, flow = None, None
+    if example_inputs is None:
+        # Reading the forward code is cheap; a trace is needed only where it
+        # cannot vouch for every BatchNorm.
+        flow = from_source(model, index.tracked, index.paths)
+        plan = _Planner(index, flow).plan()
+    if plan is None or plan.skipped:
+        flow = _dataflow(model, index, example_inputs)
+        plan = _Planner(index, flow).plan()
+    plan.merges = list(index.blocks)
     if check_stats:
         _checked_affines(model, plan.folds)
+        plan_blocks(model)
     _warn_about(plan, flow)
     return plan
 
@@ -376,10 +401,12 @@ def _checked_affines(model: nn.Module, folds: list[Fold]) -> list[tuple]:
 def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: str | None = None) -> nn.Module:
     """Fold ``plan`` into ``model`` (or into a copy), all or nothing.
 
-    Every BN is checked and every new bias computed before the model or its copy
-    is touched, so an error leaves the caller's model as it was. The weights are
-    then scaled in place by one batched :func:`fusedconv.kernels.rescale_` call
-    (``backend`` picks the backend; by default the fastest for the device).
+    Every BN and block merge is checked and every new bias computed before the
+    model or its copy is touched, so an error leaves the caller's model as it
+    was. The weights are then scaled in place by one batched
+    :func:`fusedconv.kernels.rescale_` call and the blocks merged by
+    :func:`fusedconv.reparam.apply_reparameterizations` (``backend`` picks the
+    backend; by default the fastest for the device).
     """
     # Check everything and compute the small per-layer results first; after this
     # nothing can fail, so the weights are then written where they will live.
@@ -411,6 +438,8 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
                 f"cannot copy {type(model).__name__} (copy.deepcopy failed: {exc}); fold it in place with "
                 "inplace=True, or make it copyable first (e.g. torch.nn.utils.prune.remove)"
             ) from exc
+    # Blocks are planned on the model that will change (nothing is modified yet).
+    merges = plan_blocks(target) if plan.merges else []
     layers = [_module(target, fold.layer) for fold in plan.folds]
     rescale_weights([layer.weight for layer in layers], layer_folds, backend)
     for layer, layer_fold in zip(layers, layer_folds):
@@ -423,4 +452,5 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
         for path in bn_paths_of_one:
             parent, _, attr = path.rpartition(".")
             setattr(target.get_submodule(parent), attr, replacement)
+    apply_reparameterizations(merges, backend)
     return target

@@ -54,7 +54,12 @@ def _load_third_party() -> None:
     for package, module in _THIRD_PARTY.items():
         if package in sys.modules and package not in _loaded:
             _loaded.add(package)
-            importlib.import_module(module)
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # e.g. a block class that moved in another version of the package
+                logger.warning("fusedconv: the converters for %s blocks did not load (%s: %s); its blocks are "
+                               "left as they are, their BatchNorms folded where possible",
+                               package, type(exc).__name__, exc)
 
 
 def converter_for(module: nn.Module) -> Converter | None:
@@ -68,19 +73,26 @@ def converter_for(module: nn.Module) -> Converter | None:
     return converter
 
 
-def plan_blocks(model: nn.Module) -> list[Reparameterization]:
-    """Checked merges of every known block in ``model`` (outermost blocks first;
-    a block's own submodules are its converter's business). Nothing is modified;
-    raises :class:`fusedconv.FoldError` naming the block at fault."""
-    plans: list[Reparameterization] = []
-    inside: list[str] = []
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, Converter]]:
+    """Every known block in ``model`` with its converter, outermost first (a
+    block's own submodules are its converter's business)."""
+    found: list[tuple[str, nn.Module, Converter]] = []
+    inside: tuple[str, ...] = ()
     for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in inside):
+        if inside and name.startswith(inside):
             continue
         converter = converter_for(module)
-        if converter is None:
-            continue
-        inside.append(f"{name}." if name else "")
+        if converter is not None:
+            found.append((name, module, converter))
+            inside += (f"{name}." if name else "",)
+    return found
+
+
+def plan_blocks(model: nn.Module) -> list[Reparameterization]:
+    """Checked merges of every known block in ``model``. Nothing is modified;
+    raises :class:`fusedconv.FoldError` naming the block at fault."""
+    plans: list[Reparameterization] = []
+    for name, module, converter in find_blocks(model):
         if module.training:
             raise FoldError(
                 f"{name or type(module).__name__} ({type(module).__name__}) is in training mode, where its "

@@ -298,7 +298,7 @@ def test_plan_resnet18(capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     out = captured.out
-    assert "torchvision.models:resnet18 (ResNet)" in out and "dataflow torch.fx" in out
+    assert "torchvision.models:resnet18 (ResNet)" in out and "dataflow source" in out
     assert f"{RESNET18_NUM_BN} folds, {RESNET18_NUM_BN} of {RESNET18_NUM_BN} BatchNorms folded, 0 skipped" in out
     for name in ("conv1", "bn1", "layer1.0.conv2", "layer1.0.bn2", "layer4.0.downsample.0", "layer4.0.downsample.1"):
         assert re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", out), f"{name} missing:\n{out}"

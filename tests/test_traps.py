@@ -23,6 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize, prune
 
 import fusedconv
+import fusedconv.planner
+from fusedconv.dataflow import Dataflow, Node
 from utils import float64_reference, randomize_batchnorm_stats, relative_error
 
 # The folded model's relative error against float64 may be at most FACTOR
@@ -38,13 +40,24 @@ FACTOR = 1.2
 FLOOR = {torch.float32: 2 * torch.finfo(torch.float32).eps,
          torch.float64: 2 * torch.finfo(torch.float64).eps}
 
-MODES = ["fx", "run"]
+# "source": no example inputs, fusedconv's default (the forward code is read,
+# torch.fx traces what that cannot vouch for); "fx": no example inputs with the
+# code reading switched off, so that the torch.fx path is tested on its own;
+# "run": a run on example inputs.
+MODES = ["source", "fx", "run"]
+
+
+def _nothing_readable(model, tracked, paths):
+    return Dataflow({name: Node(name) for name in tracked.values()}, "source",
+                    dict.fromkeys(tracked.values(), "hidden by the test"))
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic(request, monkeypatch):
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if getattr(request.node, "callspec", None) and request.node.callspec.params.get("mode") == "fx":
+        monkeypatch.setattr(fusedconv.planner, "from_source", _nothing_readable)
 
 
 def _gen(seed: int = 1) -> torch.Generator:
@@ -124,7 +137,7 @@ def check_folds(model, mode, shapes, expected, *, factor=FACTOR, floor=None, inp
     ({layer: (before_bns, after_bns)}) and that the outputs match float64.
     In fx mode, folds with a rank-ambiguous BN are expected to be skipped unless
     the graph itself fixes the rank (a flatten before the Linear)."""
-    if mode == "fx" and not rank_visible_to_fx:
+    if mode != "run" and not rank_visible_to_fx:
         expected = {
             layer: (before, after)
             for layer, (before, after) in expected.items()
@@ -136,7 +149,8 @@ def check_folds(model, mode, shapes, expected, *, factor=FACTOR, floor=None, inp
     assert fusedconv.count_batchnorms(model) == len(all_bns)
 
     plan = fusedconv.plan(model, example)
-    assert plan.source == ("run" if mode == "run" else "torch.fx")
+    assert plan.source == {"run": "run", "fx": "torch.fx"}.get(mode, plan.source)
+    assert plan.source in ("source", "torch.fx", "run")
     assert folds_of(plan) == expected, str(plan)
     folded = {b for before, after in expected.values() for b in before + after}
     assert plan.num_folded == len(folded)
@@ -266,7 +280,7 @@ def test_layer_then_bn_folds(case, mode):
     out_ch = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     model = prepare(ConvBN(layer, bn_cls(out_ch)))
     fused, _ = check_folds(model, mode, [shape], {"layer": ((), ("bn",))})
-    if mode == "fx" and rank_ambiguous(model.bn):
+    if mode != "run" and rank_ambiguous(model.bn):
         return  # skipped without example inputs: nothing folded to inspect
     # every hyper-parameter of the surviving layer is kept
     new = fused.layer
@@ -710,7 +724,7 @@ def _hook_conv(kind):
 def test_conv_with_hook_or_parametrization_left_alone(mode, kind):
     model = prepare(ConvBN(_hook_conv(kind), nn.BatchNorm2d(6)))
     before = copy.deepcopy(model.state_dict())
-    if mode == "fx" and kind in ("legacy_weight_norm", "prune"):
+    if mode != "run" and kind in ("legacy_weight_norm", "prune"):
         # Until a forward runs, these keep a non-leaf weight tensor that
         # copy.deepcopy refuses: no copy can be made, and fusedconv says so
         # (inplace=True works: next test).
@@ -825,13 +839,35 @@ def test_untraceable_model_folds_with_example_inputs():
         assert_accuracy(model, fused, inputs_for([(2, 4, 6, 6)], seed=seed))
 
 
-def test_untraceable_model_without_example_inputs_raises():
-    # The whole model is untraceable: nothing could be folded, so the library
-    # says so with a FoldError naming the forward and pointing at example_inputs.
+def test_untraceable_model_folds_from_its_source_without_example_inputs():
+    # fx cannot trace the data-dependent branch, but the pairs are plain in the code.
     model = prepare(DataDependent())
+    fused, plan = check_folds(model, "source", [(2, 4, 6, 6)],
+                              {"conv1": ((), ("bn1",)), "conv2": ((), ("bn2",))})
+    assert plan.source == "source"
+
+
+class DataDependentByName(DataDependent):
+    """Untraceable, and reaches its layers through getattr: neither the code
+    reading nor torch.fx can vouch for them."""
+
+    def forward(self, x):
+        y = getattr(self, "bn1")(self.conv1(x))
+        if y.sum() > 0:
+            y = y * 2.0
+        return self.bn2(self.conv2(y))
+
+
+@pytest.mark.parametrize("model_class", [DataDependent, DataDependentByName])
+def test_untraceable_unreadable_model_without_example_inputs_raises(model_class, monkeypatch):
+    # Nothing could be folded, so the library says so with a FoldError naming
+    # the forward and pointing at example_inputs.
+    if model_class is DataDependent:
+        monkeypatch.setattr(fusedconv.planner, "from_source", _nothing_readable)
+    model = prepare(model_class())
     before = copy.deepcopy(model.state_dict())
     for call in (fusedconv.fuse, fusedconv.plan):
-        with pytest.raises(fusedconv.FoldError, match=r"DataDependent\.forward.*example_inputs"):
+        with pytest.raises(fusedconv.FoldError, match=rf"{model_class.__name__}\.forward.*example_inputs"):
             call(model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -853,7 +889,16 @@ class Outer(nn.Module):
         return self.head_bn(self.head(x))
 
 
-def test_untraceable_submodule_rest_folds_without_example_inputs():
+def test_untraceable_submodule_folds_from_its_source():
+    model = prepare(Outer())
+    _, plan = check_folds(model, "source", [(2, 3, 6, 6)],
+                          {"stem": ((), ("stem_bn",)), "head": ((), ("head_bn",)),
+                           "inner.conv1": ((), ("inner.bn1",)), "inner.conv2": ((), ("inner.bn2",))})
+    assert plan.source == "source"
+
+
+def test_untraceable_submodule_rest_folds_with_torch_fx(monkeypatch):
+    monkeypatch.setattr(fusedconv.planner, "from_source", _nothing_readable)
     model = prepare(Outer())
     with pytest.warns(fusedconv.FoldWarning, match=r"\binner\b"):
         fused, plan = check_folds(model, "fx", [(2, 3, 6, 6)],

@@ -1,7 +1,9 @@
 """How a model's forward connects its layers and BatchNorms.
 
-Two extractors produce the same :class:`Dataflow`:
+Three extractors produce the same :class:`Dataflow`:
 
+* :func:`fusedconv.dataflow.source.from_source` reads each module's forward
+  code (no trace, no run; proves the common cases and leaves the rest unseen);
 * :func:`fusedconv.dataflow.fx.from_fx` reads the graph torch.fx records
   without running the model (all code paths, no shapes);
 * :func:`fusedconv.dataflow.run.from_run` follows one real run on example inputs
@@ -42,7 +44,7 @@ class Node:
 class Dataflow:
     nodes: dict[str, Node]
     source: str
-    """"torch.fx" or "run"."""
+    """"source", "torch.fx" or "run"."""
     unseen: dict[str, str] = field(default_factory=dict)
     """Tracked modules whose uses could not be seen, with the reason (inside a
     submodule torch.fx could not trace, or inside an opaque leaf module)."""

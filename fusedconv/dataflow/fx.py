@@ -21,15 +21,17 @@ class Untraceable(Exception):
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, tracked: dict[int, str], black_boxes: dict[str, str]):
+    def __init__(self, tracked: dict[int, str], leaves: set[int], black_boxes: dict[str, str]):
         super().__init__()
         self.tracked = tracked
+        self.leaves = leaves
         self.black_boxes = black_boxes
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
             id(m) in self.tracked
+            or id(m) in self.leaves
             or module_qualified_name in self.black_boxes
             or super().is_leaf_module(m, module_qualified_name)
         )
@@ -51,10 +53,10 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def _trace(model: nn.Module, tracked: dict[int, str]) -> tuple[fx.Graph, dict[str, str]]:
+def _trace(model: nn.Module, tracked: dict[int, str], leaves: set[int]) -> tuple[fx.Graph, dict[str, str]]:
     black_boxes: dict[str, str] = {}
     while True:
-        tracer = _Tracer(tracked, black_boxes)
+        tracer = _Tracer(tracked, leaves, black_boxes)
         try:
             return tracer.trace(model), black_boxes
         except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
@@ -128,12 +130,13 @@ def _reads_only_as_first_input(user: fx.Node, producer: fx.Node) -> bool:
     return producer not in rest
 
 
-def from_fx(model: nn.Module, tracked: dict[int, str]) -> Dataflow:
-    """Dataflow of ``model`` as torch.fx sees it. ``tracked`` maps id(module) to its name.
+def from_fx(model: nn.Module, tracked: dict[int, str], leaves: set[int] = frozenset()) -> Dataflow:
+    """Dataflow of ``model`` as torch.fx sees it. ``tracked`` maps id(module) to
+    its name; ``leaves`` (ids) are other modules not to trace into.
 
     Raises :class:`Untraceable` when the model's own forward cannot be traced.
     """
-    graph, black_boxes = _trace(model, tracked)
+    graph, black_boxes = _trace(model, tracked, leaves)
     nodes = {name: Node(name) for name in tracked.values()}
     modules: dict[str, nn.Module] = {}
     tracked_of: dict[fx.Node, str] = {}

@@ -115,8 +115,7 @@ def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-@torch.library.custom_op("fusedconv::rescale_", mutates_args=("weights",))
-def _rescale_op(
+def _rescale_impl(
     weights: list[torch.Tensor],
     row_scales: list[Optional[torch.Tensor]],
     col_scales: list[Optional[torch.Tensor]],
@@ -128,8 +127,7 @@ def _rescale_op(
         resolve(_device_of(weights), backend).rescale_(weights, row_scales, col_scales, groups)
 
 
-@torch.library.custom_op("fusedconv::pad_add_", mutates_args=("bigs",))
-def _pad_add_op(
+def _pad_add_impl(
     bigs: list[torch.Tensor],
     smalls: list[torch.Tensor],
     scales: list[Optional[torch.Tensor]],
@@ -140,6 +138,23 @@ def _pad_add_op(
     check_pad_add_args(bigs, smalls, scales, offsets, dilations)
     if bigs:
         resolve(_device_of(bigs), backend).pad_add_(bigs, smalls, scales, offsets, dilations)
+
+
+# Declared with torch.library.Library rather than the torch.library.custom_op
+# decorator: custom_op wraps every kernel in torch._dynamo.disable, and the first
+# call then imports torch._dynamo (and sympy), about 1.3 s, longer than folding
+# a whole ResNet-50.
+_LIBRARY = torch.library.Library("fusedconv", "DEF")
+_LIBRARY.define(
+    "rescale_(Tensor(a!)[] weights, Tensor?[] row_scales, Tensor?[] col_scales, int[] groups, "
+    "str? backend=None) -> ()"
+)
+_LIBRARY.define(
+    "pad_add_(Tensor(a!)[] bigs, Tensor[] smalls, Tensor?[] scales, int[] offsets, int[] dilations, "
+    "str? backend=None) -> ()"
+)
+_LIBRARY.impl("rescale_", _rescale_impl, "CompositeExplicitAutograd")
+_LIBRARY.impl("pad_add_", _pad_add_impl, "CompositeExplicitAutograd")
 
 
 def rescale_(
@@ -163,7 +178,8 @@ def rescale_(
     that loads for the device is used.
     """
     with torch.no_grad():
-        _rescale_op(list(weights), list(row_scales), list(col_scales), [int(g) for g in groups], backend)
+        torch.ops.fusedconv.rescale_(list(weights), list(row_scales), list(col_scales), [int(g) for g in groups],
+                                     backend)
 
 
 def pad_add_(
@@ -184,5 +200,5 @@ def pad_add_(
     their dtype and first two dims.
     """
     with torch.no_grad():
-        _pad_add_op(list(bigs), list(smalls), list(scales), [int(o) for o in offsets],
-                    [int(d) for d in dilations], backend)
+        torch.ops.fusedconv.pad_add_(list(bigs), list(smalls), list(scales), [int(o) for o in offsets],
+                                     [int(d) for d in dilations], backend)

@@ -1,0 +1,306 @@
+"""Dataflow read from the model's Python source, without tracing or running it.
+
+In most models the pairs to fold are spelled out in some module's ``forward``:
+``self.bn(self.conv(x))``, ``x = self.conv(x)`` then ``x = self.bn(x)``, or an
+``nn.Sequential``. Reading each class's ``forward`` once (the result is cached
+per function) finds them for a fraction of the cost of a torch.fx trace.
+
+The reading is conservative. A producer -> consumer pair is reported only when
+the source proves that every time the producer runs, its output is read by the
+consumer's call and by nothing else, and that nothing else in the model can
+reach either module: every module on the path from the root is itself read
+this way and refers to its children only by calling them (or testing them
+against None). Anything else (``self.children()``, ``getattr(self, ...)``,
+``self.conv.weight``, a child passed to a function, a try block, a loop that
+jumps out between the two calls, ...) makes the modules concerned *unseen*, and
+the planner then asks torch.fx instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+import types
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from . import Dataflow, Node
+
+_MODULE_ATTRIBUTES = frozenset(dir(nn.Module)) - {"training", "forward"}
+_MODULE_STATE = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (_modules, hooks, ...)
+# Names that can reach ``self`` or its attributes without spelling them out.
+_INTROSPECTION = frozenset({"locals", "vars", "globals", "eval", "exec", "getattr", "setattr", "super"})
+_JUMPS = (ast.Return, ast.Break, ast.Continue, ast.Raise, ast.Yield, ast.YieldFrom, ast.Await)
+_SCOPES = (ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.ListComp, ast.SetComp,
+           ast.DictComp, ast.GeneratorExp)
+
+
+class _Opaque(Exception):
+    """The source does something that this reader does not follow."""
+
+
+@dataclass
+class _ClassReading:
+    """What the source of one ``forward`` (and the methods it calls) does with ``self``."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    """Attribute -> number of call sites ``self.attr(...)``."""
+    other_uses: set[str] = field(default_factory=set)
+    """Attributes used in any other way than a call or an ``is None`` test."""
+    flows: list[tuple[str, str]] = field(default_factory=list)
+    """(producer, consumer): the producer's output is read by the consumer's call alone."""
+    opaque: str | None = None
+
+
+def _self_attribute(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        return node.attr
+    return None
+
+
+def _called_attribute(node: ast.AST) -> str | None:
+    """``attr`` when ``node`` is ``self.attr(...)``."""
+    return _self_attribute(node.func) if isinstance(node, ast.Call) else None
+
+
+def _single_argument_call(node: ast.AST) -> tuple[str, ast.AST] | None:
+    """``(attr, arg)`` when ``node`` is ``self.attr(arg)`` with one positional argument."""
+    attr = _called_attribute(node)
+    if attr is None or len(node.args) != 1 or node.keywords or isinstance(node.args[0], ast.Starred):
+        return None
+    return attr, node.args[0]
+
+
+def _names(node: ast.AST, name: str) -> list[ast.Name]:
+    return [n for n in ast.walk(node) if isinstance(n, ast.Name) and n.id == name]
+
+
+class _Reader:
+    def __init__(self, cls: type):
+        self.cls = cls
+        self.reading = _ClassReading()
+        self.seen_methods: set[str] = set()
+
+    # -- whole functions --------------------------------------------------------
+    def read_method(self, name: str) -> None:
+        if name in self.seen_methods:
+            return
+        self.seen_methods.add(name)
+        function = inspect.getattr_static(self.cls, name, None)
+        if not isinstance(function, types.FunctionType):
+            raise _Opaque(f"{name} is not a plain method")
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+        except (OSError, TypeError, SyntaxError) as exc:
+            raise _Opaque(f"no source for {self.cls.__name__}.{name} ({type(exc).__name__})") from None
+        definition = tree.body[0]
+        if not isinstance(definition, ast.FunctionDef) or definition.decorator_list:
+            raise _Opaque(f"{self.cls.__name__}.{name} is decorated")
+        arguments = definition.args
+        if not arguments.args or arguments.args[0].arg != "self":
+            raise _Opaque(f"{self.cls.__name__}.{name} does not take self first")
+        self.read_uses(definition)
+        self.read_flows(definition)
+
+    def read_uses(self, function: ast.FunctionDef) -> None:
+        """Count how ``self`` and its attributes are used; follow calls to own methods."""
+        parents: dict[ast.AST, ast.AST] = {}
+        for node in ast.walk(function):
+            for child in ast.iter_child_nodes(node):
+                parents[child] = node
+        for node in ast.walk(function):
+            if isinstance(node, ast.Name):
+                if node.id in _INTROSPECTION:
+                    raise _Opaque(f"uses {node.id}")
+                if node.id == "self" and not isinstance(parents.get(node), ast.Attribute):
+                    raise _Opaque("passes self on, or rebinds it")
+                continue
+            attr = _self_attribute(node)
+            if attr is None or node is function:
+                continue
+            if not isinstance(node.ctx, ast.Load):
+                raise _Opaque(f"assigns self.{attr}")
+            if attr in _MODULE_ATTRIBUTES:
+                raise _Opaque(f"uses nn.Module.{attr}")
+            parent = parents.get(node)
+            if isinstance(parent, ast.Call) and parent.func is node:
+                if inspect.isfunction(inspect.getattr_static(self.cls, attr, None)):
+                    self.read_method(attr)  # one of the class's own methods
+                else:
+                    self.reading.calls[attr] = self.reading.calls.get(attr, 0) + 1
+            elif not (isinstance(parent, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops)
+                      and all(isinstance(c, ast.Constant) and c.value is None for c in parent.comparators)):
+                self.reading.other_uses.add(attr)
+
+    # -- producer -> consumer pairs --------------------------------------------
+    def read_flows(self, function: ast.FunctionDef) -> None:
+        for node in ast.walk(function):
+            inner = _single_argument_call(node)
+            if inner is not None:
+                producer = _called_attribute(inner[1])
+                if producer is not None:
+                    self.reading.flows.append((producer, inner[0]))  # self.consumer(self.producer(...))
+        captured = {
+            n.id for scope in ast.walk(function) if isinstance(scope, _SCOPES) and scope is not function
+            for n in ast.walk(scope) if isinstance(n, ast.Name)
+        }
+        loads: dict[str, int] = {}
+        for n in ast.walk(function):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+                loads[n.id] = loads.get(n.id, 0) + 1
+        for block in _straight_blocks(function.body):
+            self._read_block(block, captured, loads)
+
+    def _read_block(self, statements: list[ast.stmt], captured: set[str], loads: dict[str, int]) -> None:
+        """``v = self.producer(...)`` then, later in the same block, ``self.consumer(v)``.
+
+        Every statement in between must leave ``v`` alone and cannot jump out;
+        the consumer's statement is a simple one that reads ``v`` once, as the
+        consumer's only argument. Then the producer's value is read elsewhere
+        only if ``v`` keeps it afterwards, so either that statement rebinds ``v``
+        or ``v`` is read nowhere else in the function.
+        """
+        for i, first in enumerate(statements):
+            if not (isinstance(first, ast.Assign) and len(first.targets) == 1
+                    and isinstance(first.targets[0], ast.Name) and _called_attribute(first.value)):
+                continue
+            variable, producer = first.targets[0].id, _called_attribute(first.value)
+            if variable in captured:
+                continue
+            for later in statements[i + 1:]:
+                uses = _names(later, variable)
+                if not uses:
+                    if any(isinstance(n, _JUMPS) for n in ast.walk(later)):
+                        break  # the consumer may be skipped
+                    continue
+                consumer = self._consumer(later, variable, uses, loads)
+                if consumer is not None:
+                    self.reading.flows.append((producer, consumer))
+                break
+
+    @staticmethod
+    def _consumer(statement: ast.stmt, variable: str, uses: list[ast.Name], loads: dict[str, int]) -> str | None:
+        if not isinstance(statement, (ast.Assign, ast.Return, ast.Expr)):
+            return None
+        reads = [n for n in uses if isinstance(n.ctx, ast.Load)]
+        calls = [
+            _single_argument_call(call)[0] for call in ast.walk(statement)
+            if _single_argument_call(call) is not None
+            and isinstance(call.args[0], ast.Name) and call.args[0].id == variable
+        ]
+        if len(reads) != 1 or len(calls) != 1:
+            return None
+        rebinds = any(isinstance(n.ctx, ast.Store) for n in uses)
+        return calls[0] if rebinds or loads[variable] == 1 else None
+
+
+def _straight_blocks(statements: list[ast.stmt]):
+    """Every statement list of a function outside try blocks (an exception
+    handler could read a variable that the straight-line reading thought dead)."""
+    yield statements
+    for statement in statements:
+        if isinstance(statement, (ast.Try, getattr(ast, "TryStar", ast.Try), *_SCOPES)):
+            continue
+        for body in ("body", "orelse"):
+            block = getattr(statement, body, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                yield from _straight_blocks(block)
+
+
+_READINGS: dict[tuple[type, object], _ClassReading] = {}
+
+
+def read_class(cls: type) -> _ClassReading:
+    """The reading of ``cls.forward`` (cached per class and forward function)."""
+    key = (cls, inspect.getattr_static(cls, "forward", None))
+    if key not in _READINGS:
+        reader = _Reader(cls)
+        try:
+            reader.read_method("forward")
+        except _Opaque as exc:
+            reader.reading.opaque = str(exc)
+        _READINGS[key] = reader.reading
+    return _READINGS[key]
+
+
+def _sequential_reading(module: nn.Sequential) -> _ClassReading:
+    names = [name for name, child in module._modules.items() if child is not None]
+    return _ClassReading(calls=dict.fromkeys(names, 1), flows=list(zip(names, names[1:])))
+
+
+def _reading_of(module: nn.Module) -> _ClassReading:
+    cls = type(module)
+    if "forward" in vars(module):
+        return _ClassReading(opaque="its forward is replaced on the instance")
+    if cls.__call__ is not nn.Module.__call__ or cls.__getattr__ is not nn.Module.__getattr__:
+        return _ClassReading(opaque="it overrides __call__ or __getattr__")
+    if any(isinstance(inspect.getattr_static(cls, name, None), property) for name in module._modules):
+        return _ClassReading(opaque="a property shadows one of its submodules")
+    for key, value in vars(module).items():
+        if key in _MODULE_STATE:
+            continue
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(v, nn.Module) for v in values):
+            return _ClassReading(opaque="it keeps a module outside its registered submodules")
+    if cls.forward is nn.Sequential.forward and isinstance(module, nn.Sequential):
+        return _sequential_reading(module)
+    return read_class(cls)
+
+
+def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list[str]]) -> Dataflow:
+    """Dataflow of ``model`` as its source code shows it (see the module docstring).
+
+    ``tracked`` maps id(module) to its name, ``paths`` id(module) to every
+    path where it is registered. Tracked modules that the reading cannot vouch
+    for are returned as unseen.
+    """
+    nodes = {name: Node(name) for name in tracked.values()}
+    unseen: dict[str, str] = {}
+    holders: set[str] = set()  # paths of the modules that contain a tracked module
+    for name in tracked.values():
+        parts = name.split(".")
+        holders.update(".".join(parts[:i]) for i in range(len(parts)))
+
+    def hide(module: nn.Module, why: str) -> None:
+        for sub in module.modules():
+            if id(sub) in tracked:
+                unseen.setdefault(tracked[id(sub)], why)
+
+    def visit(module: nn.Module, path: str) -> None:
+        where = f"{path} ({type(module).__name__})" if path else type(module).__name__
+        if len(paths[id(module)]) > 1:
+            return hide(module, f"inside {where}, which is registered at {len(paths[id(module)])} places")
+        reading = _reading_of(module)
+        if reading.opaque:
+            return hide(module, f"inside {where}, whose forward fusedconv does not read without a trace "
+                                f"({reading.opaque})")
+        for attr, child in module._modules.items():
+            if child is None:
+                continue
+            child_path = f"{path}.{attr}" if path else attr
+            if attr in reading.other_uses:
+                hide(child, f"{where} uses {attr} in another way than calling it")
+            elif id(child) in tracked:
+                node = nodes[tracked[id(child)]]
+                if len(paths[id(child)]) > 1:
+                    unseen[node.name] = f"registered at {len(paths[id(child)])} places"
+                node.calls = reading.calls.get(attr, 0)
+                node.consumers = [None] if node.calls else []
+            elif child_path in holders:
+                visit(child, child_path)
+        producers = [p for p, _ in reading.flows]
+        for producer, consumer in reading.flows:
+            first, second = module._modules.get(producer), module._modules.get(consumer)
+            if (producers.count(producer) == 1 and id(first) in tracked and id(second) in tracked
+                    and reading.calls.get(producer) == 1 and reading.calls.get(consumer) == 1
+                    and producer not in reading.other_uses and consumer not in reading.other_uses):
+                nodes[tracked[id(first)]].consumers = [tracked[id(second)]]
+                nodes[tracked[id(second)]].input_from = tracked[id(first)]
+
+    if id(model) in tracked:  # the model is a single layer or BN: nothing to pair
+        nodes[tracked[id(model)]].calls = 1
+    else:
+        visit(model, "")
+    return Dataflow(nodes, "source", unseen)
