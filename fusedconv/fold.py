@@ -14,6 +14,7 @@ This module also holds the public pairwise API (fold one layer with one BN).
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -82,25 +83,12 @@ def rescale_weights(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold],
             )
 
 
-def plan_layer_fold(
-    layer: nn.Module,
-    before: ChannelAffine | None,
-    after: ChannelAffine | None,
-    *,
-    name: str = "layer",
-    extra_bias: torch.Tensor | None = None,
-) -> LayerFold:
-    """Scale grid and new bias of ``before -> layer -> after``, with every check.
-
-    ``extra_bias`` (float64) is added to the new bias before its one rounding
-    (the biases of branches merged into the layer). The layer is not modified. Raises :class:`FoldError` (naming ``name``) when
-    the channel counts don't match or ``before`` cannot be folded exactly.
-    """
+def _checked_kind(layer: nn.Module, before: ChannelAffine | None, after: ChannelAffine | None,
+                  name: str) -> LayerKind:
+    """The layer's kind, once the affine maps are known to fit it."""
     kind = layer_kind(layer)
     if kind is None:
         raise FoldError(f"{name}: {type(layer).__name__} is not a Conv, ConvTranspose or Linear layer")
-    groups = layer_groups(layer)
-    weight, bias = layer.weight, layer.bias
     out_channels = layer_out_channels(layer)
     if after is not None and after.scale.numel() != out_channels:
         raise FoldError(
@@ -116,10 +104,40 @@ def plan_layer_fold(
                 f"{name}: the BatchNorm before it has {before.scale.numel()} channels but the layer has "
                 f"{layer_in_channels(layer)} input channels"
             )
+    return kind
 
+
+def _scale_grid(kind: LayerKind, in_scale: torch.Tensor | None, out_scale: torch.Tensor | None):
+    """(row, col) factors: Conv and Linear keep output channels on dim 0 and input
+    channels (within the group) on dim 1; ConvTranspose stores (in, out/groups, *k)."""
+    return (in_scale, out_scale) if kind is LayerKind.CONV_TRANSPOSE else (out_scale, in_scale)
+
+
+def _bias_dtype(layer: nn.Module) -> torch.dtype:
+    return layer.weight.dtype if layer.bias is None else layer.bias.dtype
+
+
+def plan_layer_fold(
+    layer: nn.Module,
+    before: ChannelAffine | None,
+    after: ChannelAffine | None,
+    *,
+    name: str = "layer",
+    extra_bias: torch.Tensor | None = None,
+) -> LayerFold:
+    """Scale grid and new bias of ``before -> layer -> after``, with every check.
+
+    ``extra_bias`` (float64) is added to the new bias before its one rounding
+    (the biases of branches merged into the layer). The layer is not modified.
+    Raises :class:`FoldError` (naming ``name``) when the channel counts don't
+    match or ``before`` cannot be folded exactly.
+    """
+    kind = _checked_kind(layer, before, after, name)
+    groups = layer_groups(layer)
+    weight, bias = layer.weight, layer.bias
     device = weight.device
     b = (
-        torch.zeros(out_channels, dtype=torch.float64, device=device)
+        torch.zeros(layer_out_channels(layer), dtype=torch.float64, device=device)
         if bias is None
         else bias.detach().to(torch.float64)
     )
@@ -137,10 +155,56 @@ def plan_layer_fold(
         b = b * out_scale + after.shift.to(device)
     if extra_bias is not None:
         b = b + extra_bias.to(device)
-    # Conv and Linear keep output channels on dim 0 and input channels (within
-    # the group) on dim 1; ConvTranspose stores (in, out/groups, *k), the other way round.
-    row, col = (in_scale, out_scale) if kind is LayerKind.CONV_TRANSPOSE else (out_scale, in_scale)
-    return LayerFold(row, col, groups, b.to(weight.dtype if bias is None else bias.dtype))
+    row, col = _scale_grid(kind, in_scale, out_scale)
+    return LayerFold(row, col, groups, b.to(_bias_dtype(layer)))
+
+
+def plan_layer_folds(
+    layers: Sequence[nn.Module],
+    affines: Sequence[tuple[ChannelAffine | None, ChannelAffine | None]],
+    names: Sequence[str],
+) -> list[LayerFold]:
+    """:func:`plan_layer_fold` for many layers at once.
+
+    The common case, a BN after the layer only, has its new biases computed
+    for all layers of one device and dtype together: a handful of tensor ops
+    however many layers (on a GPU, per-layer ops would cost a launch each).
+    """
+    folds: list[LayerFold | None] = [None] * len(layers)
+    batches: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, (layer, (before, after), name) in enumerate(zip(layers, affines, names)):
+        if before is None and after is not None:
+            _checked_kind(layer, before, after, name)
+            batches[(layer.weight.device, _bias_dtype(layer))].append(i)
+        else:
+            folds[i] = plan_layer_fold(layer, before, after, name=name)
+    for (device, dtype), members in batches.items():
+        sizes = [layer_out_channels(layers[i]) for i in members]
+        zeros = torch.zeros(max(sizes), dtype=dtype, device=device)
+        biases = torch.cat([
+            zeros[:n] if layers[i].bias is None else layers[i].bias.detach() for i, n in zip(members, sizes)
+        ]).to(torch.float64)
+        scales = torch.cat([affines[i][1].scale for i in members]).to(device)
+        shifts = torch.cat([affines[i][1].shift for i in members]).to(device)
+        new_biases = (biases * scales + shifts).to(dtype).split(sizes)
+        for i, scale, bias in zip(members, scales.split(sizes), new_biases):
+            row, col = _scale_grid(layer_kind(layers[i]), None, scale)
+            folds[i] = LayerFold(row, col, layer_groups(layers[i]), bias)
+    return folds
+
+
+def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor]) -> None:
+    """Store folded biases in place, all with one multi-tensor copy; a layer
+    without a bias gets a new Parameter of its own (not a view of a shared batch)."""
+    with torch.no_grad():
+        targets = []
+        for layer, bias in zip(layers, biases):
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.empty_like(bias, memory_format=torch.contiguous_format),
+                                          requires_grad=layer.weight.requires_grad)
+            targets.append(layer.bias)
+        if targets:
+            torch._foreach_copy_(targets, list(biases))
 
 
 def fold_affines(
@@ -156,15 +220,6 @@ def fold_affines(
     weight = layer.weight.detach().clone()
     rescale_weights([weight], [fold])
     return weight, fold.bias
-
-
-def set_bias(layer: nn.Module, bias: torch.Tensor) -> None:
-    """Store a folded bias in place (a layer without one gets a new Parameter)."""
-    with torch.no_grad():
-        if layer.bias is None:
-            layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
-        else:
-            layer.bias.copy_(bias)
 
 
 def _affine_of(bns: Sequence[nn.Module], role: str) -> ChannelAffine | None:
@@ -196,7 +251,7 @@ def _folded_copy(layer: nn.Module, before: Sequence[nn.Module], after: Sequence[
                            name=type(layer).__name__)
     new = copy.deepcopy(layer)
     rescale_weights([new.weight], [fold])
-    set_bias(new, fold.bias)
+    set_biases([new], [fold.bias])
     return new
 
 

@@ -30,7 +30,7 @@ from .dataflow.fx import Untraceable, from_fx
 from .dataflow.source import from_source
 from .dataflow.run import RunFailed, from_run
 from .errors import FoldError, FoldWarning
-from .fold import plan_layer_fold, rescale_weights, set_bias, why_not_exact_before
+from .fold import plan_layer_folds, rescale_weights, set_biases, why_not_exact_before
 from .registry import find_blocks, plan_blocks
 from .reparam import apply_reparameterizations
 from .layers import (
@@ -410,10 +410,8 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
     """
     # Check everything and compute the small per-layer results first; after this
     # nothing can fail, so the weights are then written where they will live.
-    layer_folds = [
-        plan_layer_fold(_module(model, fold.layer), before, after, name=fold.layer)
-        for fold, (before, after) in zip(plan.folds, _checked_affines(model, plan.folds))
-    ]
+    layer_folds = plan_layer_folds([_module(model, fold.layer) for fold in plan.folds],
+                                   _checked_affines(model, plan.folds), [fold.layer for fold in plan.folds])
     kernels.resolve(_first_weight_device(model), backend)  # a backend asked for by name must load
     paths: dict[int, list[str]] = defaultdict(list)
     for path, m in model.named_modules(remove_duplicate=False):
@@ -442,8 +440,7 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
     merges = plan_blocks(target) if plan.merges else []
     layers = [_module(target, fold.layer) for fold in plan.folds]
     rescale_weights([layer.weight for layer in layers], layer_folds, backend)
-    for layer, layer_fold in zip(layers, layer_folds):
-        set_bias(layer, layer_fold.bias)
+    set_biases(layers, [layer_fold.bias for layer_fold in layer_folds])
     for name, bn_paths_of_one in bn_paths.items():
         bn = _module(target, name)
         if isinstance(bn, nn.Identity):  # already replaced through the copy's memo

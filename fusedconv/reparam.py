@@ -27,7 +27,7 @@ from torch import nn
 from . import kernels
 from .affine import ChannelAffine, batchnorm_affine
 from .errors import FoldError
-from .fold import LayerFold, plan_layer_fold, rescale_weights, set_bias
+from .fold import LayerFold, plan_layer_fold, rescale_weights, set_biases
 from .layers import bn_statistics, why_batchnorm_cannot_fold
 
 
@@ -229,6 +229,6 @@ def apply_reparameterizations(plans: Sequence[Reparameterization], backend: str 
     if bigs:
         dense = all(kernels.has_dense_rows(b) for b in bigs)
         kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend=backend if dense else "torch")
+    set_biases([p.target for p in plans], [p.target_fold.bias for p in plans])
     for plan in plans:
-        set_bias(plan.target, plan.target_fold.bias)
         plan.install(plan.target)
