@@ -341,9 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--dataflow",
-        choices=("fx", "run"),
-        default="fx",
-        help="find the dataflow with torch.fx (default) or from one run on the demo input",
+        choices=("static", "run"),
+        default="static",
+        help="find the dataflow without running the model (the forward code, then torch.fx where that "
+        "is not enough; default) or from one run on the demo input",
     )
     demo.add_argument(
         "--backend",

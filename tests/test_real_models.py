@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import fusedconv
-from utils import calibrate_batchnorm, float64_reference, randomize_batchnorm_stats, relative_error
+from utils import calibrate_batchnorm, float64_reference, randomize_batchnorm_stats, relative_error, trace_only
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -296,10 +296,16 @@ def test_real_model(case: Case):
 
     row = {"bns": case.bns, "fx_left": fx_left}
     first = None
-    for source, example_inputs in (("run", plan_inputs), ("torch.fx", None)):
+    for source, example_inputs in (("run", plan_inputs), ("static", None)):
         what = f"{case.name} [{source}]"
         plan = fusedconv.plan(model, example_inputs)
-        assert plan.source == source, what
+        assert plan.source == source or source == "static" and plan.source in ("source", "torch.fx"), what
+        if plan.source == "source":
+            # The code reading must agree with a torch.fx trace wherever it vouches for everything.
+            with pytest.MonkeyPatch.context() as patch:
+                trace_only(patch)
+                traced = fusedconv.plan(model)
+            assert traced.source == "torch.fx" and traced.folds == plan.folds, what
         fused = fusedconv.fuse(model, example_inputs)
         _assert_untouched(model, snapshot)
         assert fused is not model

@@ -23,9 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize, prune
 
 import fusedconv
-import fusedconv.planner
-from fusedconv.dataflow import Dataflow, Node
-from utils import float64_reference, randomize_batchnorm_stats, relative_error
+from utils import float64_reference, randomize_batchnorm_stats, relative_error, trace_only
 
 # The folded model's relative error against float64 may be at most FACTOR
 # times the unfolded model's error (both measured on the same inputs) plus
@@ -47,17 +45,12 @@ FLOOR = {torch.float32: 2 * torch.finfo(torch.float32).eps,
 MODES = ["source", "fx", "run"]
 
 
-def _nothing_readable(model, tracked, paths):
-    return Dataflow({name: Node(name) for name in tracked.values()}, "source",
-                    dict.fromkeys(tracked.values(), "hidden by the test"))
-
-
 @pytest.fixture(autouse=True)
 def _deterministic(request, monkeypatch):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if getattr(request.node, "callspec", None) and request.node.callspec.params.get("mode") == "fx":
-        monkeypatch.setattr(fusedconv.planner, "from_source", _nothing_readable)
+        trace_only(monkeypatch)
 
 
 def _gen(seed: int = 1) -> torch.Generator:
@@ -863,7 +856,7 @@ def test_untraceable_unreadable_model_without_example_inputs_raises(model_class,
     # Nothing could be folded, so the library says so with a FoldError naming
     # the forward and pointing at example_inputs.
     if model_class is DataDependent:
-        monkeypatch.setattr(fusedconv.planner, "from_source", _nothing_readable)
+        trace_only(monkeypatch)
     model = prepare(model_class())
     before = copy.deepcopy(model.state_dict())
     for call in (fusedconv.fuse, fusedconv.plan):
@@ -898,7 +891,7 @@ def test_untraceable_submodule_folds_from_its_source():
 
 
 def test_untraceable_submodule_rest_folds_with_torch_fx(monkeypatch):
-    monkeypatch.setattr(fusedconv.planner, "from_source", _nothing_readable)
+    trace_only(monkeypatch)
     model = prepare(Outer())
     with pytest.warns(fusedconv.FoldWarning, match=r"\binner\b"):
         fused, plan = check_folds(model, "fx", [(2, 3, 6, 6)],
