@@ -102,12 +102,14 @@ def tap_placement(branch: ConvGeometry, target: ConvGeometry) -> tuple[tuple[int
                 f"the merged conv's (kernel {big_k}, padding {big_p}, dilation {big_d}), so the two produce "
                 "different output positions"
             )
-        if (big_p - p) % big_d or d % big_d:
+        # A single tap has no spacing, so its dilation is irrelevant (a 1x1 or identity
+        # branch lands on a dilated kernel's centre tap).
+        if (big_p - p) % big_d or (k > 1 and d % big_d):
             raise FoldError(
                 f"in spatial dim {dim} its taps (padding {p}, dilation {d}) fall between the merged conv's taps "
                 f"(padding {big_p}, dilation {big_d})"
             )
-        offset, step = (big_p - p) // big_d, d // big_d
+        offset, step = (big_p - p) // big_d, (d // big_d if k > 1 else 1)
         if offset < 0 or offset + step * (k - 1) > big_k - 1:
             raise FoldError(
                 f"in spatial dim {dim} its kernel of {k} taps (dilation {d}) reaches outside the merged "

@@ -1,5 +1,13 @@
-"""Drop-in re-parameterizable blocks: train with branches, deploy as one conv."""
+"""Drop-in re-parameterizable blocks: train with branches, deploy as one conv.
 
+Each block's ``reparameterize()`` merges it in place; ``fusedconv.fuse`` and
+``fusedconv.reparameterize`` merge every block of a model at once.
+"""
+
+from .acnet import ACBlock
 from .base import RepBlock
+from .convbn import ConvBN
+from .mobileone import MobileOneBlock
+from .repvgg import RepConv, RepVGGBlock
 
-__all__ = ["RepBlock"]
+__all__ = ["ACBlock", "ConvBN", "MobileOneBlock", "RepBlock", "RepConv", "RepVGGBlock"]
