@@ -7,7 +7,11 @@ Each block's ``reparameterize()`` merges it in place; ``fusedconv.fuse`` and
 from .acnet import ACBlock
 from .base import RepBlock
 from .convbn import ConvBN
+from .dbb import DiverseBranchBlock
 from .mobileone import MobileOneBlock
+from .orepa import OREPABlock
 from .repvgg import RepConv, RepVGGBlock
 
-__all__ = ["ACBlock", "ConvBN", "MobileOneBlock", "RepBlock", "RepConv", "RepVGGBlock"]
+__all__ = [
+    "ACBlock", "ConvBN", "DiverseBranchBlock", "MobileOneBlock", "OREPABlock", "RepBlock", "RepConv", "RepVGGBlock",
+]
