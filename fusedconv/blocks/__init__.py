@@ -8,10 +8,13 @@ from .acnet import ACBlock
 from .base import RepBlock
 from .convbn import ConvBN
 from .dbb import DiverseBranchBlock
+from .implicit import ImplicitA, ImplicitConv, ImplicitM
 from .mobileone import MobileOneBlock
 from .orepa import OREPABlock
+from .replknet import DilatedReparamBlock, LargeKernelConv
 from .repvgg import RepConv, RepVGGBlock
 
 __all__ = [
-    "ACBlock", "ConvBN", "DiverseBranchBlock", "MobileOneBlock", "OREPABlock", "RepBlock", "RepConv", "RepVGGBlock",
+    "ACBlock", "ConvBN", "DilatedReparamBlock", "DiverseBranchBlock", "ImplicitA", "ImplicitConv", "ImplicitM",
+    "LargeKernelConv", "MobileOneBlock", "OREPABlock", "RepBlock", "RepConv", "RepVGGBlock",
 ]

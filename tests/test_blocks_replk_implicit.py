@@ -1,0 +1,526 @@
+"""LargeKernelConv (RepLKNet), DilatedReparamBlock (UniRepLKNet) and ImplicitConv (YOLOv7).
+
+Accuracy rule (every test that compares outputs): against a float64 reference
+of the *branched* eval-mode block (its float64 copy), the deployed block's
+relative error is at most ``max(MAX_RATIO * err(branched block, same dtype),
+ERROR_FLOOR[dtype])``. The branched block and the merged conv round in
+different places (the merged kernel once per tap, the branches' outputs once
+per branch), so their errors differ by a factor that scatters around 1.
+Measured over 1500 draws of this file's float32 configurations (500 per
+block; inputs sized by :func:`input_shape` so that every output has at least
+128 values, since a relative error over a handful of values is too noisy to
+bound by a ratio): the largest ratio was 1.96. Hence 4, which still catches a
+forgotten BN scale or a misplaced tap (relative errors of 1e-2 to 1). The
+float32 floor, 1e-6 (~8 eps), covers a branched block that happens to be
+almost exact (one channel, a 1-tap kernel). float64 blocks *are* their
+reference, so only their floor applies: 1e-12 (measured at most 2e-15, the
+float64 re-association of up to 31^2 products; rounding any term to float32
+would show as ~1e-8). float16/bfloat16 run the fixed HALF_CASES: their error
+is dominated by the one rounding of each output, shared by both paths
+(measured ratio at most 1.23 over 40 seeds per case); the floors, 2.5e-4 and
+2e-3 (about a quarter ulp at 1), are the same as for the other blocks' tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fusedconv.blocks.implicit import ImplicitA, ImplicitConv, ImplicitM, implicit_reparameterization
+from fusedconv.blocks.replknet import UNIREPLKNET_SMALL_KERNELS, DilatedReparamBlock, LargeKernelConv
+from fusedconv.errors import FoldError
+from fusedconv.registry import register_block, reparameterize
+from fusedconv.reparam import check_reparameterization
+from utils import float64_reference, randomize_batchnorm_stats, relative_error
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MAX_RATIO = 4.0
+ERROR_FLOOR = {
+    torch.float32: 1e-6,
+    torch.float64: 1e-12,
+    torch.float16: 2.5e-4,
+    torch.bfloat16: 2e-3,
+}
+MIN_OUTPUT_VALUES = 128
+BOUNDED = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def make_block(cls, *, dtype=torch.float32, seed=0, **kwargs) -> nn.Module:
+    """An eval-mode block with every parameter (ImplicitM's near-1 vector too)
+    perturbed and every BN statistic random, so no term hides behind a 0 or a 1."""
+    generator = torch.Generator().manual_seed(seed)
+    block = cls(**kwargs)
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    randomize_batchnorm_stats(block, generator)
+    return block.eval().to(device=DEVICE, dtype=dtype)
+
+
+def input_shape(kwargs: dict, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """A batch large enough for MIN_OUTPUT_VALUES output values: a relative
+    error over a handful of values is too noisy to compare against a ratio."""
+    padding = kwargs.get("padding")
+    if padding is None:
+        padding = kwargs.get("dilation", 1) * (kwargs["kernel_size"] - 1) // 2
+    extent = kwargs.get("dilation", 1) * (kwargs["kernel_size"] - 1) + 1
+    stride = kwargs.get("stride", 1)
+    per_sample = kwargs["out_channels"] * math.prod((n + 2 * padding - extent) // stride + 1 for n in spatial)
+    return (max(2, -(-MIN_OUTPUT_VALUES // per_sample)), kwargs["in_channels"]) + spatial
+
+
+def random_input(kwargs: dict, spatial: tuple[int, ...], seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(input_shape(kwargs, spatial), generator=generator, dtype=torch.float64).to(DEVICE)
+
+
+@torch.no_grad()
+def assert_deploys_exactly(block: nn.Module, x64: torch.Tensor) -> nn.Module:
+    """Deploy a copy of ``block`` and check it against the float64 reference (rule in the module doc)."""
+    dtype = next(block.parameters()).dtype
+    reference = float64_reference(block, (x64,))
+    x = x64.to(dtype)
+    branched_error = relative_error(block(x), reference)
+    deployed = copy.deepcopy(block).reparameterize()
+    assert deployed.deployed
+    deployed_error = relative_error(deployed(x), reference)
+    tolerance = max(MAX_RATIO * branched_error, ERROR_FLOOR[dtype])
+    assert deployed_error <= tolerance, (
+        f"deployed error {deployed_error:.3e} > {tolerance:.3e} (branched block's own error {branched_error:.3e})"
+    )
+    return deployed
+
+
+def assert_geometry_kept(original: nn.Module, deployed: nn.Module) -> None:
+    for what in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+        assert getattr(deployed, what) == getattr(original, what), what
+
+
+# -- configurations ---------------------------------------------------------------------------
+
+
+@st.composite
+def channel_layouts(draw) -> dict:
+    """Dense, grouped, depthwise (in == out == groups) and a depthwise channel multiplier."""
+    layout = draw(st.sampled_from(["dense", "grouped", "depthwise", "multiplier"]))
+    if layout == "dense":
+        return dict(in_channels=draw(st.integers(1, 4)), out_channels=draw(st.integers(1, 4)), groups=1)
+    if layout == "grouped":
+        return dict(in_channels=2 * draw(st.integers(1, 2)), out_channels=2 * draw(st.integers(1, 2)), groups=2)
+    channels = draw(st.integers(1, 4))
+    return dict(in_channels=channels, out_channels=channels * (1 if layout == "depthwise" else 2), groups=channels)
+
+
+@st.composite
+def large_kernel_geometries(draw) -> dict:
+    """Odd kernels 1..31 in 1d/2d, 1..7 in 3d (3d maps grow with the cube of
+    the kernel's reach); stride 1, 2; dilation 1..3 (1..2 in 3d)."""
+    dims = draw(st.sampled_from([1, 2, 3]))
+    return dict(
+        dims=dims,
+        kernel_size=draw(st.integers(0, 3 if dims == 3 else 15)) * 2 + 1,
+        stride=draw(st.sampled_from([1, 2])),
+        dilation=draw(st.integers(1, 2 if dims == 3 else 3)),
+        **draw(channel_layouts()),
+    )
+
+
+def covering_spatial(draw, dims: int, reach: int) -> tuple[int, ...]:
+    """Input sizes at which every tap within ``reach`` input positions of the
+    window's centre reads real input for some output (with stride <= 2)."""
+    return tuple(reach + 2 + draw(st.integers(0, 1)) for _ in range(dims))
+
+
+@st.composite
+def large_kernel_configurations(draw) -> tuple[dict, tuple[int, ...]]:
+    kwargs = draw(large_kernel_geometries())
+    kwargs["small_kernel"] = draw(st.integers(0, kwargs["kernel_size"] // 2)) * 2 + 1
+    reach = kwargs["dilation"] * (kwargs["small_kernel"] - 1) // 2  # the merge only moves the small kernel
+    return kwargs, covering_spatial(draw, kwargs["dims"], reach)
+
+
+@st.composite
+def dilated_branches(draw, kernel_size: int) -> list[tuple[int, int]]:
+    """Up to 4 (kernel_size, dilation) pairs, dilation 1..5, each fitting and centred in the large kernel."""
+    pairs = []
+    for _ in range(draw(st.integers(0, 4))):
+        dilation = draw(st.integers(1, 5))
+        fitting = [k for k in range(1, (kernel_size - 1) // dilation + 2)
+                   if (kernel_size - 1 - dilation * (k - 1)) % 2 == 0]
+        pairs.append((draw(st.sampled_from(fitting)), dilation))
+    return pairs
+
+
+@st.composite
+def dilated_configurations(draw) -> tuple[dict, tuple[int, ...]]:
+    kwargs = draw(large_kernel_geometries())
+    kwargs["small_kernels"] = draw(dilated_branches(kwargs["kernel_size"]))
+    reach = max((r * (k - 1) for k, r in kwargs["small_kernels"]), default=0) * kwargs["dilation"] // 2
+    return kwargs, covering_spatial(draw, kwargs["dims"], reach)
+
+
+@st.composite
+def implicit_configurations(draw) -> tuple[dict, tuple[int, ...]]:
+    """Kernels 1..31 (1..7 in 3d), with no padding or with a padding mode that copies
+    input values; the input covers the whole kernel so that ImplicitA's shift meets every tap."""
+    kwargs = draw(large_kernel_geometries())
+    kwargs["bias"] = draw(st.booleans())
+    if draw(st.booleans()):
+        kwargs["padding"] = 0
+    else:
+        kwargs["padding_mode"] = draw(st.sampled_from(["reflect", "replicate", "circular"]))
+    extent = kwargs["dilation"] * (kwargs["kernel_size"] - 1) + 1
+    return kwargs, tuple(extent + draw(st.integers(0, 2)) for _ in range(kwargs["dims"]))
+
+
+# -- outputs match ----------------------------------------------------------------------------
+
+FLOAT_DTYPES = st.sampled_from([torch.float32, torch.float64])
+
+
+@BOUNDED
+@given(config=large_kernel_configurations(), dtype=FLOAT_DTYPES, seed=st.integers(0, 2**16))
+def test_large_kernel_conv_deploys_exactly(config, dtype, seed):
+    kwargs, spatial = config
+    block = make_block(LargeKernelConv, dtype=dtype, seed=seed, **kwargs)
+    large = copy.deepcopy(block.large.conv)
+    deployed = assert_deploys_exactly(block, random_input(kwargs, spatial, seed))
+    assert_geometry_kept(large, deployed.deployed_conv)
+
+
+@BOUNDED
+@given(config=dilated_configurations(), dtype=FLOAT_DTYPES, seed=st.integers(0, 2**16))
+def test_dilated_reparam_block_deploys_exactly(config, dtype, seed):
+    kwargs, spatial = config
+    block = make_block(DilatedReparamBlock, dtype=dtype, seed=seed, **kwargs)
+    large = copy.deepcopy(block.large.conv)
+    deployed = assert_deploys_exactly(block, random_input(kwargs, spatial, seed))
+    assert_geometry_kept(large, deployed.deployed_conv)
+
+
+@BOUNDED
+@given(config=implicit_configurations(), dtype=FLOAT_DTYPES, seed=st.integers(0, 2**16))
+def test_implicit_conv_deploys_exactly(config, dtype, seed):
+    kwargs, spatial = config
+    block = make_block(ImplicitConv, dtype=dtype, seed=seed, **kwargs)
+    conv = copy.deepcopy(block.conv)
+    deployed = assert_deploys_exactly(block, random_input(kwargs, spatial, seed))
+    assert_geometry_kept(conv, deployed.deployed_conv)
+
+
+@pytest.mark.parametrize("kernel_size", sorted(UNIREPLKNET_SMALL_KERNELS))
+def test_unireplknet_default_branches_deploy_exactly(kernel_size):
+    # UniRepLKNet's own layout: depthwise, stride 1, its pairs for this kernel size.
+    kwargs = dict(in_channels=3, out_channels=3, kernel_size=kernel_size, groups=3)
+    block = make_block(DilatedReparamBlock, seed=kernel_size, **kwargs)
+    assert block.small_kernels == UNIREPLKNET_SMALL_KERNELS[kernel_size]
+    assert_deploys_exactly(block, random_input(kwargs, (kernel_size // 2 + 2,) * 2, kernel_size))
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        # Even kernels whose windows share a centre (same parity).
+        (LargeKernelConv, dict(kernel_size=6, small_kernel=2)),
+        (LargeKernelConv, dict(kernel_size=4)),  # small_kernel defaults to the kernel itself
+        (DilatedReparamBlock, dict(kernel_size=8, small_kernels=[(4, 1), (2, 3), (2, 5)])),
+        # Padding beyond "same": the output grows, the small windows stay centred.
+        (LargeKernelConv, dict(kernel_size=7, small_kernel=3, padding=5, stride=2)),
+        (DilatedReparamBlock, dict(kernel_size=9, small_kernels=[(3, 2), (5, 1)], padding=6, dilation=2)),
+        # Padding below "same": the small kernels still need no cropping.
+        (LargeKernelConv, dict(kernel_size=9, small_kernel=3, padding=3)),
+        (DilatedReparamBlock, dict(kernel_size=7, small_kernels=[(3, 2), (3, 1)], padding=2)),
+        (ImplicitConv, dict(kernel_size=3, padding=2, padding_mode="reflect", stride=2)),
+        (ImplicitConv, dict(kernel_size=4, padding=0, dilation=2)),
+        # The largest kernels, with branches reaching its edge (the input covers all 31 taps).
+        (LargeKernelConv, dict(kernel_size=31, small_kernel=29, stride=2)),
+        (DilatedReparamBlock, dict(kernel_size=31, small_kernels=[(5, 1), (11, 3), (3, 15), (16, 2)])),
+    ],
+    ids=lambda value: value.__name__ if isinstance(value, type) else str(value),
+)
+def test_non_default_kernels_and_paddings_deploy_exactly(cls, kwargs):
+    kwargs = dict(in_channels=4, out_channels=6, groups=2, **kwargs)
+    for seed in range(3):
+        block = make_block(cls, seed=seed, **kwargs)
+        assert_deploys_exactly(block, random_input(kwargs, (17, 16), seed))
+
+
+HALF_CASES = [
+    (LargeKernelConv, dict(dims=1, in_channels=4, out_channels=6, kernel_size=31, small_kernel=5, stride=2, groups=2)),
+    (LargeKernelConv, dict(dims=2, in_channels=4, out_channels=4, kernel_size=13, small_kernel=5, groups=4)),
+    (DilatedReparamBlock, dict(dims=2, in_channels=4, out_channels=4, kernel_size=13, groups=4)),
+    (DilatedReparamBlock, dict(dims=3, in_channels=2, out_channels=4, kernel_size=5, stride=2, groups=2)),
+    (ImplicitConv, dict(dims=2, in_channels=3, out_channels=5, kernel_size=1)),
+    (ImplicitConv, dict(dims=2, in_channels=4, out_channels=4, kernel_size=5, groups=2, padding_mode="replicate")),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs", HALF_CASES,
+                         ids=[f"{c.__name__}-{k['dims']}d-k{k['kernel_size']}" for c, k in HALF_CASES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_blocks_deploy_within_tolerance(cls, kwargs, dtype):
+    spatial = (kwargs["kernel_size"] // 2 + 3,) * kwargs["dims"]
+    for seed in range(3):
+        block = make_block(cls, dtype=dtype, seed=seed, **kwargs)
+        assert_deploys_exactly(block, random_input(kwargs, spatial, seed))
+
+
+# -- what deploying does to the block ---------------------------------------------------------
+
+CONTRACT_CASES = [
+    (LargeKernelConv, dict(kernel_size=7, small_kernel=3), "large.conv"),
+    (DilatedReparamBlock, dict(kernel_size=7), "large.conv"),
+    (ImplicitConv, dict(kernel_size=3, padding_mode="circular"), "conv"),
+]
+CONTRACT_IDS = [c.__name__ for c, _, _ in CONTRACT_CASES]
+
+
+@pytest.mark.parametrize("cls, kwargs, target", CONTRACT_CASES, ids=CONTRACT_IDS)
+def test_deployed_block_holds_only_its_conv(cls, kwargs, target):
+    kwargs = dict(in_channels=4, out_channels=4, stride=2, groups=2, activation=nn.PReLU(4), **kwargs)
+    block = make_block(cls, dtype=torch.float64, seed=5, **kwargs)
+    x = random_input(kwargs, (9, 8), 5)
+    with torch.no_grad():
+        expected = block(x)
+    target_weight = block.get_submodule(target).weight
+    assert block.reparameterize() is block
+    assert block.deployed
+    assert not any(isinstance(m, (_BatchNorm, ImplicitA, ImplicitM)) for m in block.modules())
+    assert set(block.state_dict()) == {"deployed_conv.weight", "deployed_conv.bias", "activation.weight"}
+    for name in block.branch_names:
+        assert not hasattr(block, name)
+    # In place: the conv that held the large kernel is the deployed conv.
+    assert block.deployed_conv.weight is target_weight
+    with torch.no_grad():
+        assert relative_error(block(x), expected) <= ERROR_FLOOR[torch.float64]
+
+
+@pytest.mark.parametrize("cls, kwargs, target", CONTRACT_CASES, ids=CONTRACT_IDS)
+def test_reparameterize_twice_is_harmless(cls, kwargs, target):
+    block = make_block(cls, seed=6, in_channels=3, out_channels=3, **kwargs).reparameterize()
+    state = copy.deepcopy(block.state_dict())
+    assert block.reparameterize() is block
+    after = block.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+
+
+@pytest.mark.parametrize("cls, kwargs, target", CONTRACT_CASES, ids=CONTRACT_IDS)
+def test_training_mode_is_refused(cls, kwargs, target):
+    block = make_block(cls, in_channels=2, out_channels=2, **kwargs).train()
+    with pytest.raises(FoldError, match="training mode"):
+        block.reparameterize()
+    with pytest.raises(FoldError, match="training mode"):
+        reparameterize(nn.Sequential(block))
+    assert not block.deployed
+
+
+@pytest.mark.parametrize("cls, kwargs, target", CONTRACT_CASES, ids=CONTRACT_IDS)
+def test_gradients_reach_every_parameter(cls, kwargs, target):
+    block = make_block(cls, seed=11, in_channels=4, out_channels=4, groups=2, **kwargs).train()
+    block(torch.randn(2, 4, 8, 8, device=DEVICE)).square().sum().backward()
+    for name, parameter in block.named_parameters():
+        assert parameter.grad is not None and bool(parameter.grad.abs().sum() > 0), name
+
+
+@pytest.mark.parametrize("broken", ["large.bn", "small.0.bn", "small.3.bn"])
+def test_failed_merge_leaves_the_block_unchanged(broken):
+    cls = LargeKernelConv if broken == "small.0.bn" else DilatedReparamBlock
+    block = make_block(cls, seed=7, in_channels=4, out_channels=4, kernel_size=9, groups=2)
+    with torch.no_grad():
+        block.get_submodule(broken).running_var[1] = float("nan")
+    state = copy.deepcopy(block.state_dict())
+    label = broken.removesuffix(".bn")  # the merge names a branch's BN after the branch
+    with pytest.raises(FoldError, match=f"{cls.__name__}.{label} BatchNorm: running_var is not finite"):
+        block.reparameterize()
+    assert not block.deployed
+    after = block.state_dict()
+    assert state.keys() == after.keys()
+    assert all(torch.equal(state[k], after[k]) for k in state if k != broken + ".running_var")
+    assert torch.equal(state[broken + ".running_var"].isnan(), after[broken + ".running_var"].isnan())
+
+
+def test_implicit_conv_zero_padded_after_construction_is_refused_unchanged():
+    # Built valid, then its conv altered to zero-pad: the merge itself must refuse, touching nothing.
+    block = make_block(ImplicitConv, seed=8, in_channels=3, out_channels=3, kernel_size=3, padding=0)
+    block.conv.padding = (1, 1)
+    state = copy.deepcopy(block.state_dict())
+    with pytest.raises(FoldError, match="pads its input with zeros"):
+        block.reparameterize()
+    assert not block.deployed
+    assert all(torch.equal(state[k], v) for k, v in block.state_dict().items())
+
+
+MEMORY_FORMAT_CASES = [
+    (LargeKernelConv, dict(kernel_size=9, small_kernel=3)),
+    (DilatedReparamBlock, dict(kernel_size=7)),
+    (ImplicitConv, dict(kernel_size=3, padding=0)),
+]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("cls, kwargs", MEMORY_FORMAT_CASES, ids=[c.__name__ for c, _ in MEMORY_FORMAT_CASES])
+def test_dtype_device_and_memory_format_are_kept(cls, kwargs, dims):
+    kwargs = dict(in_channels=4, out_channels=8, stride=2, groups=4, dims=dims, **kwargs)
+    memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
+    block = make_block(cls, seed=8, **kwargs).to(memory_format=memory_format)
+    deployed = assert_deploys_exactly(block, random_input(kwargs, (6,) * dims, 8))
+    weight = deployed.deployed_conv.weight
+    assert weight.is_contiguous(memory_format=memory_format)
+    assert weight.dtype == deployed.deployed_conv.bias.dtype == torch.float32
+    assert weight.device.type == DEVICE
+
+
+def test_registry_merges_every_block_of_a_model_all_or_nothing():
+    def build_model():
+        model = nn.Sequential(
+            ImplicitConv(3, 6, 1, activation=nn.SiLU()),
+            LargeKernelConv(6, 6, 13, groups=6, activation=nn.ReLU()),
+            DilatedReparamBlock(6, 6, 9, stride=2, groups=3),
+        )
+        generator = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        return randomize_batchnorm_stats(model, generator).eval().to(DEVICE)
+
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(10), dtype=torch.float64).to(DEVICE)
+    broken = build_model()
+    with torch.no_grad():
+        broken[2].small[1].bn.running_var[0] = -1.0
+    with pytest.raises(FoldError, match="running_var is negative"):
+        reparameterize(broken)
+    assert not any(block.deployed for block in broken)  # the blocks before the bad one were not merged
+
+    model = build_model()
+    reference = float64_reference(model, (x,))
+    with torch.no_grad():
+        branched_error = relative_error(model(x.float()), reference)
+        assert reparameterize(model) is model
+        deployed_error = relative_error(model(x.float()), reference)
+    assert all(block.deployed for block in model)
+    assert not any(isinstance(m, (_BatchNorm, ImplicitA, ImplicitM)) for m in model.modules())
+    assert deployed_error <= max(MAX_RATIO * branched_error, ERROR_FLOOR[torch.float32])
+
+
+# -- construction -----------------------------------------------------------------------------
+
+
+def test_branch_layouts_follow_the_papers():
+    replk = LargeKernelConv(8, 8, 31, groups=8)
+    assert replk.branch_names == ("large", "small")
+    assert replk.small_kernels == ((5, 1),)  # RepLKNet's small kernel
+    small = replk.small[0].conv
+    assert (small.kernel_size, small.padding, small.groups) == ((5, 5), (2, 2), 8)
+    assert LargeKernelConv(2, 2, 3).small_kernels == ((3, 1),)  # 5 does not fit: the kernel itself
+
+    dilated = DilatedReparamBlock(4, 4, 13, dilation=2, groups=4, dims=1)
+    assert dilated.small_kernels == ((5, 1), (7, 2), (3, 3), (3, 4), (3, 5))
+    # Each branch's dilation is in large-kernel taps: times the block's dilation 2 for the conv.
+    assert [(b.conv.kernel_size, b.conv.dilation, b.conv.padding) for b in dilated.small] == [
+        ((5,), (2,), (4,)), ((7,), (4,), (12,)), ((3,), (6,), (6,)), ((3,), (8,), (8,)), ((3,), (10,), (10,))]
+    assert DilatedReparamBlock(4, 4, 31, small_kernels=[]).small_kernels == ()
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, error, message",
+    [
+        (LargeKernelConv, dict(kernel_size=5, small_kernel=7), FoldError,
+         "the small kernel 7 with dilation 1 cannot be merged into the block's main conv: .* reaches outside "
+         "the merged kernel of 5 taps"),
+        (LargeKernelConv, dict(kernel_size=6), FoldError, "small kernel 5 .* is not centred like the merged conv"),
+        (LargeKernelConv, dict(kernel_size=7, small_kernel=3, padding=1), FoldError,
+         "padding=1 leaves the small kernel 3 with dilation 1 a padding of -1: it would have to crop its input"),
+        (LargeKernelConv, dict(kernel_size=7, small_kernel=0), ValueError, "small kernel_size must be a positive int"),
+        (DilatedReparamBlock, dict(kernel_size=7, small_kernels=[(3, 1), (5, 2)]), FoldError,
+         "the small kernel 5 with dilation 2 cannot be merged .* kernel of 5 taps \\(dilation 2\\) reaches outside"),
+        (DilatedReparamBlock, dict(kernel_size=7, small_kernels=[(2, 1)]), FoldError, "is not centred"),
+        # Dilation 2: the 2-tap kernel is centred, but its taps fall between the large kernel's.
+        (DilatedReparamBlock, dict(kernel_size=7, dilation=2, small_kernels=[(2, 1)]), FoldError,
+         "fall between the merged conv's taps"),
+        (DilatedReparamBlock, dict(kernel_size=7, small_kernels=[(3, 0)]), ValueError,
+         "small kernel dilation must be a positive int"),
+        (DilatedReparamBlock, dict(kernel_size=7, small_kernels=[(3,)]), ValueError,
+         r"\(kernel_size, dilation\) pairs, got \(3,\)"),
+        (DilatedReparamBlock, dict(kernel_size=19), ValueError,
+         "UniRepLKNet defines small kernels for kernel_size in .* not 19: pass small_kernels"),
+        (LargeKernelConv, dict(kernel_size=3, groups=4), ValueError, "groups=4 must divide in_channels=4 and out"),
+        (DilatedReparamBlock, dict(kernel_size=5, dims=4), ValueError, "dims must be 1, 2 or 3"),
+        (LargeKernelConv, dict(kernel_size=(3, 3)), ValueError, r"kernel_size .*must be a positive int, got \(3, 3\)"),
+        (ImplicitConv, dict(kernel_size=3, stride=0), ValueError, "stride .*must be a positive int, got 0"),
+        (ImplicitConv, dict(kernel_size=3), FoldError,
+         r"zero-pads its input \(padding=1\): ImplicitA's shift added before zero padding is not a constant bias"),
+        (ImplicitConv, dict(kernel_size=1, padding=2), FoldError, r"zero-pads its input \(padding=2\)"),
+        (ImplicitConv, dict(kernel_size=1, padding_mode="mirror"), ValueError, "padding_mode must be one of"),
+        (ImplicitConv, dict(kernel_size=1, padding=-1), ValueError, "padding must be a non-negative int"),
+    ],
+)
+def test_configurations_that_cannot_merge_are_rejected_when_built(cls, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cls(in_channels=4, out_channels=6, **kwargs)
+
+
+# -- ImplicitA / ImplicitM on their own (YOLOv7's IDetect) ------------------------------------
+
+
+def test_implicit_layers_compute_and_store_what_yolov7_does():
+    add, multiply = ImplicitA(5), ImplicitM(5)
+    # YOLOv7's parameter name and shape, so its checkpoints load; init N(0, .02) and N(1, .02).
+    assert add.implicit.shape == multiply.implicit.shape == (1, 5, 1, 1)
+    assert abs(float(add.implicit.detach().mean())) < 0.1 and abs(float(multiply.implicit.detach().mean()) - 1) < 0.1
+    assert ImplicitA(5, dims=3).implicit.shape == (1, 5, 1, 1, 1)
+    x = torch.randn(2, 5, 3, 4)
+    torch.testing.assert_close(add(x), x + add.implicit.view(1, 5, 1, 1), rtol=0, atol=0)
+    torch.testing.assert_close(multiply(x), x * multiply.implicit.view(1, 5, 1, 1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="channels must be a positive int"):
+        ImplicitM(0)
+
+
+class IDetectLikeHead(nn.Module):
+    """YOLOv7's IDetect pattern: per level ImplicitA -> 1x1 conv -> ImplicitM."""
+
+    def __init__(self, channels=(3, 5), outputs=4):
+        super().__init__()
+        self.ia = nn.ModuleList(ImplicitA(c) for c in channels)
+        self.m = nn.ModuleList(nn.Conv2d(c, outputs, 1) for c in channels)
+        self.im = nn.ModuleList(ImplicitM(outputs) for _ in channels)
+
+    def forward(self, features):
+        return [im(m(ia(x))) for ia, m, im, x in zip(self.ia, self.m, self.im, features)]
+
+
+@register_block(IDetectLikeHead)
+def _merge_idetect_like_head(head: IDetectLikeHead, name: str):
+    def install_level(i):
+        def install(conv):
+            head.ia[i], head.im[i] = nn.Identity(), nn.Identity()
+        return install
+
+    return [implicit_reparameterization(f"{name}.m.{i}", head.m[i], install_level(i), head.ia[i], head.im[i])
+            for i in range(len(head.m))]
+
+
+def test_standalone_implicit_layers_merge_through_a_registered_converter():
+    head = make_block(IDetectLikeHead, seed=12)
+    generator = torch.Generator().manual_seed(13)
+    features = [torch.randn(2, c, 5, 4, generator=generator, dtype=torch.float64).to(DEVICE) for c in (3, 5)]
+    reference = float64_reference(head, (features,))
+    with torch.no_grad():
+        branched_error = relative_error(head([f.float() for f in features]), reference)
+        reparameterize(nn.Sequential(head))
+        deployed_error = relative_error(head([f.float() for f in features]), reference)
+    assert not any(isinstance(m, (ImplicitA, ImplicitM)) for m in head.modules())
+    assert deployed_error <= max(MAX_RATIO * branched_error, ERROR_FLOOR[torch.float32])
+
+
+def test_standalone_implicit_add_before_a_zero_padded_conv_is_refused():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    plan = implicit_reparameterization("head", conv, lambda c: None, implicit_add=ImplicitA(3))
+    with pytest.raises(FoldError, match="head: the conv pads its input with zeros"):
+        check_reparameterization(plan)
