@@ -12,6 +12,8 @@ from .errors import FoldError, FoldWarning
 from .fold import fold_bn_conv, fold_conv_bn, folded_weights
 from .layers import count_batchnorms
 from .planner import Fold, FusionPlan, Skip
+from .registry import register_block, reparameterize
+from . import blocks
 from .verification import ErrorStats, VerificationReport, verify
 
 __version__ = "0.1.0"
@@ -27,11 +29,14 @@ __all__ = [
     "FusionPlan",
     "Skip",
     "VerificationReport",
+    "blocks",
     "count_batchnorms",
     "fold_bn_conv",
     "fold_conv_bn",
     "folded_weights",
     "fuse",
     "plan",
+    "register_block",
+    "reparameterize",
     "verify",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from . import kernels
 from .affine import ChannelAffine, batchnorm_affines, compose
 from .errors import FoldError
+from .kernels import reference
 from .kernels.reference import column_factors
 from .layers import (
     LayerKind,
@@ -70,17 +72,14 @@ def rescale_weights(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold],
     """Apply each fold's scales to its weight in place, all in one batched call."""
     dense = [i for i, w in enumerate(weights) if kernels.has_dense_rows(w)]
     # The kernels walk a weight as one dense block; a weight that is a strided
-    # view of something else (rare) takes the plain PyTorch path.
-    odd = [i for i in range(len(weights)) if i not in set(dense)]
-    for indices, chosen in ((dense, backend), (odd, "torch")):
+    # view of something else (e.g. a transposed tied weight, rare) takes the
+    # plain PyTorch reference, which reads through any strides.
+    odd = set(range(len(weights))) - set(dense)
+    for indices, rescale in ((dense, partial(kernels.rescale_, backend=backend)), (sorted(odd), reference.rescale_)):
         if indices:
-            kernels.rescale_(
-                [weights[i] for i in indices],
-                [folds[i].row_scale for i in indices],
-                [folds[i].col_scale for i in indices],
-                [folds[i].groups for i in indices],
-                backend=chosen,
-            )
+            with torch.no_grad():
+                rescale([weights[i] for i in indices], [folds[i].row_scale for i in indices],
+                        [folds[i].col_scale for i in indices], [folds[i].groups for i in indices])
 
 
 def _checked_kind(layer: nn.Module, before: ChannelAffine | None, after: ChannelAffine | None,

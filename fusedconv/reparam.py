@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from . import kernels
+from .kernels import reference
 from .affine import ChannelAffine, batchnorm_affine
 from .errors import FoldError
 from .fold import LayerFold, plan_layer_fold, rescale_weights, set_biases
-from .layers import bn_statistics, why_batchnorm_cannot_fold
+from .layers import bn_statistics, layer_out_channels, why_batchnorm_cannot_fold
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,10 @@ class ConvGeometry:
 
     @classmethod
     def of(cls, conv: nn.Module) -> "ConvGeometry":
-        """The geometry of an ``nn.Conv1d/2d/3d`` (string paddings resolved)."""
+        """The geometry of an ``nn.Conv1d/2d/3d`` (string paddings resolved), or of an
+        ``nn.Linear``, a convolution with no spatial dims."""
+        if isinstance(conv, nn.Linear):
+            return cls(conv.in_features, conv.out_features, (), (), (), ())
         if not isinstance(conv, nn.modules.conv._ConvNd) or conv.transposed:
             raise FoldError(f"{type(conv).__name__} is not a Conv1d/2d/3d")
         padding = conv.padding
@@ -192,7 +196,9 @@ class Reparameterization:
 def check_reparameterization(plan: Reparameterization) -> Reparameterization:
     """Check everything about one plan and compute what it writes; raises
     :class:`FoldError` naming the block and the branch at fault. Nothing is modified."""
-    geometry = ConvGeometry.of(plan.target)
+    # The target may be any foldable layer (a Linear or ConvTranspose that only
+    # absorbs BNs); a kernel geometry is needed only to place branches.
+    geometry = ConvGeometry.of(plan.target) if plan.branches else None
     weight = plan.target.weight
     plan.placements = []
     for i, branch in enumerate(plan.branches):
@@ -205,7 +211,7 @@ def check_reparameterization(plan: Reparameterization) -> Reparameterization:
             plan.placements.append(tap_placement(branch.geometry, geometry))
         except FoldError as exc:
             raise FoldError(f"{plan.name}: branch {i} cannot be merged: {exc}") from None
-    extra = torch.zeros(geometry.out_channels, dtype=torch.float64, device=weight.device)
+    extra = torch.zeros(layer_out_channels(plan.target), dtype=torch.float64, device=weight.device)
     for branch in plan.branches:
         bias = (torch.zeros_like(extra) if branch.bias is None else branch.bias.detach().to(torch.float64))
         if branch.affine is not None:
@@ -228,9 +234,11 @@ def apply_reparameterizations(plans: Sequence[Reparameterization], backend: str 
             scales.append(None if branch.affine is None else branch.affine.scale.to(branch.weight.device))
             offsets.extend(offset)
             dilations.extend(dilation)
-    if bigs:
-        dense = all(kernels.has_dense_rows(b) for b in bigs)
-        kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend=backend if dense else "torch")
+    if all(kernels.has_dense_rows(b) for b in bigs):
+        kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend=backend)
+    else:  # a strided view of a weight: the PyTorch reference reads through any strides
+        with torch.no_grad():
+            reference.pad_add_(bigs, smalls, scales, offsets, dilations)
     set_biases([p.target for p in plans], [p.target_fold.bias for p in plans])
     for plan in plans:
         plan.install(plan.target)

@@ -60,20 +60,24 @@ def spatial_tuple(value: IntOrTuple, dims: int, what: str, minimum: int) -> tupl
 
 def check_block_arguments(in_channels: int, out_channels: int, kernel_size: int, stride: int,
                           padding: int | None, dilation: int, groups: int, dims: int, *,
-                          why_odd: str) -> int:
-    """Validate the geometry of a block whose branches share one centre tap; returns
-    its padding (``dilation * (kernel_size - 1) // 2``, "same", when ``padding`` is None).
+                          why_odd: str | None) -> int:
+    """Validate the geometry of a block's main conv; returns its padding
+    (``dilation * (kernel_size - 1) // 2``, "same", when ``padding`` is None).
 
     The sizes are single ints, the same in every spatial dim. Raises
-    :class:`ValueError` for an argument that makes no conv and
-    :class:`FoldError` for an even kernel, which has no centre tap (``why_odd``
-    says which branch needs one).
+    :class:`ValueError` for an argument that makes no conv (non-positive sizes,
+    groups that do not divide the channels, dims other than 1, 2, 3, a negative
+    padding). ``why_odd`` is for blocks whose branches share one centre tap: an
+    even kernel has none, so it raises :class:`FoldError` with ``why_odd`` (which
+    branch needs the centre tap) as the reason. ``why_odd=None`` accepts even
+    kernels, for blocks that decide per branch whether it lines up
+    (:mod:`fusedconv.blocks.replknet`, :mod:`fusedconv.blocks.implicit`).
     """
     check_dims(dims)
     check_channels(in_channels, out_channels, groups)
     for what, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
         check_positive_int(value, f"{what} (one value for every spatial dim)")
-    if kernel_size % 2 == 0:
+    if why_odd is not None and kernel_size % 2 == 0:
         raise FoldError(f"kernel_size={kernel_size} is even, so the kernel has no centre tap: {why_odd}")
     if padding is None:
         return dilation * (kernel_size - 1) // 2

@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import FoldError
 from ..reparam import ConvGeometry, Reparameterization, bn_affine, conv_branch
 from .base import RepBlock
-from .convbn import BATCH_NORMS, CONVS, check_alignment, check_channels, check_dims, check_positive_int
+from .convbn import BATCH_NORMS, CONVS, check_alignment, check_block_arguments, check_positive_int
 
 # UniRepLKNet's (kernel_size, dilation) branches for each of its large kernel sizes.
 UNIREPLKNET_SMALL_KERNELS = {
@@ -45,23 +45,12 @@ UNIREPLKNET_SMALL_KERNELS = {
 
 def check_conv_arguments(in_channels: int, out_channels: int, kernel_size: int, stride: int,
                          padding: int | None, dilation: int, groups: int, dims: int) -> int:
-    """Validate a block's conv arguments and return its padding.
-
-    ``padding=None`` means "same" padding, ``dilation * (kernel_size - 1) // 2``.
-    Raises :class:`ValueError` for arguments that make no conv (non-positive
-    sizes, groups that do not divide the channels, dims other than 1, 2, 3).
-    Unlike :func:`fusedconv.blocks.convbn.check_block_arguments` it accepts
-    even kernels: these blocks decide per branch whether it lines up.
-    """
-    check_dims(dims)
-    check_channels(in_channels, out_channels, groups)
-    for what, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
-        check_positive_int(value, f"{what} (one value for every spatial dim)")
-    if padding is None:
-        return dilation * (kernel_size - 1) // 2
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be a non-negative int or None (same padding), got {padding!r}")
-    return padding
+    """:func:`fusedconv.blocks.convbn.check_block_arguments` with ``why_odd=None``:
+    even kernels are accepted, the block decides per branch whether it lines up
+    (kept under this name for :mod:`fusedconv.blocks.implicit`). Returns the
+    padding ("same", ``dilation * (kernel_size - 1) // 2``, for None)."""
+    return check_block_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, dims,
+                                 why_odd=None)
 
 
 def conv_and_batchnorm(conv: nn.Module, dims: int) -> nn.Sequential:
@@ -87,8 +76,9 @@ class _LargeKernelWithSmallKernels(RepBlock):
                  padding: int | None, dilation: int, groups: int, activation: nn.Module | None, dims: int,
                  small_kernels: Sequence[tuple[int, int]]):
         super().__init__(activation)
-        padding = check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                                       groups, dims)
+        # Even kernels are fine here: each small kernel's alignment is checked below.
+        padding = check_block_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                        groups, dims, why_odd=None)
         conv = CONVS[dims]
         self.large = conv_and_batchnorm(
             conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False), dims)
