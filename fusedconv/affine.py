@@ -53,6 +53,25 @@ def _as_float64(stats: BatchNormStats) -> tuple[torch.Tensor, ...]:
     return mean, var, gamma, beta
 
 
+def _concatenated(stats: Sequence[BatchNormStats]) -> tuple:
+    """Means, variances, gammas and betas of many BNs on one device, each
+    concatenated and converted to float64 at once, and the channel counts."""
+    sizes = [s.running_mean.numel() for s in stats]
+    ones = zeros = None
+    if any(s.weight is None or s.bias is None for s in stats):  # affine=False: gamma 1, beta 0
+        ones = torch.ones(max(sizes), dtype=stats[0].running_mean.dtype, device=stats[0].running_mean.device)
+        zeros = torch.zeros_like(ones)
+
+    def column(tensors, missing):
+        parts = [missing[:n] if t is None else t.detach().reshape(-1) for t, n in zip(tensors, sizes)]
+        if len({p.dtype for p in parts}) == 1:
+            return torch.cat(parts).to(torch.float64)  # one conversion for all BNs
+        return torch.cat([p.to(torch.float64) for p in parts])
+
+    return (column([s.running_mean for s in stats], None), column([s.running_var for s in stats], None),
+            column([s.weight for s in stats], ones), column([s.bias for s in stats], zeros), sizes)
+
+
 def _raise_for_bad_stats(stats: BatchNormStats) -> None:
     """Raise the :class:`FoldError` that names what is wrong with one BN, if anything is."""
     mean, var, gamma, beta = _as_float64(stats)
@@ -79,9 +98,7 @@ def batchnorm_affines(all_stats: Sequence[BatchNormStats]) -> list[ChannelAffine
     for i, stats in enumerate(all_stats):
         by_device.setdefault(stats.running_mean.device, []).append(i)
     for indices in by_device.values():
-        columns = list(zip(*(_as_float64(all_stats[i]) for i in indices)))
-        mean, var, gamma, beta = (torch.cat(column) for column in columns)
-        sizes = [t.numel() for t in columns[0]]
+        mean, var, gamma, beta, sizes = _concatenated([all_stats[i] for i in indices])
         eps = torch.repeat_interleave(
             torch.tensor([all_stats[i].eps for i in indices], dtype=torch.float64, device=mean.device),
             torch.tensor(sizes, device=mean.device),

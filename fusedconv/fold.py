@@ -162,6 +162,7 @@ def plan_layer_folds(
     layers: Sequence[nn.Module],
     affines: Sequence[tuple[ChannelAffine | None, ChannelAffine | None]],
     names: Sequence[str],
+    extra_biases: Sequence[torch.Tensor | None] | None = None,
 ) -> list[LayerFold]:
     """:func:`plan_layer_fold` for many layers at once.
 
@@ -169,6 +170,7 @@ def plan_layer_folds(
     for all layers of one device and dtype together: a handful of tensor ops
     however many layers (on a GPU, per-layer ops would cost a launch each).
     """
+    extra_biases = extra_biases if extra_biases is not None else [None] * len(layers)
     folds: list[LayerFold | None] = [None] * len(layers)
     batches: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, (layer, (before, after), name) in enumerate(zip(layers, affines, names)):
@@ -176,7 +178,7 @@ def plan_layer_folds(
             _checked_kind(layer, before, after, name)
             batches[(layer.weight.device, _bias_dtype(layer))].append(i)
         else:
-            folds[i] = plan_layer_fold(layer, before, after, name=name)
+            folds[i] = plan_layer_fold(layer, before, after, name=name, extra_bias=extra_biases[i])
     for (device, dtype), members in batches.items():
         sizes = [layer_out_channels(layers[i]) for i in members]
         zeros = torch.zeros(max(sizes), dtype=dtype, device=device)
@@ -184,9 +186,12 @@ def plan_layer_folds(
             zeros[:n] if layers[i].bias is None else layers[i].bias.detach() for i, n in zip(members, sizes)
         ]).to(torch.float64)
         scales = torch.cat([affines[i][1].scale for i in members]).to(device)
-        shifts = torch.cat([affines[i][1].shift for i in members]).to(device)
-        new_biases = (biases * scales + shifts).to(dtype).split(sizes)
-        for i, scale, bias in zip(members, scales.split(sizes), new_biases):
+        new_biases = biases * scales + torch.cat([affines[i][1].shift for i in members]).to(device)
+        if any(extra_biases[i] is not None for i in members):
+            none = torch.zeros(max(sizes), dtype=torch.float64, device=device)
+            new_biases += torch.cat([none[:n] if extra_biases[i] is None else extra_biases[i].to(device)
+                                     for i, n in zip(members, sizes)])
+        for i, scale, bias in zip(members, scales.split(sizes), new_biases.to(dtype).split(sizes)):
             row, col = _scale_grid(layer_kind(layers[i]), None, scale)
             folds[i] = LayerFold(row, col, layer_groups(layers[i]), bias)
     return folds

@@ -111,13 +111,16 @@ class _ModelIndex:
         self.model = model
         self.blocks = blocks
         self.paths: dict[int, list[str]] = defaultdict(list)
+        modules: list[tuple[str, nn.Module]] = []  # first path of each module, as named_modules() gives
         for path, m in model.named_modules(remove_duplicate=False):
+            if not self.paths[id(m)]:
+                modules.append((path, m))
             self.paths[id(m)].append(path)
         self.layers: dict[str, nn.Module] = {}
         self.batchnorms: dict[str, nn.Module] = {}
         holders: dict[int, int] = defaultdict(int)
         inside = tuple(f"{name}." if name else "" for name in blocks)
-        for name, m in model.named_modules():
+        for name, m in modules:
             if inside and name.startswith(inside):
                 pass  # merged with its block
             elif layer_kind(m) is not None:
@@ -437,7 +440,7 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
                 "inplace=True, or make it copyable first (e.g. torch.nn.utils.prune.remove)"
             ) from exc
     # Blocks are planned on the model that will change (nothing is modified yet).
-    merges = plan_blocks(target) if plan.merges else []
+    merges = plan_blocks(target, plan.merges) if plan.merges else []
     layers = [_module(target, fold.layer) for fold in plan.folds]
     rescale_weights([layer.weight for layer in layers], layer_folds, backend)
     set_biases(layers, [layer_fold.bias for layer_fold in layer_folds])

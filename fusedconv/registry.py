@@ -23,7 +23,13 @@ from typing import Callable, Sequence, Union
 from torch import nn
 
 from .errors import FoldError
-from .reparam import Reparameterization, apply_reparameterizations, check_reparameterization
+from .layers import has_running_stats
+from .reparam import (
+    Reparameterization,
+    apply_reparameterizations,
+    check_reparameterizations,
+    prefetched_bn_affines,
+)
 
 logger = logging.getLogger("fusedconv")
 
@@ -88,20 +94,27 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, Converter]]:
     return found
 
 
-def plan_blocks(model: nn.Module) -> list[Reparameterization]:
-    """Checked merges of every known block in ``model``. Nothing is modified;
-    raises :class:`fusedconv.FoldError` naming the block at fault."""
+def plan_blocks(model: nn.Module, names: Sequence[str] | None = None) -> list[Reparameterization]:
+    """Checked merges of every known block in ``model`` (or of the blocks at
+    ``names``, as :func:`find_blocks` found them). Nothing is modified; raises
+    :class:`fusedconv.FoldError` naming the block at fault."""
     plans: list[Reparameterization] = []
-    for name, module, converter in find_blocks(model):
+    if names is None:
+        found = find_blocks(model)
+    else:
+        found = [(name, model.get_submodule(name), converter_for(model.get_submodule(name))) for name in names]
+    for name, module, _ in found:
         if module.training:
             raise FoldError(
                 f"{name or type(module).__name__} ({type(module).__name__}) is in training mode, where its "
                 "BatchNorms use batch statistics: call model.eval() before merging"
             )
-        planned = converter(module, name or type(module).__name__)
-        for plan in [planned] if isinstance(planned, Reparameterization) else planned:
-            plans.append(check_reparameterization(plan))
-    return plans
+    batchnorms = [m for _, block, _ in found for m in block.modules() if has_running_stats(m)]
+    with prefetched_bn_affines(batchnorms):
+        for name, module, converter in found:
+            planned = converter(module, name or type(module).__name__)
+            plans.extend([planned] if isinstance(planned, Reparameterization) else planned)
+    return check_reparameterizations(plans)
 
 
 def reparameterize(model: nn.Module, *, backend: str | None = None) -> nn.Module:

@@ -18,6 +18,8 @@ made; a tap where branches overlap is rounded once per added branch.
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -26,9 +28,9 @@ from torch import nn
 
 from . import kernels
 from .kernels import reference
-from .affine import ChannelAffine, batchnorm_affine
+from .affine import ChannelAffine, batchnorm_affine, batchnorm_affines
 from .errors import FoldError
-from .fold import LayerFold, plan_layer_fold, rescale_weights, set_biases
+from .fold import LayerFold, plan_layer_folds, rescale_weights, set_biases
 from .layers import bn_statistics, layer_out_channels, why_batchnorm_cannot_fold
 
 
@@ -124,8 +126,34 @@ def tap_placement(branch: ConvGeometry, target: ConvGeometry) -> tuple[tuple[int
     return tuple(offsets), tuple(dilations)
 
 
+# BN id -> its affine map, filled by prefetched_bn_affines for the converters of one plan.
+_PREFETCHED: contextvars.ContextVar[dict[int, ChannelAffine]] = contextvars.ContextVar("fusedconv_bn_affines",
+                                                                                    default={})
+
+
+@contextmanager
+def prefetched_bn_affines(bns: Sequence[nn.Module]):
+    """Within the block, :func:`bn_affine` hands out the affine maps of ``bns``
+    computed together (a handful of tensor ops and one host sync in all, instead
+    of per BN). If any of them has bad statistics, nothing is prefetched, so
+    that the converter that reads it raises the error naming it."""
+    usable = [bn for bn in bns if why_batchnorm_cannot_fold(bn) is None]
+    try:
+        affines = batchnorm_affines([bn_statistics(bn, type(bn).__name__) for bn in usable])
+    except FoldError:
+        affines = []
+    token = _PREFETCHED.set({id(bn): affine for bn, affine in zip(usable, affines)})
+    try:
+        yield
+    finally:
+        _PREFETCHED.reset(token)
+
+
 def bn_affine(bn: nn.Module, name: str = "BatchNorm") -> ChannelAffine:
     """The float64 affine map of an eval-mode BatchNorm, with its statistics checked."""
+    prefetched = _PREFETCHED.get().get(id(bn))
+    if prefetched is not None:
+        return prefetched
     problem = why_batchnorm_cannot_fold(bn)
     if problem:
         raise FoldError(f"{name}: {problem}")
@@ -193,38 +221,51 @@ class Reparameterization:
     target_fold: LayerFold | None = None
 
 
+def check_reparameterizations(plans: Sequence[Reparameterization]) -> list[Reparameterization]:
+    """Check everything about each plan and compute what it writes (the new
+    biases of all targets together); raises :class:`FoldError` naming the block
+    and the branch at fault. Nothing is modified."""
+    extras = []
+    for plan in plans:
+        # The target may be any foldable layer (a Linear or ConvTranspose that only
+        # absorbs BNs); a kernel geometry is needed only to place branches.
+        geometry = ConvGeometry.of(plan.target) if plan.branches else None
+        weight = plan.target.weight
+        plan.placements = []
+        for i, branch in enumerate(plan.branches):
+            if branch.weight.dtype != weight.dtype or branch.weight.device != weight.device:
+                raise FoldError(
+                    f"{plan.name}: branch {i} is {branch.weight.dtype} on {branch.weight.device}, the merged conv "
+                    f"{weight.dtype} on {weight.device}"
+                )
+            try:
+                plan.placements.append(tap_placement(branch.geometry, geometry))
+            except FoldError as exc:
+                raise FoldError(f"{plan.name}: branch {i} cannot be merged: {exc}") from None
+        extra = None
+        for branch in plan.branches:  # each branch's bias, through its affine map
+            bias = (torch.zeros(layer_out_channels(plan.target), dtype=torch.float64, device=weight.device)
+                    if branch.bias is None else branch.bias.detach().to(torch.float64))
+            if branch.affine is not None:
+                bias = bias * branch.affine.scale.to(weight.device) + branch.affine.shift.to(weight.device)
+            extra = bias if extra is None else extra + bias
+        extras.append(extra)
+    folds = plan_layer_folds([p.target for p in plans], [(p.before, p.after) for p in plans],
+                             [p.name for p in plans], extras)
+    for plan, fold in zip(plans, folds):
+        plan.target_fold = fold
+    return list(plans)
+
+
 def check_reparameterization(plan: Reparameterization) -> Reparameterization:
-    """Check everything about one plan and compute what it writes; raises
-    :class:`FoldError` naming the block and the branch at fault. Nothing is modified."""
-    # The target may be any foldable layer (a Linear or ConvTranspose that only
-    # absorbs BNs); a kernel geometry is needed only to place branches.
-    geometry = ConvGeometry.of(plan.target) if plan.branches else None
-    weight = plan.target.weight
-    plan.placements = []
-    for i, branch in enumerate(plan.branches):
-        if branch.weight.dtype != weight.dtype or branch.weight.device != weight.device:
-            raise FoldError(
-                f"{plan.name}: branch {i} is {branch.weight.dtype} on {branch.weight.device}, the merged conv "
-                f"{weight.dtype} on {weight.device}"
-            )
-        try:
-            plan.placements.append(tap_placement(branch.geometry, geometry))
-        except FoldError as exc:
-            raise FoldError(f"{plan.name}: branch {i} cannot be merged: {exc}") from None
-    extra = torch.zeros(layer_out_channels(plan.target), dtype=torch.float64, device=weight.device)
-    for branch in plan.branches:
-        bias = (torch.zeros_like(extra) if branch.bias is None else branch.bias.detach().to(torch.float64))
-        if branch.affine is not None:
-            bias = bias * branch.affine.scale.to(weight.device) + branch.affine.shift.to(weight.device)
-        extra = extra + bias
-    plan.target_fold = plan_layer_fold(plan.target, plan.before, plan.after, name=plan.name, extra_bias=extra)
-    return plan
+    """:func:`check_reparameterizations` for one plan."""
+    return check_reparameterizations([plan])[0]
 
 
 def apply_reparameterizations(plans: Sequence[Reparameterization], backend: str | None = None) -> None:
     """Merge every checked plan in place: the targets' weights are scaled in one
     batched call, the branches added in another, then each block installs its target."""
-    plans = [p if p.target_fold is not None else check_reparameterization(p) for p in plans]
+    check_reparameterizations([p for p in plans if p.target_fold is None])
     rescale_weights([p.target.weight for p in plans], [p.target_fold for p in plans], backend)
     bigs, smalls, scales, offsets, dilations = [], [], [], [], []
     for plan in plans:

@@ -1,0 +1,134 @@
+"""The block registry: users' own converters, lookup rules, and merges inside fuse."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import fusedconv
+from fusedconv import blocks, registry
+from fusedconv.reparam import Reparameterization, bn_affine, conv_branch
+from utils import float64_reference, randomize_batchnorm_stats, relative_error
+
+
+class MyBlock(nn.Module):
+    """A user's RepVGG-like block, unknown to fusedconv until registered."""
+
+    def __init__(self, channels: int = 6):
+        super().__init__()
+        self.conv3x3 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn3x3 = nn.BatchNorm2d(channels)
+        self.conv1x1 = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn1x1 = nn.BatchNorm2d(channels)
+        self.deployed = None
+
+    def forward(self, x):
+        if self.deployed is not None:
+            return torch.relu(self.deployed(x))
+        return torch.relu(self.bn3x3(self.conv3x3(x)) + self.bn1x1(self.conv1x1(x)))
+
+
+def merge_my_block(block, name):
+    """The README's example converter."""
+    def install(conv):
+        del block.conv3x3, block.bn3x3, block.conv1x1, block.bn1x1
+        block.deployed = conv
+
+    return Reparameterization(name, block.conv3x3, install, after=bn_affine(block.bn3x3),
+                              branches=[conv_branch(block.conv1x1, block.bn1x1)])
+
+
+@pytest.fixture
+def my_block_registered():
+    fusedconv.register_block(MyBlock)(merge_my_block)
+    yield
+    registry._CONVERTERS.pop(MyBlock)
+
+
+def model_with_blocks() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        MyBlock(), blocks.RepVGGBlock(6, 6, 3, activation=nn.ReLU()), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4),
+    )
+    return randomize_batchnorm_stats(model, torch.Generator().manual_seed(0)).eval()
+
+
+def test_registered_block_merges_with_the_rest_in_one_plan(my_block_registered):
+    model = model_with_blocks()
+    x = torch.randn(2, 3, 10, 10)
+    plan = fusedconv.plan(model)
+    assert plan.merges == ["3", "4"] and plan.num_folded == 2 and not plan.skipped
+    fused = fusedconv.fuse(model)
+    assert fusedconv.count_batchnorms(fused) == 0
+    assert isinstance(fused[3].deployed, nn.Conv2d) and not hasattr(fused[3], "bn3x3")
+    assert fused[4].deployed
+    reference = float64_reference(model, (x,))
+    with torch.no_grad():
+        unfused, folded = relative_error(model(x), reference), relative_error(fused(x), reference)
+    # Merging adds one rounding per weight to an already tiny float32 error (see test_traps.FLOOR).
+    assert folded <= 4 * unfused + 4 * torch.finfo(torch.float32).eps, (folded, unfused)
+
+
+def test_unregistered_block_is_left_to_the_bn_planner():
+    model = model_with_blocks()
+    plan = fusedconv.plan(model)
+    assert plan.merges == ["4"]  # only fusedconv's own block is merged
+    # MyBlock's two conv -> BN pairs still fold, as pairs; its branches stay.
+    assert {(f.layer, f.after) for f in plan.folds} >= {("3.conv3x3", ("3.bn3x3",)), ("3.conv1x1", ("3.bn1x1",))}
+    assert not plan.skipped
+
+
+def test_lookup_is_by_exact_class(my_block_registered):
+    class Derived(MyBlock):
+        def forward(self, x):  # may use its branches differently
+            return super().forward(x) * 2
+
+    assert registry.converter_for(MyBlock()) is merge_my_block
+    assert registry.converter_for(Derived()) is None
+
+
+def test_register_block_rejects_non_modules():
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        fusedconv.register_block(int, merge_my_block)
+
+
+def test_blocks_inside_blocks_are_the_outer_converters_business(my_block_registered):
+    outer = nn.Sequential(MyBlock())
+    fusedconv.register_block(nn.Sequential, lambda block, name: [])
+    try:
+        assert [name for name, _, _ in registry.find_blocks(nn.Sequential(outer))] == [""]
+    finally:
+        registry._CONVERTERS.pop(nn.Sequential)
+
+
+def test_failed_merge_leaves_model_unchanged(my_block_registered):
+    model = model_with_blocks()
+    with torch.no_grad():
+        model[4].identity.running_var[0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    for call in (lambda m: fusedconv.fuse(m, inplace=True), fusedconv.reparameterize):
+        with pytest.raises(fusedconv.FoldError, match="running_var is not finite"):
+            call(model)
+        torch.testing.assert_close(dict(model.state_dict()), dict(before), rtol=0, atol=0, equal_nan=True)
+        assert model[3].deployed is None and not model[4].deployed
+
+
+def test_training_mode_block_is_refused(my_block_registered):
+    model = model_with_blocks()
+    model[3].train()
+    with pytest.raises(fusedconv.FoldError, match=r"^3 \(MyBlock\) is in training mode"):
+        fusedconv.reparameterize(model)
+
+
+def test_broken_third_party_converters_are_reported_once(monkeypatch, caplog):
+    monkeypatch.setitem(registry._THIRD_PARTY, "json", "fusedconv.thirdparty.no_such_module")
+    monkeypatch.setattr(registry, "_loaded", set())
+    with caplog.at_level(logging.WARNING, logger="fusedconv"):
+        registry.converter_for(nn.Identity())
+        registry.converter_for(nn.Identity())
+    messages = [r.getMessage() for r in caplog.records if "converters for json" in r.getMessage()]
+    assert len(messages) == 1 and "ModuleNotFoundError" in messages[0]
