@@ -76,7 +76,8 @@ class FusionPlan:
     skipped: list[Skip]
     source: str
     """Where the dataflow came from: "source" (the forward code, read without
-    running it), "torch.fx" (a trace) or "run" (one run on the example inputs)."""
+    running it), "torch.fx" (a trace), "run" (one run on the example inputs),
+    or "none" (no BatchNorm outside the merged blocks, so none was needed)."""
     merges: list[str] = field(default_factory=list)
     """Re-parameterizable blocks merged into one conv each (qualified names)."""
 
@@ -85,7 +86,7 @@ class FusionPlan:
         return sum(len(f.batchnorms) for f in self.folds)
 
     def __str__(self) -> str:
-        source = {"source": "the forward code", "torch.fx": "a torch.fx graph"}.get(
+        source = {"source": "the forward code", "torch.fx": "a torch.fx graph", "none": "the blocks alone"}.get(
             self.source, "a run on the example inputs")
         lines = [
             f"fusion plan from {source}: {len(self.merges)} blocks merge into one conv each, "
@@ -354,7 +355,10 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
     for name, bn in index.batchnorms.items():
         check_not_training(bn, name)
     plan, flow = None, None
-    if example_inputs is None:
+    if not index.batchnorms:  # every BN sits in a block that its converter merges: no dataflow needed
+        flow = Dataflow({}, "none")
+        plan = FusionPlan([], [], "none")
+    elif example_inputs is None:
         # Reading the forward code is cheap; a trace is needed only where it
         # cannot vouch for every BatchNorm.
         flow = from_source(model, index.tracked, index.paths)

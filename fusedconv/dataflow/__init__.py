@@ -44,7 +44,7 @@ class Node:
 class Dataflow:
     nodes: dict[str, Node]
     source: str
-    """"source", "torch.fx" or "run"."""
+    """"source", "torch.fx", "run" or "none" (nothing to trace)."""
     unseen: dict[str, str] = field(default_factory=dict)
     """Tracked modules whose uses could not be seen, with the reason (inside a
     submodule torch.fx could not trace, or inside an opaque leaf module)."""
