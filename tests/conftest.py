@@ -19,3 +19,14 @@ def pytest_configure(config):
     interpreter, which must be switched on before any kernel is defined."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster than waking a pool for each op.
+
+    The block tests opt in per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,35 +1,37 @@
 """DiverseBranchBlock (DBB) and OREPABlock: trained with branches, deployed as one conv.
 
-Accuracy rule (every test that compares outputs): against a float64 reference
-of the *branched* eval-mode block (its float64 copy), the deployed block's
-relative error is at most ``max(MAX_RATIO[dtype] * err(branched block, same
-dtype), ERROR_FLOOR[dtype])``. The branched block and the merged conv round in
-different places, so their errors differ by a factor that scatters around 1.
-Measured over 8000 random draws (both blocks, all four dtypes, this file's
-ranges): the ratio reached 1.7 for float32 wherever the deployed error was
-above 1e-6, hence 4; for float16/bfloat16 it was mostly below 2.6 but reached
-4.0 once in 6000 half draws (a block whose branched form happens to round
-little), hence 6 for the half types. The floor covers draws
-where the branched block happens to be almost exact (a 1x1 kernel, one
-channel; ratios up to 5.4 were seen there, all below 4e-7): 1e-6 (~8 eps) for
-float32, a quarter eps for the half types (no draw needed more than 1e-4 and
-1e-3). float64 blocks *are* their reference, so only the floor applies: 1e-12
-(the merge's float64 re-association of sums of up to 31^2 taps measured at
-most 2e-14); rounding any term to float32 would show as ~1e-8 and a wrong tap
-or axis as ~1e-1.
+Every test that compares outputs uses the accuracy rule of
+:func:`block_checks.assert_as_accurate` (through
+:func:`block_checks.assert_deploys_exactly`): against a float64 reference of
+the *branched* eval-mode block, the deployed block's relative error is at most
+``max(MAX_RATIO * err(branched block, same dtype), ERROR_FLOOR[dtype])``; the
+block_checks module doc gives the measurements behind both.
 """
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from block_checks import (
+    DEVICE,
+    PROPERTY,
+    assert_deploys_exactly,
+    assert_deploys_in_place,
+    assert_gradients_reach_every_parameter,
+    assert_merge_fails_unchanged,
+    assert_registry_deploys_model,
+    assert_reparameterize_is_idempotent,
+    assert_training_mode_refused,
+    block_input,
+    channel_layouts,
+    make_block,
+    perturbed,
+    random_input,
+)
 from fusedconv.blocks.dbb import (
     BatchNormAndPad,
     DiverseBranchBlock,
@@ -39,69 +41,10 @@ from fusedconv.blocks.dbb import (
 )
 from fusedconv.blocks.orepa import OREPABlock
 from fusedconv.errors import FoldError
-from fusedconv.registry import reparameterize
-from utils import float64_reference, randomize_batchnorm_stats, relative_error
+from utils import randomize_batchnorm_stats, relative_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("one_thread")
 BLOCKS = (DiverseBranchBlock, OREPABlock)
-MAX_RATIO = {torch.float32: 4.0, torch.float64: 4.0, torch.float16: 6.0, torch.bfloat16: 6.0}
-ERROR_FLOOR = {
-    torch.float32: 1e-6,
-    torch.float64: 1e-12,
-    torch.float16: 2.5e-4,
-    torch.bfloat16: 2e-3,
-}
-BOUNDED = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def make_block(cls, *, dtype=torch.float32, seed=0, **kwargs) -> nn.Module:
-    """An eval-mode block with every parameter and BN statistic random.
-
-    Parameters are perturbed away from their initial values (the identity
-    residual starts at 0, OREPA's branch scales at constants), so that a
-    dropped or misplaced term cannot hide behind a zero or a one.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    block = cls(**kwargs)
-    with torch.no_grad():
-        for parameter in block.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    randomize_batchnorm_stats(block, generator)
-    return block.eval().to(device=DEVICE, dtype=dtype)
-
-
-def random_input(block_kwargs: dict, spatial: tuple[int, ...], seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed + 1)
-    shape = (2, block_kwargs["in_channels"]) + spatial
-    return torch.randn(shape, generator=generator, dtype=torch.float64).to(DEVICE)
-
-
-@torch.no_grad()
-def assert_deploys_exactly(block: nn.Module, x64: torch.Tensor) -> nn.Module:
-    """Deploy a copy of ``block`` and check it against the float64 reference (rule in the module doc)."""
-    dtype = next(block.parameters()).dtype
-    reference = float64_reference(block, (x64,))
-    x = x64.to(dtype)
-    branched_error = relative_error(block(x), reference)
-    deployed = copy.deepcopy(block).reparameterize()
-    deployed_error = relative_error(deployed(x), reference)
-    tolerance = max(MAX_RATIO[dtype] * branched_error, ERROR_FLOOR[dtype])
-    assert deployed_error <= tolerance, (
-        f"deployed error {deployed_error:.3e} > {tolerance:.3e} (branched block's own error {branched_error:.3e})"
-    )
-    return deployed
-
-
-@st.composite
-def channel_layouts(draw) -> dict:
-    """Channels and groups: dense, grouped, depthwise (in == out == groups) and a depthwise channel multiplier."""
-    layout = draw(st.sampled_from(["dense", "grouped", "depthwise", "multiplier"]))
-    if layout == "dense":
-        return dict(in_channels=draw(st.integers(1, 4)), out_channels=draw(st.integers(1, 4)), groups=1)
-    if layout == "grouped":
-        return dict(in_channels=2 * draw(st.integers(1, 2)), out_channels=2 * draw(st.integers(1, 2)), groups=2)
-    channels = draw(st.integers(1, 4))
-    return dict(in_channels=channels, out_channels=channels * (1 if layout == "depthwise" else 2), groups=channels)
 
 
 @st.composite
@@ -121,13 +64,13 @@ def block_configurations(draw) -> tuple[dict, tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("cls", BLOCKS, ids=lambda c: c.__name__)
-@BOUNDED
+@PROPERTY
 @given(config=block_configurations(), dtype=st.sampled_from([torch.float32, torch.float64]),
        seed=st.integers(0, 2**16))
 def test_deployed_block_matches_the_branched_block(cls, config, dtype, seed):
     kwargs, spatial = config
     block = make_block(cls, dtype=dtype, seed=seed, **kwargs)
-    deployed = assert_deploys_exactly(block, random_input(kwargs, spatial, seed))
+    deployed = assert_deploys_exactly(block, block_input(kwargs, spatial, seed))
     conv = deployed.deployed_conv
     assert (conv.kernel_size, conv.stride, conv.dilation, conv.groups) == (
         (kwargs["kernel_size"],) * kwargs["dims"], (kwargs["stride"],) * kwargs["dims"],
@@ -150,7 +93,7 @@ def test_half_precision_blocks_deploy_within_tolerance(cls, dtype, kwargs):
         pytest.skip("torch has no float16/bfloat16 avg_pool3d on CPU (DBB's average branch)")
     for seed in range(3):
         block = make_block(cls, dtype=dtype, seed=seed, **kwargs)
-        assert_deploys_exactly(block, random_input(kwargs, (6,) * kwargs["dims"], seed))
+        assert_deploys_exactly(block, block_input(kwargs, (6,) * kwargs["dims"], seed))
 
 
 @pytest.mark.parametrize("cls", BLOCKS, ids=lambda c: c.__name__)
@@ -158,7 +101,7 @@ def test_non_default_padding_and_internal_channels(cls):
     # Padding beyond "same" (the output grows) and a custom 1x1 -> kxk width.
     kwargs = dict(in_channels=4, out_channels=6, kernel_size=5, stride=2, padding=4, groups=2, internal_channels=6)
     block = make_block(cls, seed=3, **kwargs)
-    deployed = assert_deploys_exactly(block, random_input(kwargs, (7, 6), 3))
+    deployed = assert_deploys_exactly(block, block_input(kwargs, (7, 6), 3))
     assert deployed.deployed_conv.padding == (4, 4)
 
 
@@ -167,39 +110,20 @@ def test_deployed_block_holds_only_its_conv(cls):
     kwargs = dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, dilation=1, groups=2,
                   activation=nn.PReLU(4))
     block = make_block(cls, dtype=torch.float64, seed=5, **kwargs)
-    x = random_input(kwargs, (6, 5), 5)
-    with torch.no_grad():
-        expected = block(x)
-    target_weight = (block.origin.conv if cls is DiverseBranchBlock else block.conv).weight
-    assert block.reparameterize() is block
-    assert block.deployed
-    assert not any(isinstance(m, _BatchNorm) for m in block.modules())
+    # In place: the conv that held the kxk kernel becomes the deployed conv.
+    assert_deploys_in_place(block, block_input(kwargs, (6, 5), 5))
     assert set(block.state_dict()) == {"deployed_conv.weight", "deployed_conv.bias", "activation.weight"}
-    for name in block.branch_names:
-        assert not hasattr(block, name)
-    # In place: the conv that held the kxk kernel is the deployed conv.
-    assert block.deployed_conv.weight is target_weight
-    with torch.no_grad():
-        assert relative_error(block(x), expected) <= ERROR_FLOOR[torch.float64]
 
 
 @pytest.mark.parametrize("cls", BLOCKS, ids=lambda c: c.__name__)
 def test_reparameterize_twice_is_harmless(cls):
-    block = make_block(cls, seed=6, in_channels=3, out_channels=3, kernel_size=3).reparameterize()
-    state = copy.deepcopy(block.state_dict())
-    assert block.reparameterize() is block
-    after = block.state_dict()
-    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert_reparameterize_is_idempotent(
+        make_block(cls, seed=6, in_channels=3, out_channels=3, kernel_size=3).reparameterize())
 
 
 @pytest.mark.parametrize("cls", BLOCKS, ids=lambda c: c.__name__)
 def test_training_mode_is_refused(cls):
-    block = make_block(cls, in_channels=2, out_channels=2, kernel_size=3).train()
-    with pytest.raises(FoldError, match="training mode"):
-        block.reparameterize()
-    with pytest.raises(FoldError, match="training mode"):
-        reparameterize(nn.Sequential(block))
-    assert not block.deployed
+    assert_training_mode_refused(make_block(cls, in_channels=2, out_channels=2, kernel_size=3).train())
 
 
 @pytest.mark.parametrize("broken", ["dbb.average.bn", "dbb.expand.bn_pad.bn", "orepa.bn"])
@@ -209,14 +133,7 @@ def test_failed_merge_leaves_the_block_unchanged(broken):
     block = make_block(cls, seed=7, in_channels=4, out_channels=4, kernel_size=3, groups=2)
     with torch.no_grad():
         block.get_submodule(path).running_var[1] = float("nan")
-    state = copy.deepcopy(block.state_dict())
-    with pytest.raises(FoldError, match="running_var is not finite"):
-        block.reparameterize()
-    assert not block.deployed
-    after = block.state_dict()
-    assert state.keys() == after.keys()
-    assert all(torch.equal(state[k], after[k]) for k in state if k != path + ".running_var")
-    assert torch.equal(state[path + ".running_var"].isnan(), after[path + ".running_var"].isnan())
+    assert_merge_fails_unchanged(block, "running_var is not finite")
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -225,7 +142,7 @@ def test_dtype_device_and_memory_format_are_kept(cls, dims):
     kwargs = dict(in_channels=4, out_channels=8, kernel_size=5, stride=2, dilation=1, groups=4, dims=dims)
     memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
     block = make_block(cls, seed=8, **kwargs).to(memory_format=memory_format)
-    deployed = assert_deploys_exactly(block, random_input(kwargs, (5,) * dims, 8))
+    deployed = assert_deploys_exactly(block, block_input(kwargs, (5,) * dims, 8))
     weight = deployed.deployed_conv.weight
     assert weight.is_contiguous(memory_format=memory_format)
     assert weight.dtype == deployed.deployed_conv.bias.dtype == torch.float32
@@ -234,26 +151,13 @@ def test_dtype_device_and_memory_format_are_kept(cls, dims):
 
 
 def test_registry_merges_every_block_of_a_model():
-    model = nn.Sequential(
+    model = perturbed(nn.Sequential(
         DiverseBranchBlock(3, 6, 3, activation=nn.ReLU()),
         OREPABlock(6, 6, 5, stride=2, groups=3, activation=nn.ReLU()),
         DiverseBranchBlock(6, 6, 3, groups=6, dims=2),
-    )
-    generator = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    randomize_batchnorm_stats(model, generator)
-    model.eval().to(DEVICE)
-    x = torch.randn(2, 3, 8, 8, generator=generator, dtype=torch.float64).to(DEVICE)
-    reference = float64_reference(model, (x,))
-    with torch.no_grad():
-        branched_error = relative_error(model(x.float()), reference)
-        assert reparameterize(model) is model
-        deployed_error = relative_error(model(x.float()), reference)
-    assert all(block.deployed for block in model)
-    assert not any(isinstance(m, _BatchNorm) for m in model.modules())
-    assert deployed_error <= max(MAX_RATIO[torch.float32] * branched_error, ERROR_FLOOR[torch.float32])
+    ), seed=9)
+    assert_registry_deploys_model(model, random_input((2, 3, 8, 8), torch.float32, torch.Generator().manual_seed(10),
+                                                      DEVICE))
 
 
 @pytest.mark.parametrize(
@@ -310,11 +214,8 @@ def test_batchnorm_and_pad_equals_batchnorm_of_the_zero_padded_input(dims):
 
 @pytest.mark.parametrize("cls", BLOCKS, ids=lambda c: c.__name__)
 def test_gradients_reach_every_branch_parameter(cls):
-    block = make_block(cls, seed=11, in_channels=4, out_channels=4, kernel_size=3, groups=2).train()
-    x = torch.randn(2, 4, 6, 6, device=DEVICE)
-    block(x).square().sum().backward()
-    for name, parameter in block.named_parameters():
-        assert parameter.grad is not None and bool(parameter.grad.abs().sum() > 0), name
+    block = make_block(cls, seed=11, in_channels=4, out_channels=4, kernel_size=3, groups=2)
+    assert_gradients_reach_every_parameter(block, torch.randn(2, 4, 6, 6, device=DEVICE))
 
 
 @pytest.mark.parametrize("dims, kernel_size, stride, groups", [(1, 5, 2, 2), (2, 3, 1, 1), (2, 7, 2, 4), (3, 3, 2, 2)])

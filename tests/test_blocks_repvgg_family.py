@@ -4,11 +4,11 @@ Property tests draw kernel sizes 1..31 (odd), stride 1 and 2, dilation 1..3,
 groups from 1 to depthwise, channel counts with and without an identity
 branch, paddings from below to above "same", Conv1d/2d/3d where the block has
 them, and float32/float64/float16/bfloat16. Each deployed block is checked by
-:func:`test_convbn.assert_deploys_exactly`: its output against a float64
+:func:`block_checks.assert_deploys_exactly`: its output against a float64
 reference of the branched eval-mode block (with random weights, inputs and BN
-statistics) under the accuracy rule of :func:`test_convbn.assert_as_accurate`,
+statistics) under the accuracy rule of :func:`block_checks.assert_as_accurate`,
 no BatchNorm left, only the deployed conv in its state_dict, the main conv's
-geometry, dtype and memory format kept, a second ``reparameterize()`` harmless.
+geometry, dtype, device and memory format kept, a second ``reparameterize()`` harmless.
 """
 
 from __future__ import annotations
@@ -19,7 +19,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import fusedconv.registry
+from block_checks import (
+    ALL_DTYPES,
+    PROPERTY,
+    assert_as_accurate,
+    assert_deploys_exactly,
+    assert_merge_fails_unchanged,
+    assert_registry_deploys_model,
+    assert_training_mode_refused,
+    input_shape,
+    main_conv,
+    random_input,
+    randomized,
+)
 from fusedconv.blocks.acnet import ACBlock
 from fusedconv.blocks.base import RepBlock
 from fusedconv.blocks.convbn import ConvBN
@@ -27,26 +39,16 @@ from fusedconv.blocks.mobileone import MobileOneBlock
 from fusedconv.blocks.repvgg import RepConv, RepVGGBlock
 from fusedconv.errors import FoldError
 from utils import float64_reference
-from test_convbn import (  # noqa: F401  (one_thread: the autouse fixture, active here once imported)
-    ALL_DTYPES,
-    PROPERTY,
-    assert_as_accurate,
-    assert_deploys_exactly,
-    one_thread,
-    random_input,
-    randomized,
-)
 
-
-def main_conv(block: nn.Module) -> nn.Module:
-    """The conv that a block deploys to (before deployment)."""
-    return block.square.conv if isinstance(block, ACBlock) else block.dense[0].conv
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite
 def block_cases(draw, family: type):
     """(block, input) for a random configuration that ``family`` accepts, with an
-    output of at least 2 positions per spatial dim (a relative error over one value is noise)."""
+    output of at least 2 positions per spatial dim and a batch for at least
+    MIN_OUTPUT_VALUES output values (:func:`block_checks.input_shape`: a
+    relative error over a handful of values is noise)."""
     dims = 2 if family is ACBlock else draw(st.integers(1, 3))
     kernel_size = 2 * draw(st.integers(0, 15)) + 1
     # 3d: the dilated kernel spans at most 31 taps per side (up to 31^3 weights
@@ -78,7 +80,9 @@ def block_cases(draw, family: type):
     dtype, seed = draw(st.sampled_from(ALL_DTYPES)), draw(st.integers(0, 2**31))
     sizes = [max(2, dilation * (kernel_size - 1) + 1 + stride - 2 * pads) + draw(st.integers(0, 2))
              for _ in range(dims)]
-    x = random_input((2, in_channels, *sizes), dtype, torch.Generator().manual_seed(seed + 1))
+    shape = input_shape(dict(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size,
+                             stride=stride, padding=pads, dilation=dilation), tuple(sizes))
+    x = random_input(shape, dtype, torch.Generator().manual_seed(seed + 1))
     return randomized(block, dtype, seed), x
 
 
@@ -90,7 +94,7 @@ FAMILIES = [RepVGGBlock, RepConv, ACBlock, MobileOneBlock]
 @given(data=st.data())
 def test_deploys_exactly(family, data):
     block, x = data.draw(block_cases(family))
-    assert_deploys_exactly(block, x, main_conv(block))
+    assert_deploys_exactly(block, x)
 
 
 @pytest.mark.parametrize("block", [
@@ -107,7 +111,7 @@ def test_deploys_exactly_on_inputs_wider_than_the_kernel(block):
     block = randomized(block, torch.float32, seed=7)
     dims = main_conv(block).weight.dim() - 2
     x = random_input((2, main_conv(block).in_channels) + (23,) * dims, torch.float32, torch.Generator().manual_seed(8))
-    assert_deploys_exactly(block, x, main_conv(block))
+    assert_deploys_exactly(block, x)
 
 
 @pytest.mark.parametrize("memory_format, dims", [(torch.channels_last, 2), (torch.channels_last_3d, 3)])
@@ -115,7 +119,7 @@ def test_deployed_conv_keeps_channels_last(memory_format, dims):
     block = randomized(MobileOneBlock(4, 4, 3, num_branches=2, dims=dims), torch.float32, seed=9)
     block = block.to(memory_format=memory_format)
     x = random_input((2, 4) + (6,) * dims, torch.float32, torch.Generator().manual_seed(10))
-    deployed = assert_deploys_exactly(block, x.to(memory_format=memory_format), main_conv(block))
+    deployed = assert_deploys_exactly(block, x.to(memory_format=memory_format))
     assert deployed.deployed_conv.weight.is_contiguous(memory_format=memory_format)
 
 
@@ -124,7 +128,7 @@ def test_deployed_conv_keeps_channels_last(memory_format, dims):
 def test_deploys_on_gpu():
     block = randomized(RepVGGBlock(8, 8, 3, groups=2), torch.float32, seed=11).cuda()
     x = random_input((2, 8, 12, 12), torch.float32, torch.Generator().manual_seed(12)).cuda()
-    deployed = assert_deploys_exactly(block, x, main_conv(block))
+    deployed = assert_deploys_exactly(block, x)
     assert deployed.deployed_conv.weight.is_cuda
 
 
@@ -216,10 +220,7 @@ def test_rejects_configurations_that_do_not_merge(build, error, message):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reparameterize_refuses_training_mode(family):
-    block = family(4, 4, 3).train()
-    with pytest.raises(FoldError, match="training mode"):
-        block.reparameterize()
-    assert not block.deployed and all(hasattr(block, name) for name in block.branch_names)
+    assert_training_mode_refused(family(4, 4, 3).train())
 
 
 @pytest.mark.parametrize("block, broken", [
@@ -232,11 +233,7 @@ def test_failed_reparameterize_leaves_block_unchanged(block, broken):
     block = randomized(block, torch.float32, seed=15)
     with torch.no_grad():
         block.get_submodule(broken).running_var[0] = -1.0
-    state = {key: value.clone() for key, value in block.state_dict().items()}
-    with pytest.raises(FoldError, match=f"{broken.split('.')[0]}.*running_var is negative"):
-        block.reparameterize()
-    assert not block.deployed and block.state_dict().keys() == state.keys()
-    assert all(torch.equal(block.state_dict()[key], value) for key, value in state.items())
+    assert_merge_fails_unchanged(block, f"{broken.split('.')[0]}.*running_var is negative")
 
 
 def sample_model() -> nn.Sequential:
@@ -253,13 +250,7 @@ def sample_model() -> nn.Sequential:
 def test_registry_reparameterizes_every_block_of_a_model():
     model = sample_model()
     x = random_input((2, 4, 16, 16), torch.float32, torch.Generator().manual_seed(17))
-    reference = float64_reference(model, (x,))
-    with torch.no_grad():
-        branched = model(x)
-        fusedconv.registry.reparameterize(model)
-        assert_as_accurate(model(x), branched, reference, torch.float32)
-    assert all(block.deployed for block in model)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert_registry_deploys_model(model, x)
 
 
 def test_blocks_deploy_after_their_branches_did():
