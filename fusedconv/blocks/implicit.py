@@ -39,8 +39,7 @@ from ..affine import ChannelAffine
 from ..errors import FoldError
 from ..reparam import Reparameterization
 from .base import RepBlock
-from .convbn import CONVS, check_dims, check_positive_int
-from .replknet import check_conv_arguments
+from .convbn import CONVS, check_block_arguments, check_dims, check_positive_int
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -158,8 +157,8 @@ class ImplicitConv(RepBlock):
                  activation: nn.Module | None = None, dims: int = 2, bias: bool = True,
                  padding_mode: str = "zeros"):
         super().__init__(activation)
-        padding = check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                                       groups, dims)
+        padding = check_block_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                        groups, dims, why_odd=None)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if padding > 0 and padding_mode == "zeros":

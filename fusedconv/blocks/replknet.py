@@ -43,16 +43,6 @@ UNIREPLKNET_SMALL_KERNELS = {
 }
 
 
-def check_conv_arguments(in_channels: int, out_channels: int, kernel_size: int, stride: int,
-                         padding: int | None, dilation: int, groups: int, dims: int) -> int:
-    """:func:`fusedconv.blocks.convbn.check_block_arguments` with ``why_odd=None``:
-    even kernels are accepted, the block decides per branch whether it lines up
-    (kept under this name for :mod:`fusedconv.blocks.implicit`). Returns the
-    padding ("same", ``dilation * (kernel_size - 1) // 2``, for None)."""
-    return check_block_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, dims,
-                                 why_odd=None)
-
-
 def conv_and_batchnorm(conv: nn.Module, dims: int) -> nn.Sequential:
     """``conv -> BatchNorm`` as a Sequential with children ``conv`` and ``bn``."""
     return nn.Sequential(OrderedDict(conv=conv, bn=BATCH_NORMS[dims](conv.out_channels)))
