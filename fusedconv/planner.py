@@ -421,7 +421,7 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
                                    _checked_affines(model, plan.folds), [fold.layer for fold in plan.folds])
     kernels.resolve(_first_weight_device(model), backend)  # a backend asked for by name must load
     paths: dict[int, list[str]] = defaultdict(list)
-    for path, m in model.named_modules(remove_duplicate=False):
+    for path, m in model.named_modules(remove_duplicate=False) if plan.folds else ():
         if path:
             paths[id(m)].append(path)
     bn_paths = {name: paths[id(_module(model, name))] for f in plan.folds for name in f.batchnorms}

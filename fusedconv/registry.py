@@ -102,7 +102,8 @@ def plan_blocks(model: nn.Module, names: Sequence[str] | None = None) -> list[Re
     if names is None:
         found = find_blocks(model)
     else:
-        found = [(name, model.get_submodule(name), converter_for(model.get_submodule(name))) for name in names]
+        modules = [(name, model.get_submodule(name)) for name in names]
+        found = [(name, module, converter_for(module)) for name, module in modules]
     for name, module, _ in found:
         if module.training:
             raise FoldError(
