@@ -279,7 +279,30 @@ class KeptInAList(Base):
         return self.bn(self.conv(x)) + self.alias[0](x)
 
 
-REFUSED = [AlsoResidual, ReadLater, CalledTwice, BnTwice, ConditionalConsumer, JumpBetween, InTry, Captured,
+class MethodPassedOn(Base):
+    """The method reaches ``conv`` a second time where the reading cannot see."""
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + apply(self._again, x)
+
+    def _again(self, x):
+        return self.conv(x)
+
+
+def apply(function, x):
+    return function(x)
+
+
+class ThroughProperty(Base):
+    @property
+    def features(self):
+        return self.conv
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.features(x)
+
+
+REFUSED = [MethodPassedOn, ThroughProperty, AlsoResidual, ReadLater, CalledTwice, BnTwice, ConditionalConsumer, JumpBetween, InTry, Captured,
            AugmentedConsumer, Walrus, ByGetattr, SelfPassedOn, WeightRead, Children, Outer, Indexing, Shared,
            PropertyShadow, Decorated, KeptInAList]
 

@@ -125,11 +125,16 @@ class _Reader:
             if attr in _MODULE_ATTRIBUTES:
                 raise _Opaque(f"uses nn.Module.{attr}")
             parent = parents.get(node)
-            if isinstance(parent, ast.Call) and parent.func is node:
-                if inspect.isfunction(inspect.getattr_static(self.cls, attr, None)):
-                    self.read_method(attr)  # one of the class's own methods
-                else:
-                    self.reading.calls[attr] = self.reading.calls.get(attr, 0) + 1
+            called = isinstance(parent, ast.Call) and parent.func is node
+            static = inspect.getattr_static(self.cls, attr, None)
+            if inspect.isfunction(static):
+                if not called:  # e.g. checkpoint(self._inner, x): code this reading would not follow
+                    raise _Opaque(f"passes its method {attr} on")
+                self.read_method(attr)  # one of the class's own methods
+            elif static is not None and hasattr(static, "__get__"):
+                raise _Opaque(f"uses {attr}, computed by a descriptor (a property, a classmethod, ...)")
+            elif called:
+                self.reading.calls[attr] = self.reading.calls.get(attr, 0) + 1
             elif not (isinstance(parent, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops)
                       and all(isinstance(c, ast.Constant) and c.value is None for c in parent.comparators)):
                 self.reading.other_uses.add(attr)
