@@ -60,11 +60,16 @@ def float_outputs(output) -> list[torch.Tensor]:
 
 
 def relative_error(output, reference) -> float:
-    """||output - reference|| / ||reference|| over all floating outputs, in float64."""
+    """||output - reference|| / ||reference|| over all floating outputs, in float64.
+
+    An all-zero reference (a random draw where a ReLU zeroes everything) gives 0
+    for an all-zero output and infinity for anything else."""
     outs, refs = float_outputs(output), float_outputs(reference)
     assert len(outs) == len(refs) and outs, "outputs do not match the reference's structure"
     num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outs, refs))
     den = sum(float(r.double().pow(2).sum()) for r in refs)
+    if den == 0:
+        return 0.0 if num == 0 else float("inf")
     return (num / den) ** 0.5
 
 
