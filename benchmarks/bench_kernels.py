@@ -12,7 +12,10 @@ Rows, all in one run on the same weights:
 * ``fuse_conv_bn_eval loop``: ``torch.nn.utils.fusion.fuse_conv_bn_eval`` once
   per layer, what most tools do;
 * ``fusedconv <backend>``: one :func:`fusedconv.kernels.rescale_` call for all
-  layers (the BN scales computed beforehand, as ``fuse`` does while planning).
+  layers (the BN scales computed beforehand, as ``fuse`` does while planning);
+* ``fusedconv <backend>, into new weights``: the same call with ``sources=``,
+  writing a folded copy of every weight in one pass (what ``fuse`` does when it
+  returns a copy).
 
 Bandwidth counts one read and one write of every weight byte. Peak extra
 memory is what the call allocated beyond the weights (CUDA: the allocator's
@@ -149,6 +152,15 @@ def main(argv=None) -> int:
                                                   backend=name),
             args.repeats,
         )
+    # What fuse does for a folded copy: the new weights written from the old in
+    # one pass (allocated and touched beforehand, like the copy's buffers).
+    outputs = [torch.full_like(w, 0.25) for w in weights]
+    for name in backend_times:
+        row(f"fusedconv {name}, into new weights",
+            lambda _, name=name: kernels.rescale_(outputs, scales, [None] * len(weights), [1] * len(weights),
+                                                  sources=weights, backend=name),
+            args.repeats)
+    del outputs
     print()
     print_table(["", "ms", "GB/s", "vs copy", "extra MB", "extra / weights"], rows)
     print()

@@ -26,7 +26,9 @@ std::string build_info() {
 }  // namespace fusedconv
 
 TORCH_LIBRARY(fusedconv_ext, m) {
-  m.def("rescale_(Tensor(a!)[] weights, Tensor?[] row_scales, Tensor?[] col_scales, int[] groups) -> ()");
+  m.def(
+      "rescale_(Tensor(a!)[] weights, Tensor?[] row_scales, Tensor?[] col_scales, int[] groups, Tensor[] sources) "
+      "-> ()");
   m.def("pad_add_(Tensor(a!)[] bigs, Tensor[] smalls, Tensor?[] scales, int[] offsets, int[] dilations) -> ()");
   m.def("build_info() -> str", &fusedconv::build_info);
 }

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import partial
 from typing import Sequence
 
 import torch
@@ -68,18 +67,32 @@ class LayerFold:
     bias: torch.Tensor
 
 
-def rescale_weights(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold], backend: str | None = None) -> None:
-    """Apply each fold's scales to its weight in place, all in one batched call."""
-    dense = [i for i, w in enumerate(weights) if kernels.has_dense_rows(w)]
+def rescale_weights(
+    weights: Sequence[torch.Tensor],
+    folds: Sequence[LayerFold],
+    backend: str | None = None,
+    sources: Sequence[torch.Tensor] | None = None,
+) -> None:
+    """Apply each fold's scales to its weight in place, all in one batched call;
+    with ``sources``, write each weight from its source instead (one pass for a
+    folded copy)."""
+    in_place = sources is None
+    sources = weights if in_place else sources
+    dense = [i for i, (w, src) in enumerate(zip(weights, sources))
+             if kernels.has_dense_rows(w) and src.stride() == w.stride()]
     # The kernels walk a weight as one dense block; a weight that is a strided
     # view of something else (e.g. a transposed tied weight, rare) takes the
     # plain PyTorch reference, which reads through any strides.
-    odd = set(range(len(weights))) - set(dense)
-    for indices, rescale in ((dense, partial(kernels.rescale_, backend=backend)), (sorted(odd), reference.rescale_)):
-        if indices:
-            with torch.no_grad():
-                rescale([weights[i] for i in indices], [folds[i].row_scale for i in indices],
-                        [folds[i].col_scale for i in indices], [folds[i].groups for i in indices])
+    odd = sorted(set(range(len(weights))) - set(dense))
+    with torch.no_grad():
+        if dense:
+            kernels.rescale_([weights[i] for i in dense], [folds[i].row_scale for i in dense],
+                             [folds[i].col_scale for i in dense], [folds[i].groups for i in dense],
+                             sources=None if in_place else [sources[i] for i in dense], backend=backend)
+        if odd:
+            reference.rescale_([weights[i] for i in odd], [folds[i].row_scale for i in odd],
+                               [folds[i].col_scale for i in odd], [folds[i].groups for i in odd],
+                               [sources[i] for i in odd])
 
 
 def _checked_kind(layer: nn.Module, before: ChannelAffine | None, after: ChannelAffine | None,

@@ -96,6 +96,72 @@ def test_rescale_backend_gives_the_torch_bits(backend, dtype, channels_last):
         assert torch.equal(w, e), (w - e).abs().max()
 
 
+@pytest.mark.parametrize("backend", ["torch", *RUNNABLE])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rescale_from_sources_writes_what_in_place_would(backend, dtype, channels_last):
+    """``sources=``: each weight is written from its source and the sources are
+    left alone; the bits are those of scaling the source in place. Weights
+    without any scale are plain copies."""
+    _skip_where_the_interpreter_rounds_wrongly(backend, dtype)
+    sources, rows, cols, groups = _rescale_case(dtype, channels_last, seed=9)
+    rows[0] = cols[0] = None  # no scale at all: the weight is a copy of its source
+    originals = [s.clone() for s in sources]
+    expected = [s.clone() for s in sources]
+    kernels.rescale_(expected, rows, cols, groups, backend="torch")
+    weights = [torch.full_like(s, float("nan")) for s in sources]  # nothing of the old weight may survive
+    kernels.rescale_(weights, rows, cols, groups, sources=sources, backend=backend)
+    for w, e, s, original in zip(weights, expected, sources, originals):
+        assert w.stride() == s.stride()
+        assert torch.equal(w, e), (w - e).abs().max()
+        assert torch.equal(s, original)
+
+
+@pytest.mark.parametrize(
+    "make_sources, message",
+    [
+        (lambda ws: ws[:1], "one source per weight"),
+        (lambda ws: [w.double() for w in ws], "does not match"),
+        (lambda ws: [w.contiguous(memory_format=torch.channels_last) for w in ws], "does not match"),
+        (lambda ws: [ws[1], ws[0].clone()], "overlaps a weight"),
+    ],
+    ids=["count", "dtype", "strides", "overlap"],
+)
+def test_rescale_rejects_bad_sources(make_sources, message):
+    weights = [torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)]
+    scales = [torch.rand(4, dtype=torch.float64) + 0.5 for _ in weights]
+    with pytest.raises(KernelInputError, match=message):
+        kernels.rescale_(weights, scales, [None, None], [1, 1], sources=make_sources(weights))
+
+
+def test_rescale_refuses_overlapping_weights():
+    """Distinct written views that overlap would race in a batched backend."""
+    base = torch.randn(6, 4)
+    scale = torch.rand(4, dtype=torch.float64) + 0.5
+    with pytest.raises(KernelInputError, match="overlapping views"):
+        kernels.rescale_([base[:4], base[2:]], [scale, scale], [None, None], [1, 1])
+    with pytest.raises(KernelInputError, match="a weight twice"):
+        weight = torch.randn(4, 4)
+        kernels.rescale_([weight, weight], [scale, scale], [None, None], [1, 1],
+                         sources=[torch.randn(4, 4), torch.randn(4, 4)])
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_rescale_applies_a_weight_listed_twice_in_order(backend):
+    """Two folds of one tensor in one call: the second scales the first's
+    result (two roundings, in list order), mixed with other weights' rows."""
+    gen = torch.Generator().manual_seed(10)
+    weights = [torch.randn(8, 3, 3, 3, generator=gen).to(DEVICE) for _ in range(3)]
+    rows = [_random_scale(8, gen).to(DEVICE) for _ in range(4)]
+    cols = [None, _random_scale(3, gen).to(DEVICE), None, None]
+    order = [weights[0], weights[0], weights[1], weights[0]]
+    expected = [w.clone() for w in weights]
+    kernels.rescale_([expected[0], expected[0], expected[1], expected[0]], rows, cols, [1] * 4, backend="torch")
+    kernels.rescale_(order, rows, cols, [1] * 4, backend=backend)
+    for w, e in zip(weights, expected):
+        assert torch.equal(w, e)
+
+
 @pytest.mark.parametrize("backend", RUNNABLE)
 def test_rescale_mixes_dtypes_in_one_call(backend):
     gen = torch.Generator().manual_seed(3)
@@ -246,7 +312,7 @@ def test_ops_are_registered_with_torch_library():
     scale = _random_scale(4, torch.Generator().manual_seed(6))
     kernels.rescale_([expected], [scale], [None], [1], backend="torch")
     with torch.no_grad():
-        torch.ops.fusedconv.rescale_([w], [scale], [None], [1], "torch")
+        torch.ops.fusedconv.rescale_([w], [scale], [None], [1], None, "torch")
     assert torch.equal(w, expected)
 
 

@@ -1,11 +1,15 @@
-// rescale_ on the CPU: W[r, c, ...] = round(W * (row_scale[r] * col_scale[g(r) * cols + c])).
+// rescale_ on the CPU: W[r, c, ...] = round(S[r, c, ...] * (row_scale[r] * col_scale[g(r) * cols + c])),
+// where S is the weight itself (in place) or a separate source of the same layout.
 //
 // The common case, a BN after a Conv or Linear, scales each row by one factor;
 // a row of a contiguous or channels_last weight is one contiguous block, so a
 // plain loop that the compiler vectorizes does it at close to memory speed.
+// All such weights of one call are laid end to end and split into equal tasks
+// across threads: most of a network's weights are far smaller than a task, so
+// a parallel loop per weight would leave the other threads idle.
 // Anything else (a BN before the layer, a ConvTranspose) takes one
-// TensorIterator pass, which walks the weight in memory order and reads the
-// float64 factors through broadcast views. Neither allocates.
+// TensorIterator pass per weight, which walks the weight in memory order and
+// reads the float64 factors through broadcast views. Neither allocates.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <unordered_set>
+#include <vector>
 
 #include "../rounding.h"
 
@@ -39,44 +45,63 @@ bool has_dense_rows(const at::Tensor& t) {
          t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
 }
 
-// Elements per task: large enough to amortise scheduling, small enough to split
-// a single big weight across threads.
+// Elements per task: large enough to amortise scheduling, small enough to
+// split a network's weights evenly across threads.
 constexpr int64_t kGrain = 1 << 16;
 
+// One weight scaled row by row.
+struct RowScaling {
+  at::ScalarType dtype;
+  void* weight;
+  const void* source;
+  const double* row_scale;
+  int64_t numel;
+  int64_t row_length;
+};
+
+// Elements [begin, end) of one weight.
 template <typename scalar_t>
-void scale_rows(scalar_t* data, const double* row_scale, int64_t numel, int64_t row_length) {
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t start = begin; start < end;) {
-      const int64_t row = start / row_length;
-      const int64_t stop = std::min(end, (row + 1) * row_length);
-      const double factor = row_scale[row];
-      for (int64_t i = start; i < stop; ++i) {
-        data[i] = round_from_double<scalar_t>(static_cast<double>(data[i]) * factor);
-      }
-      start = stop;
+void scale_rows(const RowScaling& job, int64_t begin, int64_t end) {
+  scalar_t* out = static_cast<scalar_t*>(job.weight);
+  const scalar_t* in = static_cast<const scalar_t*>(job.source);
+  for (int64_t start = begin; start < end;) {
+    const int64_t row = start / job.row_length;
+    const int64_t stop = std::min(end, (row + 1) * job.row_length);
+    const double factor = job.row_scale[row];
+    for (int64_t i = start; i < stop; ++i) {
+      out[i] = round_from_double<scalar_t>(static_cast<double>(in[i]) * factor);
+    }
+    start = stop;
+  }
+}
+
+// Every job's elements as one range split across threads.
+void scale_rows_batched(const std::vector<RowScaling>& jobs) {
+  std::vector<int64_t> first{0};  // first[j]: where job j starts in the joint range
+  for (const RowScaling& job : jobs) {
+    first.push_back(first.back() + job.numel);
+  }
+  at::parallel_for(0, first.back(), kGrain, [&](int64_t begin, int64_t end) {
+    size_t j = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+    for (; j < jobs.size() && first[j] < end; ++j) {
+      const int64_t lo = std::max(begin, first[j]) - first[j];
+      const int64_t hi = std::min(end, first[j + 1]) - first[j];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, jobs[j].dtype, "fusedconv_scale_rows",
+                                      [&] { scale_rows<scalar_t>(jobs[j], lo, hi); });
     }
   });
 }
 
-void rescale_one(const at::Tensor& weight, const std::optional<at::Tensor>& row_scale,
-                 const std::optional<at::Tensor>& col_scale, int64_t groups) {
-  if ((!row_scale.has_value() && !col_scale.has_value()) || weight.numel() == 0) {
-    return;
-  }
-  if (!col_scale.has_value() && has_dense_rows(weight) && row_scale->is_contiguous()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fusedconv_scale_rows", [&] {
-      scale_rows(weight.data_ptr<scalar_t>(), row_scale->const_data_ptr<double>(), weight.numel(),
-                 weight.numel() / weight.size(0));
-    });
-    return;
-  }
+void rescale_grid(const at::Tensor& weight, const at::Tensor& source, const std::optional<at::Tensor>& row_scale,
+                  const std::optional<at::Tensor>& col_scale, int64_t groups) {
   // (groups, rows/groups, cols, *k): a view for contiguous and channels_last alike.
   at::Tensor grouped = weight.unflatten(0, {groups, weight.size(0) / groups});
+  at::Tensor grouped_source = source.unflatten(0, {groups, weight.size(0) / groups});
   at::Tensor rows = factor_view(row_scale, grouped, true);
   at::Tensor cols = factor_view(col_scale, grouped, false);
   auto iter = at::TensorIteratorConfig()
                   .add_output(grouped)
-                  .add_const_input(grouped)
+                  .add_const_input(grouped_source)
                   .add_const_input(rows)
                   .add_const_input(cols)
                   .check_all_same_dtype(false)
@@ -90,13 +115,38 @@ void rescale_one(const at::Tensor& weight, const std::optional<at::Tensor>& row_
 }
 
 void rescale_cpu(at::TensorList weights, const OptionalTensors& row_scales, const OptionalTensors& col_scales,
-                 at::IntArrayRef groups) {
+                 at::IntArrayRef groups, at::TensorList sources) {
   TORCH_CHECK(row_scales.size() == weights.size() && col_scales.size() == weights.size() &&
-                  groups.size() == weights.size(),
-              "rescale_: one row scale, column scale and group count per weight");
+                  groups.size() == weights.size() && sources.size() == weights.size(),
+              "rescale_: one row scale, column scale, group count and source per weight");
+  // Row scalings are collected and run together. A weight listed twice (two
+  // folds of one tensor) must be scaled in list order, so the collected batch
+  // runs before any entry that writes a weight already in it.
+  std::vector<RowScaling> batch;
+  std::unordered_set<const void*> in_batch;
+  const auto run_batch = [&] {
+    scale_rows_batched(batch);
+    batch.clear();
+    in_batch.clear();
+  };
   for (size_t i = 0; i < weights.size(); ++i) {
-    rescale_one(weights[i], row_scales.get(i), col_scales.get(i), groups[i]);
+    const at::Tensor& w = weights[i];
+    const std::optional<at::Tensor> row = row_scales.get(i), col = col_scales.get(i);
+    if ((!row.has_value() && !col.has_value()) || w.numel() == 0) {
+      continue;
+    }
+    if (in_batch.count(w.data_ptr()) != 0) {
+      run_batch();
+    }
+    if (!col.has_value() && has_dense_rows(w) && row->is_contiguous()) {
+      batch.push_back({w.scalar_type(), w.data_ptr(), sources[i].const_data_ptr(), row->const_data_ptr<double>(),
+                       w.numel(), w.numel() / w.size(0)});
+      in_batch.insert(w.data_ptr());
+    } else {
+      rescale_grid(w, sources[i], row, col, groups[i]);
+    }
   }
+  run_batch();
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// rescale_ on CUDA: every weight of one dtype in one launch.
+// rescale_ on CUDA: every weight of one dtype in one launch. Each element is
+// read from the weight itself (in place) or from its separate source.
 //
 // Each thread block takes a chunk of one weight's flat memory. Contiguous and
 // channels_last weights both keep dim 0 outermost, so an element's row is its
@@ -22,7 +23,7 @@ namespace {
 
 using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 
-enum RescaleField : int { kData, kNumel, kRowLength, kColStride, kCols, kRowsPerGroup, kRowScale, kColScale, kFields };
+enum RescaleField : int { kData, kSource, kNumel, kRowLength, kColStride, kCols, kRowsPerGroup, kRowScale, kColScale, kFields };
 
 template <typename scalar_t>
 __global__ void rescale_kernel(const int64_t* __restrict__ table, int64_t num_records) {
@@ -30,6 +31,7 @@ __global__ void rescale_kernel(const int64_t* __restrict__ table, int64_t num_re
   const int64_t* record = table + chunk[0] * kFields;
   const int64_t start = chunk[1];
   scalar_t* data = reinterpret_cast<scalar_t*>(record[kData]);
+  const scalar_t* source = reinterpret_cast<const scalar_t*>(record[kSource]);
   const double* row_scale = reinterpret_cast<const double*>(record[kRowScale]);
   const double* col_scale = reinterpret_cast<const double*>(record[kColScale]);
   const int64_t row_length = record[kRowLength];
@@ -49,16 +51,15 @@ __global__ void rescale_kernel(const int64_t* __restrict__ table, int64_t num_re
       const uint32_t col = (within % row_length32) / col_stride % cols;
       factor *= col_scale[(row / rows_per_group) * cols + col];
     }
-    scalar_t* w = data + (start + k);
-    *w = round_from_double<scalar_t>(static_cast<double>(*w) * factor);
+    data[start + k] = round_from_double<scalar_t>(static_cast<double>(source[start + k]) * factor);
   }
 }
 
 void rescale_cuda(at::TensorList weights, const OptionalTensors& row_scales, const OptionalTensors& col_scales,
-                  at::IntArrayRef groups) {
+                  at::IntArrayRef groups, at::TensorList sources) {
   TORCH_CHECK(row_scales.size() == weights.size() && col_scales.size() == weights.size() &&
-                  groups.size() == weights.size(),
-              "rescale_: one row scale, column scale and group count per weight");
+                  groups.size() == weights.size() && sources.size() == weights.size(),
+              "rescale_: one row scale, column scale, group count and source per weight");
   if (weights.empty()) {
     return;
   }
@@ -87,6 +88,7 @@ void rescale_cuda(at::TensorList weights, const OptionalTensors& row_scales, con
                     "rescale_: a row of more than 2^31 elements is not supported");
         int64_t* r = table.add_record(kFields, w.numel());
         r[kData] = reinterpret_cast<int64_t>(w.data_ptr());
+        r[kSource] = reinterpret_cast<int64_t>(sources[i].const_data_ptr());
         r[kNumel] = w.numel();
         r[kRowLength] = row_length;
         r[kColStride] = w.size(1) > 1 ? w.stride(1) : 1;  // any stride is legal for a size-1 dim

@@ -15,6 +15,7 @@ written value once, so every backend gives the same bits.
 
 from __future__ import annotations
 
+import bisect
 from typing import Optional, Sequence
 
 import torch
@@ -72,7 +73,38 @@ def _check_scale(scale: torch.Tensor | None, numel: int, what: str, device: torc
     _check(scale.is_contiguous(), f"{what} is not contiguous")
 
 
-def check_rescale_args(weights, row_scales, col_scales, groups) -> None:
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _check_written(weights, sources) -> None:
+    """Each written element must be a function of one element read, whatever
+    order a backend works in: distinct weights may not overlap, and a separate
+    source must match its weight's layout, may not overlap any weight written,
+    and its weight may be listed only once."""
+    spans = sorted({_span(w) for w in weights if w.numel()})
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        _check(start >= end, "rescale_ cannot write overlapping views of one tensor")
+    if sources is None:
+        return
+    _check(len(sources) == len(weights), f"rescale_ needs one source per weight ({len(weights)} weights, "
+                                         f"{len(sources)} sources)")
+    _check(len(spans) == sum(1 for w in weights if w.numel()), "rescale_ with sources cannot write a weight twice")
+    starts = [start for start, _ in spans]
+    for i, (w, src) in enumerate(zip(weights, sources)):
+        _check_kernel_tensor(src, f"sources[{i}]", w.device)
+        _check(src.dtype == w.dtype and src.shape == w.shape and src.stride() == w.stride(),
+               f"sources[{i}] ({src.dtype}, shape {tuple(src.shape)}, strides {src.stride()}) does not match "
+               f"weights[{i}] ({w.dtype}, shape {tuple(w.shape)}, strides {w.stride()})")
+        if src.numel() == 0 or _span(src) == _span(w):
+            continue
+        start, end = _span(src)
+        k = bisect.bisect_left(starts, end) - 1
+        _check(k < 0 or spans[k][1] <= start, f"sources[{i}] overlaps a weight that the call writes")
+
+
+def check_rescale_args(weights, row_scales, col_scales, groups, sources=None) -> None:
     """Raise :class:`KernelInputError` unless the arguments of :func:`rescale_` are well formed."""
     n = len(weights)
     _check(len(row_scales) == len(col_scales) == len(groups) == n,
@@ -84,6 +116,7 @@ def check_rescale_args(weights, row_scales, col_scales, groups) -> None:
         _check(g >= 1 and w.shape[0] % g == 0, f"weights[{i}]: {w.shape[0]} rows do not split into {g} groups")
         _check_scale(row, w.shape[0], f"row_scales[{i}]", device)
         _check_scale(col, g * w.shape[1], f"col_scales[{i}]", device)
+    _check_written(weights, sources)
 
 
 def check_pad_add_args(bigs, smalls, scales, offsets, dilations) -> None:
@@ -120,11 +153,21 @@ def _rescale_impl(
     row_scales: list[Optional[torch.Tensor]],
     col_scales: list[Optional[torch.Tensor]],
     groups: list[int],
+    sources: Optional[list[torch.Tensor]] = None,
     backend: Optional[str] = None,
 ) -> None:
-    check_rescale_args(weights, row_scales, col_scales, groups)
-    if weights:
-        resolve(_device_of(weights), backend).rescale_(weights, row_scales, col_scales, groups)
+    check_rescale_args(weights, row_scales, col_scales, groups, sources)
+    if not weights:
+        return
+    if sources is None:
+        sources = weights
+    else:
+        # Backends skip a weight without scales (in place there is nothing to
+        # do); written from a separate source it is a plain copy.
+        for w, src, row, col in zip(weights, sources, row_scales, col_scales):
+            if row is None and col is None and src is not w:
+                w.copy_(src)
+    resolve(_device_of(weights), backend).rescale_(weights, row_scales, col_scales, groups, sources)
 
 
 def _pad_add_impl(
@@ -147,7 +190,7 @@ def _pad_add_impl(
 _LIBRARY = torch.library.Library("fusedconv", "DEF")
 _LIBRARY.define(
     "rescale_(Tensor(a!)[] weights, Tensor?[] row_scales, Tensor?[] col_scales, int[] groups, "
-    "str? backend=None) -> ()"
+    "Tensor[]? sources=None, str? backend=None) -> ()"
 )
 _LIBRARY.define(
     "pad_add_(Tensor(a!)[] bigs, Tensor[] smalls, Tensor?[] scales, int[] offsets, int[] dilations, "
@@ -163,6 +206,7 @@ def rescale_(
     col_scales: Sequence[torch.Tensor | None],
     groups: Sequence[int],
     *,
+    sources: Sequence[torch.Tensor] | None = None,
     backend: str | None = None,
 ) -> None:
     """Scale weights in place: ``W[r, c, ...] *= row_scale[r] * col_scale[g(r) * cols + c]``.
@@ -176,10 +220,15 @@ def rescale_(
     channels_last, all on one device; any floating dtype. ``backend`` (or the
     ``FUSEDCONV_BACKEND`` variable) forces a backend; by default the fastest
     that loads for the device is used.
+
+    With ``sources``, ``W = S * factors`` instead: each weight is only written,
+    from the source of the same dtype, shape and strides (a folded *copy* in one
+    pass over the memory, instead of a copy followed by an in-place pass). The
+    weights must then be distinct and must not overlap any other source.
     """
     with torch.no_grad():
         torch.ops.fusedconv.rescale_(list(weights), list(row_scales), list(col_scales), [int(g) for g in groups],
-                                     backend)
+                                     None if sources is None else list(sources), backend)
 
 
 def pad_add_(

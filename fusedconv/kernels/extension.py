@@ -95,8 +95,8 @@ def build_info() -> str:
     return _load_library()
 
 
-def rescale_(weights, row_scales, col_scales, groups) -> None:
-    torch.ops.fusedconv_ext.rescale_(weights, row_scales, col_scales, groups)
+def rescale_(weights, row_scales, col_scales, groups, sources) -> None:
+    torch.ops.fusedconv_ext.rescale_(weights, row_scales, col_scales, groups, sources)
 
 
 def pad_add_(bigs, smalls, scales, offsets, dilations) -> None:

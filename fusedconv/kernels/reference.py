@@ -41,9 +41,11 @@ def rescale_(
     row_scales: Sequence[torch.Tensor | None],
     col_scales: Sequence[torch.Tensor | None],
     groups: Sequence[int],
+    sources: Sequence[torch.Tensor],
 ) -> None:
-    """``W[r, c, ...] = round(W[r, c, ...] * (row_scale[r] * col_scale[g(r) * cols + c]))`` in float64."""
-    for weight, row_scale, col_scale, g in zip(weights, row_scales, col_scales, groups):
+    """``W[r, c, ...] = round(S[r, c, ...] * (row_scale[r] * col_scale[g(r) * cols + c]))`` in float64,
+    where ``S`` is the weight itself or its separate source."""
+    for weight, row_scale, col_scale, g, source in zip(weights, row_scales, col_scales, groups, sources):
         rows, cols = weight.shape[0], weight.shape[1]
         tail = (1,) * (weight.dim() - 2)
         step = max(1, _CHUNK_ELEMENTS // max(1, weight[0].numel())) if rows else 1
@@ -57,7 +59,7 @@ def rescale_(
                 factor = grid if factor is None else factor * grid
             if factor is None:
                 continue
-            block = weight[start:stop].to(torch.float64, copy=True).mul_(factor)
+            block = source[start:stop].to(torch.float64, copy=True).mul_(factor)
             weight[start:stop].copy_(round_from_float64(block, weight.dtype))
 
 

@@ -79,23 +79,24 @@ def _round(x, ELEMENT: tl.constexpr):
 
 @triton.jit
 def _rescale_kernel(targets, items, chunks, ELEMENT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """``W[r, c, ...] = round(W * (A[r] * B[(r // R) * cols + c]))`` for every item of a target.
+    """``W[r, c, ...] = round(S * (A[r] * B[(r // R) * cols + c]))`` for every item of a target.
 
-    Target rows: address, numel, row block (elements per row r), column block
-    (elements per column c: the sizes of the dims stored inside dim 1), cols,
-    first item, item count. Item rows: R (rows per group), A's address and index step, B's
+    Target rows: address, source address (the same in place), numel, row block
+    (elements per row r), column block (elements per column c: the sizes of the
+    dims stored inside dim 1), cols, first item, item count. Item rows: R (rows per group), A's address and index step, B's
     address and index step (step 0 with the address of a 1.0 when missing).
     """
     pid = tl.program_id(0).to(tl.int64)
-    target = targets + 7 * tl.load(chunks + 2 * pid)
+    target = targets + 8 * tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     weight = tl.load(target).to(tl.pointer_type(ELEMENT))
-    stop = tl.minimum(start + CHUNK, tl.load(target + 1))
-    row_block = tl.load(target + 2)
-    col_block = tl.load(target + 3)
-    cols = tl.load(target + 4)
-    first_item = tl.load(target + 5)
-    n_items = tl.load(target + 6)
+    source = tl.load(target + 1).to(tl.pointer_type(ELEMENT))
+    stop = tl.minimum(start + CHUNK, tl.load(target + 2))
+    row_block = tl.load(target + 3)
+    col_block = tl.load(target + 4)
+    cols = tl.load(target + 5)
+    first_item = tl.load(target + 6)
+    n_items = tl.load(target + 7)
     for base in range(start, stop, BLOCK):
         idx = base + tl.arange(0, BLOCK).to(tl.int64)
         inside = idx < stop
@@ -104,7 +105,7 @@ def _rescale_kernel(targets, items, chunks, ELEMENT: tl.constexpr, CHUNK: tl.con
         # cols * col_block inside a row.
         r = idx // row_block
         c = (idx % row_block) // col_block % cols
-        x = tl.load(weight + idx, mask=inside)
+        x = tl.load(source + idx, mask=inside)
         for k in range(first_item, first_item + n_items):
             item = items + 5 * k
             rows_per_group = tl.load(item)
@@ -286,8 +287,10 @@ def rescale_(
     row_scales: Sequence[torch.Tensor | None],
     col_scales: Sequence[torch.Tensor | None],
     groups: Sequence[int],
+    sources: Sequence[torch.Tensor],
 ) -> None:
-    """``W[r, c, ...] = round(W[r, c, ...] * (row_scale[r] * col_scale[g(r) * cols + c]))`` in float64."""
+    """``W[r, c, ...] = round(S[r, c, ...] * (row_scale[r] * col_scale[g(r) * cols + c]))`` in float64,
+    where ``S`` is the weight itself or its separate source."""
     live = [
         (w, row, col, g)
         for w, row, col, g in zip(weights, row_scales, col_scales, groups)
@@ -302,11 +305,14 @@ def rescale_(
         (w, [w.shape[0] // g] + _scale_field(row, one) + _scale_field(col, one)) for w, row, col, g in live
     )
     _check_no_overlap([t for targets in batches.values() for t, _ in targets], [])
+    # A weight listed twice is scaled twice in place; with separate sources the
+    # op's checks allow each weight only once, so one source per target suffices.
+    source_of = {w.data_ptr(): src.data_ptr() for w, src in zip(weights, sources)}
 
     def target_fields(w: torch.Tensor) -> list[int]:
         order = _memory_order(w)
         col_block = math.prod(w.shape[d] for d in order[order.index(1) + 1:])
-        return [w.data_ptr(), w.numel(), w.numel() // w.shape[0], col_block, w.shape[1]]
+        return [w.data_ptr(), source_of[w.data_ptr()], w.numel(), w.numel() // w.shape[0], col_block, w.shape[1]]
 
     _launch(_rescale_kernel, _RESCALE_BLOCK, batches, target_fields, device)
 
