@@ -63,13 +63,16 @@ def _concatenated(stats: Sequence[BatchNormStats]) -> tuple:
         zeros = torch.zeros_like(ones)
 
     def column(tensors, missing):
-        parts = [missing[:n] if t is None else t.detach().reshape(-1) for t, n in zip(tensors, sizes)]
+        # Statistics are vectors already, so the reshape is mostly skipped (a call
+        # per tensor adds up over a model's BNs).
+        parts = [missing[:n] if t is None else t if t.dim() == 1 else t.reshape(-1) for t, n in zip(tensors, sizes)]
         if len({p.dtype for p in parts}) == 1:
             return torch.cat(parts).to(torch.float64)  # one conversion for all BNs
         return torch.cat([p.to(torch.float64) for p in parts])
 
-    return (column([s.running_mean for s in stats], None), column([s.running_var for s in stats], None),
-            column([s.weight for s in stats], ones), column([s.bias for s in stats], zeros), sizes)
+    with torch.no_grad():  # the columns are copies that autograd need not follow
+        return (column([s.running_mean for s in stats], None), column([s.running_var for s in stats], None),
+                column([s.weight for s in stats], ones), column([s.bias for s in stats], zeros), sizes)
 
 
 def _raise_for_bad_stats(stats: BatchNormStats) -> None:
@@ -99,14 +102,22 @@ def batchnorm_affines(all_stats: Sequence[BatchNormStats]) -> list[ChannelAffine
         by_device.setdefault(stats.running_mean.device, []).append(i)
     for indices in by_device.values():
         mean, var, gamma, beta, sizes = _concatenated([all_stats[i] for i in indices])
-        eps = torch.repeat_interleave(
-            torch.tensor([all_stats[i].eps for i in indices], dtype=torch.float64, device=mean.device),
-            torch.tensor(sizes, device=mean.device),
-        )
-        if not bool(torch.isfinite(torch.stack((mean, var, gamma, beta))).all() & (var + eps > 0).all()):
+        epsilons = [all_stats[i].eps for i in indices]
+        if len(set(epsilons)) == 1:  # the usual case; as a float64 scalar it adds exactly what a vector would
+            eps = epsilons[0]
+        else:
+            eps = torch.repeat_interleave(
+                torch.tensor(epsilons, dtype=torch.float64, device=mean.device),
+                torch.tensor(sizes, device=mean.device),
+            )
+        var_eps = var + eps
+        # A sum is finite only if every term is; one that overflows merely sends
+        # the BNs through the exact checks, which then find nothing.
+        finite = torch.isfinite(mean.sum() + var.sum() + gamma.sum() + beta.sum())
+        if not bool(finite & (var_eps > 0).all()):
             for i in indices:
                 _raise_for_bad_stats(all_stats[i])
-        scale = gamma / torch.sqrt(var + eps)
+        scale = gamma / torch.sqrt(var_eps)
         shift = beta - mean * scale
         for i, s, t in zip(indices, scale.split(sizes), shift.split(sizes)):
             affines[i] = ChannelAffine(s, t)

@@ -97,16 +97,34 @@ def pads_with_zeros(conv: nn.Module) -> bool:
     return any(p > 0 for p in conv.padding)
 
 
+def _tensor_of(module: nn.Module, name: str) -> object:
+    """``getattr(module, name, None)``, read first where nn.Module registers
+    parameters and buffers.
+
+    nn.Module's ``__getattr__`` reaches those only after the ordinary lookup has
+    failed and raised an AttributeError, a microsecond per read; nn.Module's
+    ``__setattr__`` and ``register_*`` keep a registered name out of the
+    instance and class dicts, so that ordinary lookup would not find it anyway.
+    """
+    if name in module._parameters:
+        return module._parameters[name]
+    if name in module._buffers:
+        return module._buffers[name]
+    return getattr(module, name, None)
+
+
 def why_layer_cannot_change(module: nn.Module) -> str | None:
     """Why folding into this layer could change what it computes, or None if it can be folded."""
     owner = _forward_owner(module)
     if owner not in _STANDARD_LAYER_FORWARDS:
         return f"{type(module).__name__} has its own forward ({owner}), which may not use its weight as is"
-    if parametrize.is_parametrized(module):
+    # parametrize registers its ModuleDict as a submodule; asking is_parametrized
+    # only then spares a plain layer the AttributeError of a failed getattr.
+    if "parametrizations" in module._modules and parametrize.is_parametrized(module):
         return "its weight is computed by a parametrization (torch.nn.utils.parametrize)"
     if module._forward_pre_hooks or module._forward_hooks:
         return "it has forward hooks (weight_norm, pruning or user hooks may rewrite its weight or output)"
-    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+    if isinstance(_tensor_of(module, "weight"), nn.parameter.UninitializedParameter):
         return "it is a lazy module whose weight is not initialised yet (run a forward first)"
     return None
 
@@ -185,22 +203,23 @@ def batchnorm_kind(module: nn.Module) -> BatchNormKind | None:
 
 
 def has_running_stats(bn: nn.Module) -> bool:
-    return isinstance(getattr(bn, "running_mean", None), torch.Tensor) and isinstance(
-        getattr(bn, "running_var", None), torch.Tensor
+    return isinstance(_tensor_of(bn, "running_mean"), torch.Tensor) and isinstance(
+        _tensor_of(bn, "running_var"), torch.Tensor
     )
 
 
 def num_features(bn: nn.Module) -> int:
-    return bn.running_mean.numel()
+    """Channels of a BN with running statistics."""
+    return _tensor_of(bn, "running_mean").numel()
 
 
 def bn_statistics(bn: nn.Module, name: str) -> BatchNormStats:
-    """What an eval-mode BN reads, labelled ``name`` for error messages."""
-    weight = getattr(bn, "weight", None)
-    bias = getattr(bn, "bias", None)
+    """What an eval-mode BN with running statistics reads, labelled ``name`` for error messages."""
+    weight = _tensor_of(bn, "weight")
+    bias = _tensor_of(bn, "bias")
     return BatchNormStats(
-        bn.running_mean,
-        bn.running_var,
+        _tensor_of(bn, "running_mean"),
+        _tensor_of(bn, "running_var"),
         weight if isinstance(weight, torch.Tensor) else None,
         bias if isinstance(bias, torch.Tensor) else None,
         float(bn.eps),
@@ -220,8 +239,10 @@ def why_batchnorm_cannot_fold(bn: nn.Module) -> str | None:
 def check_not_training(module: nn.Module, name: str) -> None:
     """Raise :class:`FoldError` if a BatchNorm is in training mode (and would
     therefore normalise with batch statistics)."""
+    if not module.training:
+        return
     kind = batchnorm_kind(module)
-    if module.training and not (kind is not None and kind.frozen):
+    if not (kind is not None and kind.frozen):
         raise FoldError(
             f"{name or 'model'} ({type(module).__name__}) is in training mode, where BatchNorm uses batch "
             "statistics: call model.eval() before folding"

@@ -15,9 +15,9 @@ model, so an error leaves the caller's model as it was.
 
 from __future__ import annotations
 
-import copy
+import functools
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -25,15 +25,17 @@ from torch import nn
 
 from . import kernels
 from .affine import batchnorm_affines, compose
+from .copying import copy_module
 from .dataflow import Dataflow
 from .dataflow.fx import Untraceable, from_fx
 from .dataflow.source import from_source
 from .dataflow.run import RunFailed, from_run
 from .errors import FoldError, FoldWarning
 from .fold import plan_layer_folds, rescale_weights, set_biases, why_not_exact_before
-from .registry import find_blocks, plan_blocks
+from .registry import blocks_among, plan_blocks
 from .reparam import apply_reparameterizations
 from .layers import (
+    BatchNormKind,
     batched_rank,
     batchnorm_kind,
     bn_statistics,
@@ -105,41 +107,60 @@ class _ModelIndex:
     """Names, paths and tensor ownership of the modules fusedconv tracks.
 
     Modules inside ``blocks`` (re-parameterizable blocks, merged by their
-    converters) are not tracked: the blocks are opaque to the dataflow.
+    converters; by default every known block of the model) are not tracked:
+    the blocks are opaque to the dataflow.
     """
 
-    def __init__(self, model: nn.Module, blocks: dict[str, nn.Module]):
+    def __init__(self, model: nn.Module, blocks: dict[str, nn.Module] | None = None):
         self.model = model
-        self.blocks = blocks
-        self.paths: dict[int, list[str]] = defaultdict(list)
+        self.paths: dict[int, list[str]] = {}
         modules: list[tuple[str, nn.Module]] = []  # first path of each module, as named_modules() gives
         for path, m in model.named_modules(remove_duplicate=False):
-            if not self.paths[id(m)]:
+            known = self.paths.get(id(m))
+            if known is None:
+                self.paths[id(m)] = [path]
                 modules.append((path, m))
-            self.paths[id(m)].append(path)
+            else:
+                known.append(path)
+        if blocks is None:
+            blocks = {name: block for name, block, _ in blocks_among(modules)}
+        self.blocks = blocks
         self.layers: dict[str, nn.Module] = {}
         self.batchnorms: dict[str, nn.Module] = {}
-        holders: dict[int, int] = defaultdict(int)
+        self.kinds: dict[str, BatchNormKind | None] = {}  # each BN's, looked up once for the planner's many asks
         inside = tuple(f"{name}." if name else "" for name in blocks)
         for name, m in modules:
             if inside and name.startswith(inside):
-                pass  # merged with its block
-            elif layer_kind(m) is not None:
+                continue  # merged with its block
+            if layer_kind(m) is not None:
                 self.layers[name] = m
-            elif batchnorm_kind(m) is not None or isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            kind = batchnorm_kind(m)
+            if kind is not None or isinstance(m, nn.modules.batchnorm._BatchNorm):
                 self.batchnorms[name] = m
-            for t in (*m._parameters.values(), *m._buffers.values()):
-                if t is not None:
-                    holders[id(t)] += 1
+                self.kinds[name] = kind
         self.tracked = {id(m): name for name, m in (*self.layers.items(), *self.batchnorms.items())}
-        self.owners: dict[int, tuple[str, ...]] = defaultdict(tuple)
+        # Tensors registered more than once, over every module (those inside blocks too).
+        registered = [id(t) for _, m in modules for t in _tensors(m)]
         self.shared: set[str] = set()
+        if len(set(registered)) < len(registered):  # rare (tied weights, ...): find the modules concerned
+            multiple = {held for held, count in Counter(registered).items() if count > 1}
+            self.shared = {name for name, m in (*self.layers.items(), *self.batchnorms.items())
+                           if not multiple.isdisjoint(id(t) for t in _tensors(m))}
+
+    @functools.cached_property
+    def owners(self) -> dict[int, tuple[str, ...]]:
+        """id(tensor) -> the tracked modules holding it (only a run needs them)."""
+        owners: dict[int, tuple[str, ...]] = defaultdict(tuple)
         for name, m in (*self.layers.items(), *self.batchnorms.items()):
-            for t in (*m._parameters.values(), *m._buffers.values()):
-                if t is not None:
-                    self.owners[id(t)] += (name,)
-                    if holders[id(t)] > 1:
-                        self.shared.add(name)
+            for t in _tensors(m):
+                owners[id(t)] += (name,)
+        return owners
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The module's own parameters and buffers, None entries left out."""
+    return [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
 
 
 def _expected_bn_ranks(bn: nn.Module) -> set[int] | None:
@@ -158,6 +179,9 @@ class _Planner:
         self.index, self.flow = index, flow
         self.used: set[str] = set()
         self.reasons: dict[str, str] = {}  # why a BN next to a layer was not folded there
+        # Each module's problem, or None: both matching passes and explain() ask again.
+        self._layer_problems: dict[str, str | None] = {}
+        self._bn_problems: dict[str, str | None] = {}
 
     # -- what may take part in a fold -----------------------------------------
     def _usage_problem(self, name: str) -> str | None:
@@ -173,13 +197,19 @@ class _Planner:
         return None
 
     def layer_problem(self, name: str) -> str | None:
-        return self._usage_problem(name) or why_layer_cannot_change(self.index.layers[name])
+        if name not in self._layer_problems:
+            self._layer_problems[name] = self._usage_problem(name) or why_layer_cannot_change(self.index.layers[name])
+        return self._layer_problems[name]
 
     def bn_problem(self, name: str) -> str | None:
-        bn = self.index.batchnorms[name]
-        if batchnorm_kind(bn) is None:
-            return f"{type(bn).__name__} overrides forward, so fusedconv cannot tell what it computes"
-        return why_batchnorm_cannot_fold(bn) or self._usage_problem(name)
+        if name not in self._bn_problems:
+            bn = self.index.batchnorms[name]
+            if self.index.kinds[name] is None:
+                problem = f"{type(bn).__name__} overrides forward, so fusedconv cannot tell what it computes"
+            else:
+                problem = why_batchnorm_cannot_fold(bn) or self._usage_problem(name)
+            self._bn_problems[name] = problem
+        return self._bn_problems[name]
 
     def _layout_problem(self, layer_name: str, bn_name: str) -> str | None:
         """Why the BN's channel axis may not be the layer's channel axis, or None.
@@ -231,7 +261,7 @@ class _Planner:
                     f"of {layer_name}, which has {layer_out_channels(self.index.layers[layer_name])}"
                 )
             chain.append(bn_name)
-            if not batchnorm_kind(self.index.batchnorms[bn_name]).passes_through:
+            if not self.index.kinds[bn_name].passes_through:
                 break  # its activation now stands between this BN and the next
             current = bn_name
         return tuple(chain)
@@ -245,7 +275,7 @@ class _Planner:
             and source not in self.used
             and self.flow.nodes[source].consumers == [current]
             and not self.bn_problem(source)
-            and batchnorm_kind(self.index.batchnorms[source]).passes_through
+            and self.index.kinds[source].passes_through
         ):
             chain.insert(0, source)
             current, source = source, self.flow.nodes[source].input_from
@@ -351,7 +381,7 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics: "
             "call model.eval() before folding"
         )
-    index = _ModelIndex(model, {name: block for name, block, _ in find_blocks(model)})
+    index = _ModelIndex(model)
     for name, bn in index.batchnorms.items():
         check_not_training(bn, name)
     plan, flow = None, None
@@ -368,7 +398,7 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
         plan = _Planner(index, flow).plan()
     plan.merges = list(index.blocks)
     if check_stats:
-        _checked_affines(model, plan.folds)
+        _checked_affines(index.batchnorms, plan.folds)
         plan_blocks(model)
     _warn_about(plan, flow)
     return plan
@@ -379,20 +409,25 @@ def _first_weight_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _module(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError as exc:
-        raise FoldError(f"the plan names {name!r}, which this model does not have") from exc
+def _modules_by_path(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` at each path where it is registered: one walk,
+    where get_submodule would take several attribute lookups for each name."""
+    return dict(model.named_modules(remove_duplicate=False))
 
 
-def _checked_affines(model: nn.Module, folds: list[Fold]) -> list[tuple]:
+def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    if name not in modules:
+        raise FoldError(f"the plan names {name!r}, which this model does not have")
+    return modules[name]
+
+
+def _checked_affines(modules: dict[str, nn.Module], folds: list[Fold]) -> list[tuple]:
     """The composed (before, after) affine maps of each fold, after checking every
-    BN; all BNs' statistics are read and checked together."""
+    BN (found by name in ``modules``); all BNs' statistics are read and checked together."""
     stats = []
     for fold in folds:
         for bn_name in fold.batchnorms:
-            bn = _module(model, bn_name)
+            bn = _module(modules, bn_name)
             check_not_training(bn, bn_name)
             problem = why_batchnorm_cannot_fold(bn)
             if problem:
@@ -417,44 +452,57 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
     """
     # Check everything and compute the small per-layer results first; after this
     # nothing can fail, so the weights are then written where they will live.
-    layer_folds = plan_layer_folds([_module(model, fold.layer) for fold in plan.folds],
-                                   _checked_affines(model, plan.folds), [fold.layer for fold in plan.folds])
+    modules = _modules_by_path(model) if plan.folds else {}
+    layer_folds = plan_layer_folds([_module(modules, fold.layer) for fold in plan.folds],
+                                   _checked_affines(modules, plan.folds), [fold.layer for fold in plan.folds])
     kernels.resolve(_first_weight_device(model), backend)  # a backend asked for by name must load
     paths: dict[int, list[str]] = defaultdict(list)
-    for path, m in model.named_modules(remove_duplicate=False) if plan.folds else ():
+    for path, m in modules.items():
         if path:
             paths[id(m)].append(path)
-    bn_paths = {name: paths[id(_module(model, name))] for f in plan.folds for name in f.batchnorms}
+    bn_paths = {name: paths[id(_module(modules, name))] for f in plan.folds for name in f.batchnorms}
 
+    sources = None
     if inplace:
         target = model
     else:
-        # Seed deepcopy's memo with the BNs' replacements, so that the copy
-        # does not copy what is about to be dropped.
+        # Seed the copy's memo with what it would otherwise copy only to
+        # overwrite: the BNs' replacements, and an unwritten Parameter (as
+        # Parameter.__deepcopy__ would make it) for each weight to be folded,
+        # which the kernels then write from the original in one pass.
         memo: dict[int, object] = {}
         for name in bn_paths:
-            bn = _module(model, name)
+            bn = _module(modules, name)
             if batchnorm_kind(bn).passes_through:
                 memo[id(bn)] = batchnorm_kind(bn).replacement(bn).train(bn.training)
+        sources = [_module(modules, fold.layer).weight for fold in plan.folds]
+        for weight in sources:
+            if type(weight) is nn.Parameter:
+                memo[id(weight)] = nn.Parameter(torch.empty_like(weight), weight.requires_grad)
         try:
-            target = copy.deepcopy(model, memo)
+            target = copy_module(model, memo)
         except Exception as exc:  # e.g. pruning or legacy weight_norm keep non-leaf weight tensors
             raise FoldError(
-                f"cannot copy {type(model).__name__} (copy.deepcopy failed: {exc}); fold it in place with "
+                f"cannot copy {type(model).__name__} (deep-copying it failed: {exc}); fold it in place with "
                 "inplace=True, or make it copyable first (e.g. torch.nn.utils.prune.remove)"
             ) from exc
     # Blocks are planned on the model that will change (nothing is modified yet).
     merges = plan_blocks(target, plan.merges) if plan.merges else []
-    layers = [_module(target, fold.layer) for fold in plan.folds]
-    rescale_weights([layer.weight for layer in layers], layer_folds, backend)
+    target_modules = _modules_by_path(target) if target is not model and plan.folds else modules
+    layers = [_module(target_modules, fold.layer) for fold in plan.folds]
+    weights = [layer.weight for layer in layers]
+    # A copied weight that the memo did not leave unwritten (a Parameter
+    # subclass, cloned as usual) holds its source's values: writing it from the
+    # source gives the same bits.
+    rescale_weights(weights, layer_folds, backend, sources)
     set_biases(layers, [layer_fold.bias for layer_fold in layer_folds])
     for name, bn_paths_of_one in bn_paths.items():
-        bn = _module(target, name)
+        bn = _module(target_modules, name)
         if isinstance(bn, nn.Identity):  # already replaced through the copy's memo
             continue
         replacement = batchnorm_kind(bn).replacement(bn).train(bn.training)
         for path in bn_paths_of_one:
             parent, _, attr = path.rpartition(".")
-            setattr(target.get_submodule(parent), attr, replacement)
+            setattr(target_modules[parent], attr, replacement)
     apply_reparameterizations(merges, backend)
     return target

@@ -18,10 +18,11 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 from torch import nn
 
+from .blocks.base import RepBlock
 from .errors import FoldError
 from .layers import has_running_stats
 from .reparam import (
@@ -70,24 +71,38 @@ def _load_third_party() -> None:
 
 def converter_for(module: nn.Module) -> Converter | None:
     """The converter that merges ``module``, or None if it is not a known block."""
-    from .blocks.base import RepBlock  # the blocks import the reparam math, not the registry
-
     _load_third_party()
+    return _loaded_converter_for(module)
+
+
+def _loaded_converter_for(module: nn.Module) -> Converter | None:
+    """:func:`converter_for`, once the third-party converters are loaded."""
     converter = _CONVERTERS.get(type(module))
     if converter is None and isinstance(module, RepBlock) and not module.deployed:
-        return lambda block, name: block.reparameterization(name)
+        return _reparameterization_of
     return converter
+
+
+def _reparameterization_of(block: RepBlock, name: str) -> Reparameterization:
+    return block.reparameterization(name)
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, Converter]]:
     """Every known block in ``model`` with its converter, outermost first (a
     block's own submodules are its converter's business)."""
+    return blocks_among(model.named_modules())
+
+
+def blocks_among(named_modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module, Converter]]:
+    """:func:`find_blocks` over the (name, module) pairs of a model's
+    ``named_modules()``, for a caller that walks them anyway."""
+    _load_third_party()  # once, not for each module
     found: list[tuple[str, nn.Module, Converter]] = []
     inside: tuple[str, ...] = ()
-    for name, module in model.named_modules():
+    for name, module in named_modules:
         if inside and name.startswith(inside):
             continue
-        converter = converter_for(module)
+        converter = _loaded_converter_for(module)
         if converter is not None:
             found.append((name, module, converter))
             inside += (f"{name}." if name else "",)

@@ -740,3 +740,41 @@ def test_batchnorm_without_usable_statistics_raises(make_norm):
     with pytest.raises(fusedconv.FoldError):
         fusedconv.fold_conv_bn(layer, norm)
     assert_unchanged(before, layer, norm)
+
+
+class _TaggedParameter(nn.Parameter):
+    """A Parameter subclass: the copy clones it as usual instead of leaving it unwritten."""
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_folded_copy_is_the_in_place_fold_and_shares_nothing(dtype, channels_last):
+    """A copy's folded weights are written from the original's in one pass; the
+    result must be the in-place fold bit for bit, the original untouched, and no
+    tensor of the copy may share memory with the original."""
+    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+        nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2), nn.BatchNorm2d(6),
+        nn.BatchNorm2d(6), nn.Conv2d(6, 6, 1),
+        nn.Conv2d(6, 4, 3, groups=2), nn.BatchNorm2d(4),
+        nn.Flatten(), nn.Linear(4 * 14 * 14, 5), nn.BatchNorm1d(5),
+    ).eval()
+    model[6].weight = _TaggedParameter(model[6].weight.detach().clone())
+    randomize_batchnorm_stats(model, gen)
+    model = model.to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    in_place = fusedconv.fuse(copy.deepcopy(model), inplace=True)
+    folded = fusedconv.fuse(model)
+    assert folded.state_dict().keys() == in_place.state_dict().keys()
+    for key, value in in_place.state_dict().items():
+        assert torch.equal(folded.state_dict()[key], value), key
+        assert folded.state_dict()[key].stride() == value.stride(), key
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    original = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert not original & {t.untyped_storage().data_ptr() for t in folded.state_dict().values()}
+    assert type(folded[6].weight) is _TaggedParameter and type(folded[0].weight) is nn.Parameter

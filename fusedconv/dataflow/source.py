@@ -19,6 +19,7 @@ the planner then asks torch.fx instead.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 import types
@@ -52,6 +53,17 @@ class _ClassReading:
     flows: list[tuple[str, str]] = field(default_factory=list)
     """(producer, consumer): the producer's output is read by the consumer's call alone."""
     opaque: str | None = None
+
+    @functools.cached_property
+    def pairs(self) -> list[tuple[str, str]]:
+        """The flows that pin both ends down: the producer is in no other flow, and
+        both are called once and used in no other way (worked out once per reading)."""
+        producers = [p for p, _ in self.flows]
+        return [
+            (producer, consumer) for producer, consumer in self.flows
+            if producers.count(producer) == 1 and self.calls.get(producer) == 1 and self.calls.get(consumer) == 1
+            and producer not in self.other_uses and consumer not in self.other_uses
+        ]
 
 
 def _self_attribute(node: ast.AST) -> str | None:
@@ -214,12 +226,26 @@ def _straight_blocks(statements: list[ast.stmt]):
                 yield from _straight_blocks(block)
 
 
+def _class_attribute(cls: type, name: str) -> object:
+    """What the classes along ``cls``'s MRO define as ``name``, unevaluated (None if none does).
+
+    inspect.getattr_static also guards against metaclasses that override
+    ``__dict__`` and falls back to the metaclass's own attributes, which
+    instances never see; that makes it over ten times slower, and this lookup
+    runs for every child of every module read.
+    """
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    return None
+
+
 _READINGS: dict[tuple[type, object], _ClassReading] = {}
 
 
 def read_class(cls: type) -> _ClassReading:
     """The reading of ``cls.forward`` (cached per class and forward function)."""
-    key = (cls, inspect.getattr_static(cls, "forward", None))
+    key = (cls, _class_attribute(cls, "forward"))
     if key not in _READINGS:
         reader = _Reader(cls)
         try:
@@ -241,7 +267,7 @@ def _reading_of(module: nn.Module) -> _ClassReading:
         return _ClassReading(opaque="its forward is replaced on the instance")
     if cls.__call__ is not nn.Module.__call__ or cls.__getattr__ is not nn.Module.__getattr__:
         return _ClassReading(opaque="it overrides __call__ or __getattr__")
-    if any(isinstance(inspect.getattr_static(cls, name, None), property) for name in module._modules):
+    if any(isinstance(_class_attribute(cls, name), property) for name in module._modules):
         return _ClassReading(opaque="a property shadows one of its submodules")
     for key, value in vars(module).items():
         if key in _MODULE_STATE:
@@ -252,6 +278,10 @@ def _reading_of(module: nn.Module) -> _ClassReading:
     if cls.forward is nn.Sequential.forward and isinstance(module, nn.Sequential):
         return _sequential_reading(module)
     return read_class(cls)
+
+
+def _where(module: nn.Module, path: str) -> str:
+    return f"{path} ({type(module).__name__})" if path else type(module).__name__
 
 
 def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list[str]]) -> Dataflow:
@@ -265,8 +295,11 @@ def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list
     unseen: dict[str, str] = {}
     holders: set[str] = set()  # paths of the modules that contain a tracked module
     for name in tracked.values():
-        parts = name.split(".")
-        holders.update(".".join(parts[:i]) for i in range(len(parts)))
+        while name:
+            name = name.rpartition(".")[0]
+            if name in holders:
+                break  # and so are the paths above it
+            holders.add(name)
 
     def hide(module: nn.Module, why: str) -> None:
         for sub in module.modules():
@@ -274,33 +307,31 @@ def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list
                 unseen.setdefault(tracked[id(sub)], why)
 
     def visit(module: nn.Module, path: str) -> None:
-        where = f"{path} ({type(module).__name__})" if path else type(module).__name__
         if len(paths[id(module)]) > 1:
-            return hide(module, f"inside {where}, which is registered at {len(paths[id(module)])} places")
+            return hide(module, f"inside {_where(module, path)}, which is registered at {len(paths[id(module)])} "
+                                "places")
         reading = _reading_of(module)
         if reading.opaque:
-            return hide(module, f"inside {where}, whose forward fusedconv does not read without a trace "
-                                f"({reading.opaque})")
+            return hide(module, f"inside {_where(module, path)}, whose forward fusedconv does not read without a "
+                                f"trace ({reading.opaque})")
         for attr, child in module._modules.items():
             if child is None:
                 continue
-            child_path = f"{path}.{attr}" if path else attr
             if attr in reading.other_uses:
-                hide(child, f"{where} uses {attr} in another way than calling it")
+                hide(child, f"{_where(module, path)} uses {attr} in another way than calling it")
             elif id(child) in tracked:
                 node = nodes[tracked[id(child)]]
                 if len(paths[id(child)]) > 1:
                     unseen[node.name] = f"registered at {len(paths[id(child)])} places"
                 node.calls = reading.calls.get(attr, 0)
                 node.consumers = [None] if node.calls else []
-            elif child_path in holders:
-                visit(child, child_path)
-        producers = [p for p, _ in reading.flows]
-        for producer, consumer in reading.flows:
+            else:
+                child_path = f"{path}.{attr}" if path else attr
+                if child_path in holders:
+                    visit(child, child_path)
+        for producer, consumer in reading.pairs:
             first, second = module._modules.get(producer), module._modules.get(consumer)
-            if (producers.count(producer) == 1 and id(first) in tracked and id(second) in tracked
-                    and reading.calls.get(producer) == 1 and reading.calls.get(consumer) == 1
-                    and producer not in reading.other_uses and consumer not in reading.other_uses):
+            if id(first) in tracked and id(second) in tracked:
                 nodes[tracked[id(first)]].consumers = [tracked[id(second)]]
                 nodes[tracked[id(second)]].input_from = tracked[id(first)]
 
