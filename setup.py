@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from glob import glob
 
 from setuptools import setup
@@ -44,6 +45,12 @@ def _extension():
         return {}
     sources = sorted(glob("csrc/*.cpp")) + sorted(glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for runs its loop on one thread unless the caller is
+        # compiled with OpenMP; the library resolves to torch's own libgomp.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     with_cuda = (
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None
@@ -58,11 +65,13 @@ def _extension():
             sources + sorted(glob("csrc/cuda/*.cu")),
             define_macros=[("FUSEDCONV_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=link_flags,
             # Some CUDA installs keep libcudart in lib/ rather than lib64/.
             library_dirs=[d for d in (os.path.join(cuda_home, "lib"), os.path.join(cuda_home, "lib64")) if os.path.isdir(d)],
         )
     else:
-        extension = cpp_extension.CppExtension("fusedconv._C", sources, extra_compile_args=cxx_flags)
+        extension = cpp_extension.CppExtension("fusedconv._C", sources, extra_compile_args=cxx_flags,
+                                               extra_link_args=link_flags)
     return {
         "ext_modules": [extension],
         "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -162,6 +162,33 @@ def test_rescale_applies_a_weight_listed_twice_in_order(backend):
         assert torch.equal(w, e)
 
 
+@pytest.mark.parametrize("backend", [b for b in RUNNABLE if not (b == "triton" and DEVICE == "cpu")])
+@pytest.mark.parametrize("from_sources", [False, True], ids=["in_place", "from_sources"])
+def test_rescale_of_many_large_weights_is_split_exactly(backend, from_sources):
+    """Weights larger than one task, of odd row lengths, mixed dtypes and one
+    listed twice: the split of the joint range across threads (cpp) or
+    chunks (cuda) must neither miss nor repeat an element at the seams."""
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(7, 13, 1111), (300, 97, 3, 3), (1, 70001), (513, 129), (64, 3, 5, 5, 5)]
+    dtypes = [torch.float32, torch.float16, torch.float64, torch.bfloat16, torch.float32]
+    sources = [torch.randn(shape, generator=gen).to(DEVICE, dtype) for shape, dtype in zip(shapes, dtypes)]
+    scales = [_random_scale(shape[0], gen).to(DEVICE) for shape in shapes]
+    if not from_sources:  # the second weight again, scaled by its own factor a second time
+        sources.append(sources[1])
+        scales.append(_random_scale(shapes[1][0], gen).to(DEVICE))
+    n = len(sources)
+    expected = [s.clone() for s in sources[:len(shapes)]]
+    kernels.rescale_(expected + expected[1:2] * (n - len(shapes)), scales, [None] * n, [1] * n, backend="torch")
+    if from_sources:
+        written = [torch.full_like(s, float("nan")) for s in sources]
+        kernels.rescale_(written, scales, [None] * n, [1] * n, sources=sources, backend=backend)
+    else:
+        written = sources
+        kernels.rescale_(written, scales, [None] * n, [1] * n, backend=backend)
+    for w, e in zip(written, expected):
+        assert torch.equal(w, e), (w.double() - e.double()).abs().max()
+
+
 @pytest.mark.parametrize("backend", RUNNABLE)
 def test_rescale_mixes_dtypes_in_one_call(backend):
     gen = torch.Generator().manual_seed(3)

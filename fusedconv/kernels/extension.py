@@ -65,11 +65,14 @@ def _build_on_first_use() -> None:
     from torch.utils import cpp_extension
 
     logger.warning("fusedconv: building the C++ extension's CPU kernels (first use only; cached)")
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     try:
         cpp_extension.load(
             name="fusedconv_ext_cpu",
             sources=[str(s) for s in sources],
-            extra_cflags=["-O3"],
+            # at::parallel_for needs OpenMP in the caller to use more than one thread.
+            extra_cflags=["-O3", *openmp],
+            extra_ldflags=openmp,
             is_python_module=False,
             verbose=False,
         )
