@@ -452,7 +452,7 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
     """
     # Check everything and compute the small per-layer results first; after this
     # nothing can fail, so the weights are then written where they will live.
-    modules = _modules_by_path(model) if plan.folds else {}
+    modules = _modules_by_path(model) if plan.folds or plan.merges else {}
     layer_folds = plan_layer_folds([_module(modules, fold.layer) for fold in plan.folds],
                                    _checked_affines(modules, plan.folds), [fold.layer for fold in plan.folds])
     kernels.resolve(_first_weight_device(model), backend)  # a backend asked for by name must load
@@ -487,8 +487,8 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
                 "inplace=True, or make it copyable first (e.g. torch.nn.utils.prune.remove)"
             ) from exc
     # Blocks are planned on the model that will change (nothing is modified yet).
-    merges = plan_blocks(target, plan.merges) if plan.merges else []
-    target_modules = _modules_by_path(target) if target is not model and plan.folds else modules
+    target_modules = _modules_by_path(target) if target is not model and modules else modules
+    merges = plan_blocks(target, plan.merges, modules=target_modules) if plan.merges else []
     layers = [_module(target_modules, fold.layer) for fold in plan.folds]
     weights = [layer.weight for layer in layers]
     # A copied weight that the memo did not leave unwritten (a Parameter

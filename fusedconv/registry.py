@@ -109,16 +109,22 @@ def blocks_among(named_modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[s
     return found
 
 
-def plan_blocks(model: nn.Module, names: Sequence[str] | None = None) -> list[Reparameterization]:
+def plan_blocks(model: nn.Module, names: Sequence[str] | None = None, *,
+                modules: dict[str, nn.Module] | None = None) -> list[Reparameterization]:
     """Checked merges of every known block in ``model`` (or of the blocks at
-    ``names``, as :func:`find_blocks` found them). Nothing is modified; raises
-    :class:`fusedconv.FoldError` naming the block at fault."""
+    ``names``, as :func:`find_blocks` found them; ``modules``, the model's
+    path -> module map when the caller has it, saves looking each one up).
+    Nothing is modified; raises :class:`fusedconv.FoldError` naming the block at fault."""
     plans: list[Reparameterization] = []
     if names is None:
         found = find_blocks(model)
     else:
-        modules = [(name, model.get_submodule(name)) for name in names]
-        found = [(name, module, converter_for(module)) for name, module in modules]
+        modules = modules if modules is not None else dict(model.named_modules(remove_duplicate=False))
+        found = []
+        for name in names:
+            if name not in modules:
+                raise FoldError(f"the plan names block {name!r}, which this model does not have")
+            found.append((name, modules[name], converter_for(modules[name])))
     for name, module, _ in found:
         if module.training:
             raise FoldError(
