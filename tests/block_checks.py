@@ -93,10 +93,15 @@ def assert_as_accurate(fused, branched, reference, dtype: torch.dtype, what: str
     unless a test justifies another table. The floor is relative to
     ``||reference||``, or to ``floor_scale`` for a result computed as a
     difference of terms of that size (its rounding errors scale with the terms)."""
-    fused_error, branched_error = relative_error(fused, reference), relative_error(branched, reference)
-    floor = floors[dtype]
-    if floor_scale is not None:
-        floor *= floor_scale / float(reference.double().norm())
+    if floor_scale is None:
+        fused_error, branched_error = relative_error(fused, reference), relative_error(branched, reference)
+        floor = floors[dtype]
+    else:
+        # The same rule multiplied through by ||reference||: absolute errors
+        # against a floor of floor_scale, which also holds where the reference
+        # is all zero (terms that cancel exactly).
+        fused_error, branched_error = (float((x.double() - reference.double()).norm()) for x in (fused, branched))
+        floor = floors[dtype] * floor_scale
     bound = max(MAX_RATIO * branched_error, floor)
     assert fused_error <= bound, (f"{what} error {fused_error:.3g} > bound {bound:.3g} "
                                   f"(branched {dtype} error {branched_error:.3g})")
