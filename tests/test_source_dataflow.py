@@ -10,20 +10,35 @@ checked on its own, so that a refusal cannot hide behind the fx fallback.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import fusedconv
 from fusedconv.dataflow.source import from_source
-from fusedconv.planner import _ModelIndex
-from utils import randomize_batchnorm_stats
+from fusedconv.planner import _ModelIndex, _Planner
+from utils import randomize_batchnorm_stats, trace_only
+
+try:  # the helper timm's models call, and its re-export
+    import timm.models
+    from timm.models._manipulate import checkpoint_seq
+except ImportError:  # pragma: no cover - no timm
+    timm = checkpoint_seq = None
+needs_timm = pytest.mark.skipif(checkpoint_seq is None, reason="needs timm")
+
+
+def source_flow(model: nn.Module):
+    index = _ModelIndex(model, {})
+    return from_source(model, index.tracked, index.paths)
 
 
 def proven_pairs(model: nn.Module) -> set[tuple[str, str]]:
-    index = _ModelIndex(model, {})
-    flow = from_source(model, index.tracked, index.paths)
+    flow = source_flow(model)
     return {
         (node.input_from, name)
         for name, node in flow.nodes.items()
@@ -341,3 +356,268 @@ def test_readings_are_cached_per_class():
     reading = source.read_class(Nested)
     proven_pairs(Nested().eval())
     assert source.read_class(Nested) is reading
+
+
+# ----------------------------------------------------------------- checkpoint helpers
+
+
+def conv_bn(channels: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+
+class ResidualSequential(nn.Sequential):
+    """An nn.Sequential whose forward is not its children in order: helpers that
+    iterate the children bypass it."""
+
+    def forward(self, x):
+        return x + self[1](self[0](x))
+
+
+class CheckpointBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = conv_bn()
+
+    def forward(self, x):
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+class CheckpointDotted(CheckpointBlock):
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+class CheckpointSequentialSeq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                 nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return checkpoint_sequential(self.seq, 2, x, use_reentrant=False)
+
+
+class CheckpointSequentialList(nn.Module):
+    """A list is called item by item: any module, its own forward included."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = conv_bn(), ResidualSequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return checkpoint_sequential([self.first, self.second], 2, x, use_reentrant=False)
+
+
+class TimmFlattened(nn.Module):
+    """timm's ResNet.forward_features, in small."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer1, self.layer2 = conv_bn(), nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.grad_checkpointing = True
+
+    def forward(self, x):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq([self.layer1, self.layer2], x, flatten=True)
+        else:
+            x = self.layer1(x)
+            x = self.layer2(x)
+        return x
+
+
+class TimmReexported(TimmFlattened):
+    def forward(self, x):
+        return timm.models.checkpoint_seq((self.layer1, self.layer2), x, every=2, flatten=True, use_reentrant=False)
+
+
+class TimmNotFlattened(TimmFlattened):
+    """Without flatten, the listed modules are called: their own forward runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer2 = ResidualSequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return checkpoint_seq([self.layer1, self.layer2], x)
+
+
+CHECKPOINT_PROVEN = [
+    (CheckpointBlock, {("block.0", "block.1")}),
+    (CheckpointDotted, {("block.0", "block.1")}),
+    (CheckpointSequentialSeq, {("seq.0", "seq.1"), ("seq.3", "seq.4")}),
+    (CheckpointSequentialList, {("first.0", "first.1")}),  # second's own forward is read: it is opaque
+    pytest.param(TimmFlattened, {("layer1.0", "layer1.1"), ("layer2.0", "layer2.1")}, marks=needs_timm),
+    pytest.param(TimmReexported, {("layer1.0", "layer1.1"), ("layer2.0", "layer2.1")}, marks=needs_timm),
+    pytest.param(TimmNotFlattened, {("layer1.0", "layer1.1")}, marks=needs_timm),
+]
+
+
+@pytest.mark.parametrize("model_class, pairs", CHECKPOINT_PROVEN)
+def test_pairs_run_through_checkpoint_helpers_are_proven(model_class, pairs):
+    model = randomize_batchnorm_stats(model_class(), torch.Generator().manual_seed(5)).eval()
+    assert proven_pairs(model) == pairs
+    flow = source_flow(model)
+    for producer, consumer in pairs:
+        assert flow.nodes[producer].calls == flow.nodes[consumer].calls == 1
+    x = torch.randn(2, 3, 6, 6)
+    fused = fusedconv.fuse(model, (x,))  # the fold itself stays exact
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# Refused: the helper runs the module's children and bypasses its own forward,
+# or the function is not a checkpoint helper at all.
+
+
+class CheckpointSequentialCustom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = ResidualSequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return checkpoint_sequential(self.seq, 1, x, use_reentrant=False)
+
+
+class CheckpointSequentialModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = Nested()
+
+    def forward(self, x):
+        return checkpoint_sequential(self.seq, 1, x, use_reentrant=False)
+
+
+class TimmFlattenedCustom(TimmFlattened):
+    def __init__(self):
+        super().__init__()
+        self.layer2 = ResidualSequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+
+class TimmFlattenedUnknown(TimmFlattenedCustom):
+    """flatten is not known from the source: read as flatten=True."""
+
+    def forward(self, x, flatten=False):
+        return checkpoint_seq([self.layer1, self.layer2], x, flatten=flatten)
+
+
+class TimmBareFlattened(nn.Module):
+    """flatten=True on a Sequential iterates its children's children."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(conv_bn(), nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+
+    def forward(self, x):
+        return checkpoint_seq(self.seq, x, flatten=True)
+
+
+class UserRunner(CheckpointBlock):
+    def forward(self, x):
+        return run(self.block, x)
+
+
+def run(function, x):
+    return function(x) * 2
+
+
+class ShadowedCheckpoint(CheckpointBlock):
+    def forward(self, x, checkpoint=run):  # the name is a parameter here, not torch's checkpoint
+        return checkpoint(self.block, x)
+
+
+class CheckpointTupleLiteral(CheckpointBlock):
+    def forward(self, x):
+        return checkpoint([self.block], x)
+
+
+class CheckpointKeyword(CheckpointBlock):
+    def forward(self, x):
+        return checkpoint(function=self.block, use_reentrant=False)
+
+
+CHECKPOINT_REFUSED = [
+    (CheckpointSequentialCustom, "seq",
+     r"uses seq in another way than calling it \(a checkpoint helper runs its children"),
+    (CheckpointSequentialModule, "seq",
+     r"uses seq in another way than calling it \(a checkpoint helper runs its children"),
+    pytest.param(TimmFlattenedCustom, "layer2",
+                 r"uses layer2 in another way than calling it \(a checkpoint helper runs its children",
+                 marks=needs_timm),
+    pytest.param(TimmFlattenedUnknown, "layer2",
+                 r"uses layer2 in another way than calling it \(a checkpoint helper runs its children",
+                 marks=needs_timm),
+    pytest.param(TimmBareFlattened, "seq", r"uses seq in another way than calling it$", marks=needs_timm),
+    (UserRunner, "block", r"uses block in another way than calling it$"),
+    (ShadowedCheckpoint, "block", r"uses block in another way than calling it$"),
+    (CheckpointTupleLiteral, "block", r"uses block in another way than calling it$"),
+    (CheckpointKeyword, "block", r"uses block in another way than calling it$"),
+]
+
+
+@pytest.mark.parametrize("model_class, child, reason", CHECKPOINT_REFUSED)
+def test_checkpoint_helpers_that_bypass_forward_are_refused(model_class, child, reason):
+    model = model_class().eval()
+    flow = source_flow(model)
+    inside = {name for name in flow.nodes if name.startswith(child + ".")}
+    assert inside and inside <= set(flow.unseen)
+    for name in inside:
+        assert re.search(reason, flow.unseen[name]), flow.unseen[name]
+    assert not any(pair[0] in inside for pair in proven_pairs(model))
+
+
+class CheckpointedMethod(Base):
+    def forward(self, x):
+        return self.bn(self.conv(x)) + checkpoint(self._again, x, use_reentrant=False)
+
+    def _again(self, x):
+        return self.conv(x)
+
+
+def test_method_passed_to_checkpoint_stays_opaque():
+    flow = source_flow(CheckpointedMethod().eval())
+    assert set(flow.unseen) == {"conv", "bn"}
+    assert all("passes its method _again on" in why for why in flow.unseen.values())
+
+
+class ConvCheckpointedAndCalled(Base):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + checkpoint(self.conv, x, use_reentrant=False)
+
+
+class ConvCheckpointedThenBn(Base):
+    def forward(self, x):
+        y = checkpoint(self.conv, x, use_reentrant=False)
+        y = self.bn(y)
+        return y
+
+
+def test_tracked_layer_run_by_checkpoint_is_counted_and_never_paired():
+    model = ConvCheckpointedAndCalled().eval()
+    index = _ModelIndex(model, {})
+    flow = from_source(model, index.tracked, index.paths)
+    assert not flow.unseen and flow.nodes["conv"].calls == 2
+    planner = _Planner(index, flow)
+    plan = planner.plan()
+    assert plan.folds == [] and [s.module for s in plan.skipped] == ["bn"]
+    assert "called 2 times" in planner.layer_problem("conv")
+
+    model = ConvCheckpointedThenBn().eval()
+    flow = source_flow(model)
+    assert not flow.unseen and flow.nodes["conv"].calls == flow.nodes["bn"].calls == 1
+    assert flow.nodes["conv"].consumers == [None] and flow.nodes["bn"].input_from is None
+    assert proven_pairs(model) == set()
+
+
+@pytest.mark.slow
+def test_timm_resnet50_is_read_through_checkpoint_seq(monkeypatch):
+    timm = pytest.importorskip("timm")
+    model = randomize_batchnorm_stats(timm.create_model("resnet50"), torch.Generator().manual_seed(7)).eval()
+    plan = fusedconv.plan(model)
+    assert plan.source == "source" and len(plan.folds) == 53 and not plan.skipped
+    trace_only(monkeypatch)
+    traced = fusedconv.plan(model)
+    assert traced.source == "torch.fx" and traced.folds == plan.folds

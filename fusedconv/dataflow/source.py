@@ -14,6 +14,18 @@ against None). Anything else (``self.children()``, ``getattr(self, ...)``,
 ``self.conv.weight``, a child passed to a function, a try block, a loop that
 jumps out between the two calls, ...) makes the modules concerned *unseen*, and
 the planner then asks torch.fx instead.
+
+The one kind of function a child may be passed to is a gradient-checkpointing
+helper, recognised by identity (the name, or a dotted chain of module
+attributes, resolved in the method's globals without running anything):
+``torch.utils.checkpoint.checkpoint(self.child, ...)`` calls the child;
+``torch.utils.checkpoint.checkpoint_sequential`` and timm's ``checkpoint_seq``
+call the modules of a list or tuple literal ``[self.a, self.b]`` in order, but
+iterate the children of a module given alone (or, for ``checkpoint_seq(...,
+flatten=True)``, of each listed module), which is the same as calling it only
+for a plain ``nn.Sequential``; that is decided per instance. A child run this
+way is never one end of a proven pair in its parent (its output and input go
+through the helper), but what its own forward proves still holds.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import sys
 import textwrap
 import types
 from dataclasses import dataclass, field
@@ -52,6 +65,10 @@ class _ClassReading:
     """Attributes used in any other way than a call or an ``is None`` test."""
     flows: list[tuple[str, str]] = field(default_factory=list)
     """(producer, consumer): the producer's output is read by the consumer's call alone."""
+    sequence_runs: set[str] = field(default_factory=set)
+    """Attributes whose children a checkpoint helper runs in order, bypassing the
+    attribute's own forward: the same as a call only if it is a plain nn.Sequential
+    (decided per instance, in :func:`from_source`)."""
     opaque: str | None = None
 
     @functools.cached_property
@@ -63,6 +80,7 @@ class _ClassReading:
             (producer, consumer) for producer, consumer in self.flows
             if producers.count(producer) == 1 and self.calls.get(producer) == 1 and self.calls.get(consumer) == 1
             and producer not in self.other_uses and consumer not in self.other_uses
+            and producer not in self.sequence_runs and consumer not in self.sequence_runs
         ]
 
 
@@ -89,6 +107,72 @@ def _names(node: ast.AST, name: str) -> list[ast.Name]:
     return [n for n in ast.walk(node) if isinstance(n, ast.Name) and n.id == name]
 
 
+_MISSING = object()
+
+
+def _bound_names(definition: ast.FunctionDef) -> set[str]:
+    """Every name that the function (or a scope inside it) binds or declares
+    global/nonlocal: such a name need not be the module global it spells."""
+    names: set[str] = set()
+    for node in ast.walk(definition):
+        if isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).partition(".")[0])
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node is not definition:
+            names.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            names.update(node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            names.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            names.add(node.rest)
+    return names
+
+
+def _resolve(node: ast.AST, function: types.FunctionType, bound: set[str]) -> object:
+    """The object a ``Name`` or a dotted chain of module attributes refers to in
+    ``function``'s globals, looked up in dicts only (no descriptor, no module
+    ``__getattr__`` runs); _MISSING when it is anything else or not found."""
+    chain: list[str] = []
+    while isinstance(node, ast.Attribute):
+        chain.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or node.id in bound or node.id in function.__code__.co_freevars:
+        return _MISSING
+    value = function.__globals__.get(node.id, _MISSING)
+    for attr in reversed(chain):
+        if not isinstance(value, types.ModuleType):
+            return _MISSING
+        value = vars(value).get(attr, _MISSING)
+    return value
+
+
+def _checkpoint_helper(value: object) -> str | None:
+    """Which checkpoint helper ``value`` is (by identity), or None."""
+    if value is _MISSING:
+        return None
+    torch_checkpoint = sys.modules.get("torch.utils.checkpoint")
+    if torch_checkpoint is not None:
+        for name in ("checkpoint", "checkpoint_sequential"):
+            if value is vars(torch_checkpoint).get(name, _MISSING):
+                return name
+    if "timm" in sys.modules:
+        for module_name in ("timm.models._manipulate", "timm.models.helpers"):
+            module = sys.modules.get(module_name)
+            if module is not None and value is vars(module).get("checkpoint_seq", _MISSING):
+                return "checkpoint_seq"
+    return None
+
+
+def _falsy_constant(node: ast.AST | None) -> bool:
+    return node is None or isinstance(node, ast.Constant) and not node.value
+
+
 class _Reader:
     def __init__(self, cls: type):
         self.cls = cls
@@ -113,11 +197,12 @@ class _Reader:
         arguments = definition.args
         if not arguments.args or arguments.args[0].arg != "self":
             raise _Opaque(f"{self.cls.__name__}.{name} does not take self first")
-        self.read_uses(definition)
+        self.read_uses(definition, function)
         self.read_flows(definition)
 
-    def read_uses(self, function: ast.FunctionDef) -> None:
+    def read_uses(self, function: ast.FunctionDef, code: types.FunctionType) -> None:
         """Count how ``self`` and its attributes are used; follow calls to own methods."""
+        bound: list[set[str]] = []  # worked out when first needed
         parents: dict[ast.AST, ast.AST] = {}
         for node in ast.walk(function):
             for child in ast.iter_child_nodes(node):
@@ -147,9 +232,42 @@ class _Reader:
                 raise _Opaque(f"uses {attr}, computed by a descriptor (a property, a classmethod, ...)")
             elif called:
                 self.reading.calls[attr] = self.reading.calls.get(attr, 0) + 1
+            elif (run := self._run_by_helper(node, parents, function, code, bound)) == "call":
+                self.reading.calls[attr] = self.reading.calls.get(attr, 0) + 1
+            elif run == "sequence":
+                self.reading.sequence_runs.add(attr)
             elif not (isinstance(parent, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops)
                       and all(isinstance(c, ast.Constant) and c.value is None for c in parent.comparators)):
                 self.reading.other_uses.add(attr)
+
+    @staticmethod
+    def _run_by_helper(node: ast.AST, parents: dict[ast.AST, ast.AST], function: ast.FunctionDef,
+                       code: types.FunctionType, bound: list[set[str]]) -> str | None:
+        """How a checkpoint helper runs ``node`` (``self.attr``, not called here):
+        "call" when it calls it, "sequence" when it runs its children in order
+        instead, None when ``node`` is not (all of) a helper's first argument."""
+        parent = parents.get(node)
+        listed = isinstance(parent, (ast.List, ast.Tuple))
+        argument = parent if listed else node
+        call = parents.get(argument)
+        if not isinstance(call, ast.Call) or not call.args or call.args[0] is not argument:
+            return None
+        if not bound:
+            bound.append(_bound_names(function))
+        helper = _checkpoint_helper(_resolve(call.func, code, bound[0]))
+        if helper == "checkpoint":  # checkpoint(function, *args): function(*args)
+            return None if listed else "call"
+        if helper == "checkpoint_sequential":  # a list is called item by item, a Sequential's children run
+            return "call" if listed else "sequence"
+        if helper == "checkpoint_seq":  # checkpoint_seq(functions, x, every, flatten, ...)
+            keywords = {k.arg: k.value for k in call.keywords}
+            if None in keywords or any(isinstance(a, ast.Starred) for a in call.args):
+                return None  # **kwargs or *args: flatten is not known
+            flatten = keywords.get("flatten", call.args[3] if len(call.args) > 3 else None)
+            if not _falsy_constant(flatten):  # the children of each listed module run
+                return "sequence" if listed else None
+            return "call" if listed else "sequence"
+        return None
 
     # -- producer -> consumer pairs --------------------------------------------
     def read_flows(self, function: ast.FunctionDef) -> None:
@@ -280,6 +398,15 @@ def _reading_of(module: nn.Module) -> _ClassReading:
     return read_class(cls)
 
 
+def _plain_sequential(module: nn.Module) -> bool:
+    """Whether running ``module``'s children in order (as checkpoint_sequential and
+    checkpoint_seq do) is the same as calling it."""
+    cls = type(module)
+    return (isinstance(module, nn.Sequential) and cls.forward is nn.Sequential.forward
+            and cls.__iter__ is nn.Sequential.__iter__ and cls.children is nn.Module.children
+            and cls.__call__ is nn.Module.__call__ and "forward" not in vars(module))
+
+
 def _where(module: nn.Module, path: str) -> str:
     return f"{path} ({type(module).__name__})" if path else type(module).__name__
 
@@ -319,6 +446,9 @@ def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list
                 continue
             if attr in reading.other_uses:
                 hide(child, f"{_where(module, path)} uses {attr} in another way than calling it")
+            elif attr in reading.sequence_runs and (id(child) in tracked or not _plain_sequential(child)):
+                hide(child, f"{_where(module, path)} uses {attr} in another way than calling it (a checkpoint "
+                            "helper runs its children, bypassing its own forward)")
             elif id(child) in tracked:
                 node = nodes[tracked[id(child)]]
                 if len(paths[id(child)]) > 1:
