@@ -96,3 +96,29 @@ def test_inplace_on_gpu_keeps_parameter_identity():
     fused = fusedconv.fuse(model, inplace=True)
     assert fused is model and fused.conv1.weight is weight and weight.data_ptr() == ptr
     assert fusedconv.count_batchnorms(fused) == 0
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["in_place", "copy"])
+def test_fold_on_gpu_needs_no_second_copy_of_the_weights(inplace):
+    """In place, the fold allocates only per-channel float64 vectors (the BN
+    scales, shifts and new biases) and the kernels' small tables; a copy
+    allocates the copy itself and nothing more (its folded weights are written
+    straight from the original's, never copied and then scaled)."""
+    model, _ = _model("resnet50")
+    model = model.cuda()
+    weights = _tensor_bytes(model)
+    channels = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    per_channel = 16 * 8 * channels  # a few float64 vectors per channel, generously
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fused = fusedconv.fuse(model, inplace=inplace)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - start
+    copy = 0 if inplace else _tensor_bytes(fused)
+    assert extra <= copy + per_channel + (1 << 20), (extra, copy, weights)
+    assert extra <= (0.01 if inplace else 1.01) * weights, (extra, weights)

@@ -430,6 +430,13 @@ class TimmReexported(TimmFlattened):
         return timm.models.checkpoint_seq((self.layer1, self.layer2), x, every=2, flatten=True, use_reentrant=False)
 
 
+class TimmCheckpoint(CheckpointBlock):
+    """timm's own wrapper of torch's checkpoint (cait, davit, dpn, ...)."""
+
+    def forward(self, x):
+        return timm.models._manipulate.checkpoint(self.block, x)
+
+
 class TimmNotFlattened(TimmFlattened):
     """Without flatten, the listed modules are called: their own forward runs."""
 
@@ -449,6 +456,7 @@ CHECKPOINT_PROVEN = [
     pytest.param(TimmFlattened, {("layer1.0", "layer1.1"), ("layer2.0", "layer2.1")}, marks=needs_timm),
     pytest.param(TimmReexported, {("layer1.0", "layer1.1"), ("layer2.0", "layer2.1")}, marks=needs_timm),
     pytest.param(TimmNotFlattened, {("layer1.0", "layer1.1")}, marks=needs_timm),
+    pytest.param(TimmCheckpoint, {("block.0", "block.1")}, marks=needs_timm),
 ]
 
 

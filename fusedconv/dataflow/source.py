@@ -164,8 +164,12 @@ def _checkpoint_helper(value: object) -> str | None:
     if "timm" in sys.modules:
         for module_name in ("timm.models._manipulate", "timm.models.helpers"):
             module = sys.modules.get(module_name)
-            if module is not None and value is vars(module).get("checkpoint_seq", _MISSING):
+            if module is None:
+                continue
+            if value is vars(module).get("checkpoint_seq", _MISSING):
                 return "checkpoint_seq"
+            if value is vars(module).get("checkpoint", _MISSING):  # torch's checkpoint, use_reentrant defaulted
+                return "checkpoint"
     return None
 
 
