@@ -50,6 +50,7 @@ def fuse(
     inplace: bool = False,
     plan: FusionPlan | None = None,
     backend: str | None = None,
+    flush_subnormals: bool = False,
 ) -> nn.Module:
     """Fold every foldable BatchNorm of an eval-mode ``model`` into the layer beside it.
 
@@ -61,11 +62,14 @@ def fuse(
     already made. ``backend`` (``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``;
     default: the fastest that loads for the model's device, or the
     ``FUSEDCONV_BACKEND`` variable) picks the kernels that scale the weights.
-    All or nothing: on any error the caller's model is unchanged.
+    All or nothing: on any error the caller's model is unchanged. A fold that
+    makes weights subnormal (a BN with gamma near 0) warns with a
+    :class:`fusedconv.FoldWarning`; ``flush_subnormals=True`` sets them to zero
+    instead (subnormal weights slow CPU inference several times over).
     """
     start = time.perf_counter()
     chosen = plan if plan is not None else make_plan(model, as_input_tuple(example_inputs), check_stats=False)
-    fused = apply_plan(model, chosen, inplace=inplace, backend=backend)
+    fused = apply_plan(model, chosen, inplace=inplace, backend=backend, flush_subnormals=flush_subnormals)
     if logger.isEnabledFor(logging.INFO):
         logger.info(
             "fusedconv: folded %d BatchNorms into %d layers in %.1f ms (dataflow from %s); %d BatchNorms left",

@@ -1,6 +1,6 @@
 """Folding per-channel affine maps into a layer's weight and bias.
 
-The math of DESIGN.md section 2. A layer ``y = W * x + b`` with a BatchNorm
+The math of docs/DESIGN.md section 2. A layer ``y = W * x + b`` with a BatchNorm
 ``A`` before it and ``B`` after it (either may be absent) becomes::
 
     W' = B.scale[o] * W[o, i, ...] * A.scale[i]
@@ -210,15 +210,22 @@ def plan_layer_folds(
     return folds
 
 
-def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor]) -> None:
+def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], rollback=None) -> None:
     """Store folded biases in place, all with one multi-tensor copy; a layer
-    without a bias gets a new Parameter of its own (not a view of a shared batch)."""
+    without a bias gets a new Parameter of its own (not a view of a shared batch).
+    With a :class:`fusedconv.writing.Rollback`, each change is recorded so that it can be undone."""
     with torch.no_grad():
         targets = []
         for layer, bias in zip(layers, biases):
             if layer.bias is None:
-                layer.bias = nn.Parameter(torch.empty_like(bias, memory_format=torch.contiguous_format),
-                                          requires_grad=layer.weight.requires_grad)
+                new = nn.Parameter(torch.empty_like(bias, memory_format=torch.contiguous_format),
+                                   requires_grad=layer.weight.requires_grad)
+                if rollback is None:
+                    layer.bias = new
+                else:
+                    rollback.setattr(layer, "bias", new)
+            elif rollback is not None:
+                rollback.keep(layer.bias)
             targets.append(layer.bias)
         if targets:
             torch._foreach_copy_(targets, list(biases))

@@ -37,12 +37,77 @@ class LayerKind(enum.Enum):
     LINEAR = "linear"  # (out, in)
 
 
+# Classes whose code fusedconv has read: every class of torch.nn.modules, and
+# the library BatchNorms listed in BATCHNORM_KINDS below. A module is standard
+# only if every method its forward can reach is one of theirs.
+_TRUSTED_CLASS_NAMES = frozenset({
+    "torchvision.ops.misc.FrozenBatchNorm2d",
+    "timm.layers.norm_act.BatchNormAct2d",
+    "timm.layers.norm_act.SyncBatchNormAct",
+    "timm.layers.norm_act.FrozenBatchNormAct2d",
+})
+# What a subclass may define without changing what the trusted forward computes.
+_HARMLESS_OVERRIDES = frozenset({
+    "__init__", "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+    "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__", "__slotnames__",
+    "__annotate_func__", "__annotations_cache__", "__classcell__",
+    "extra_repr", "reset_parameters", "__repr__", "_version", "__constants__",
+    # copying and pickling
+    "__getstate__", "__setstate__", "__reduce__", "__reduce_ex__", "__copy__", "__deepcopy__",
+})
+# nn.Module's own bookkeeping, held in every instance's __dict__.
+MODULE_STATE = frozenset(vars(nn.Module()))
+
+
+def _trusted(klass: type) -> bool:
+    return klass.__module__.startswith("torch.nn.modules.") or klass is object or (
+        f"{klass.__module__}.{klass.__qualname__}" in _TRUSTED_CLASS_NAMES)
+
+
 def _forward_owner(module: nn.Module) -> str:
     """Qualified name of the class whose ``forward`` the module runs."""
     for klass in type(module).__mro__:
         if "forward" in vars(klass):
             return f"{klass.__module__}.{klass.__qualname__}"
     return ""
+
+
+def why_not_standard(module: nn.Module) -> str | None:
+    """Why ``module`` may not compute what its trusted base class's code computes, or None.
+
+    The trusted forward (torch's ``Conv2d.forward``, ``_BatchNorm.forward``,
+    ``Sequential.forward``, ...) reaches other methods through ``self``
+    (``_conv_forward``, ``_check_input_dim``, ``__iter__``, ``__getattr__``,
+    ``__call__``) and reads attributes through ``self`` (``self.weight``). So a
+    module is standard only if none of its untrusted classes redefines a name
+    that a trusted class of its MRO defines, no class attribute shadows a
+    registered parameter, buffer or submodule (nn.Module finds those only when
+    ordinary lookup fails), no untrusted class attribute shadows an instance
+    attribute, and the instance replaces none of its class's methods.
+    """
+    mro = type(module).__mro__
+    trusted = [klass for klass in mro if _trusted(klass)]
+    registered = (module._parameters.keys() | module._buffers.keys() | module._modules.keys())
+    for klass in mro:
+        if _trusted(klass):
+            shadows = registered & vars(klass).keys()
+            if shadows:  # e.g. a torch class that gained a class attribute: still shadowed
+                return f"{klass.__qualname__} defines {sorted(shadows)[0]} at class level, which hides the registered one"
+            continue
+        for name in vars(klass):
+            if name in _HARMLESS_OVERRIDES:
+                continue
+            base = next((t for t in trusted if name in vars(t)), None)
+            if base is not None:
+                return f"{klass.__qualname__} overrides {base.__qualname__}.{name}, which its forward may reach"
+            if name in registered:
+                return f"{klass.__qualname__} defines {name} at class level, which hides the registered one"
+            if name in vars(module):
+                return f"{klass.__qualname__} defines {name} at class level, which may hide the instance's own"
+    for name in vars(module).keys() - MODULE_STATE:
+        if callable(getattr(type(module), name, None)):
+            return f"its {name} is replaced on the instance"
+    return None
 
 
 _STANDARD_LAYER_FORWARDS = {
@@ -122,6 +187,9 @@ def why_layer_cannot_change(module: nn.Module) -> str | None:
     # only then spares a plain layer the AttributeError of a failed getattr.
     if "parametrizations" in module._modules and parametrize.is_parametrized(module):
         return "its weight is computed by a parametrization (torch.nn.utils.parametrize)"
+    problem = why_not_standard(module)
+    if problem:
+        return f"{type(module).__name__} is not a standard layer: {problem}"
     if module._forward_pre_hooks or module._forward_hooks:
         return "it has forward hooks (weight_norm, pruning or user hooks may rewrite its weight or output)"
     if isinstance(_tensor_of(module, "weight"), nn.parameter.UninitializedParameter):
@@ -194,12 +262,22 @@ BATCHNORM_KINDS = (
 
 
 def batchnorm_kind(module: nn.Module) -> BatchNormKind | None:
-    """The BatchNorm family a module belongs to, or None if it is not a BN we can fold."""
+    """The BatchNorm family a module belongs to, or None if it is not a BN we can
+    fold (an unknown forward, or a standard one that :func:`why_not_standard` flags)."""
     owner = _forward_owner(module)
     for kind in BATCHNORM_KINDS:
         if owner in kind.forwards:
-            return kind
+            return kind if why_not_standard(module) is None else None
     return None
+
+
+def is_batchnorm_like(module: nn.Module) -> bool:
+    """Whether ``module`` normalises like a BatchNorm: any ``_BatchNorm``, or a
+    module whose forward is one of a known family's (foldable or not)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    owner = _forward_owner(module)
+    return any(owner in kind.forwards for kind in BATCHNORM_KINDS)
 
 
 def has_running_stats(bn: nn.Module) -> bool:
@@ -252,8 +330,4 @@ def check_not_training(module: nn.Module, name: str) -> None:
 def count_batchnorms(model: nn.Module) -> int:
     """Number of BatchNorm-like modules (any family fusedconv knows, plus any other
     ``_BatchNorm`` subclass) in ``model``."""
-    return sum(
-        1
-        for m in model.modules()
-        if batchnorm_kind(m) is not None or isinstance(m, nn.modules.batchnorm._BatchNorm)
-    )
+    return sum(1 for m in model.modules() if is_batchnorm_like(m))

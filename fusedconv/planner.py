@@ -1,6 +1,6 @@
 """Planning a fusion from the dataflow, checking it, and applying it all at once.
 
-Rules (DESIGN.md sections 2-3). A layer takes BatchNorms only if it is called
+Rules (docs/DESIGN.md sections 2-3). A layer takes BatchNorms only if it is called
 exactly once, reads its own weight unmodified (standard forward, no hooks or
 parametrizations), and shares no tensor with another module. A BN *after* the
 layer folds when the layer's output is read by that BN and nothing else; a BN
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +26,9 @@ from torch import nn
 from . import kernels
 from .affine import batchnorm_affines, compose
 from .copying import copy_module
-from .dataflow import Dataflow
+from .memory import sharing_memory, storage_key
+from .writing import Rollback, check_folded_range, check_writable, subnormal_weights
+from .dataflow import Dataflow, combine
 from .dataflow.fx import Untraceable, from_fx
 from .dataflow.source import from_source
 from .dataflow.run import RunFailed, from_run
@@ -35,17 +37,20 @@ from .fold import plan_layer_folds, rescale_weights, set_biases, why_not_exact_b
 from .registry import blocks_among, plan_blocks
 from .reparam import apply_reparameterizations
 from .layers import (
+    MODULE_STATE,
     BatchNormKind,
     batched_rank,
     batchnorm_kind,
     bn_statistics,
     check_not_training,
+    is_batchnorm_like,
     layer_in_channels,
     layer_kind,
     layer_out_channels,
     num_features,
     why_batchnorm_cannot_fold,
     why_layer_cannot_change,
+    why_not_standard,
 )
 
 
@@ -78,8 +83,10 @@ class FusionPlan:
     skipped: list[Skip]
     source: str
     """Where the dataflow came from: "source" (the forward code, read without
-    running it), "torch.fx" (a trace), "run" (one run on the example inputs),
-    or "none" (no BatchNorm outside the merged blocks, so none was needed)."""
+    running it), "torch.fx" (a trace), "source+torch.fx" (the reading, completed
+    by a trace where it could not vouch for every BN), "run" (one run on the
+    example inputs), or "none" (no BatchNorm outside the merged blocks, so none
+    was needed)."""
     merges: list[str] = field(default_factory=list)
     """Re-parameterizable blocks merged into one conv each (qualified names)."""
 
@@ -88,7 +95,8 @@ class FusionPlan:
         return sum(len(f.batchnorms) for f in self.folds)
 
     def __str__(self) -> str:
-        source = {"source": "the forward code", "torch.fx": "a torch.fx graph", "none": "the blocks alone"}.get(
+        source = {"source": "the forward code", "torch.fx": "a torch.fx graph", "none": "the blocks alone",
+                  "source+torch.fx": "the forward code and a torch.fx graph"}.get(
             self.source, "a run on the example inputs")
         lines = [
             f"fusion plan from {source}: {len(self.merges)} blocks merge into one conv each, "
@@ -135,32 +143,55 @@ class _ModelIndex:
             if layer_kind(m) is not None:
                 self.layers[name] = m
                 continue
-            kind = batchnorm_kind(m)
-            if kind is not None or isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if is_batchnorm_like(m):
                 self.batchnorms[name] = m
-                self.kinds[name] = kind
+                self.kinds[name] = batchnorm_kind(m)
         self.tracked = {id(m): name for name, m in (*self.layers.items(), *self.batchnorms.items())}
-        # Tensors registered more than once, over every module (those inside blocks too).
-        registered = [id(t) for _, m in modules for t in _tensors(m)]
-        self.shared: set[str] = set()
-        if len(set(registered)) < len(registered):  # rare (tied weights, ...): find the modules concerned
-            multiple = {held for held, count in Counter(registered).items() if count > 1}
-            self.shared = {name for name, m in (*self.layers.items(), *self.batchnorms.items())
-                           if not multiple.isdisjoint(id(t) for t in _tensors(m))}
+        self.global_hooks = _global_hooks_problem()
+        # Modules holding a tensor that shares memory with another tensor of the
+        # model (tied weights, ``.data`` assigned across modules, views), over
+        # every module (those inside blocks too).
+        holders = sharing_memory((name, t) for name, m in modules for t in _tensors(m, attributes=True))
+        self.shared: set[str] = {name for name in holders if name in self.layers or name in self.batchnorms}
 
     @functools.cached_property
     def owners(self) -> dict[int, tuple[str, ...]]:
-        """id(tensor) -> the tracked modules holding it (only a run needs them)."""
+        """Storage address -> the tracked modules holding a tensor in it (only a run
+        needs them): a read of any view of a layer's weight is a read of the weight."""
         owners: dict[int, tuple[str, ...]] = defaultdict(tuple)
         for name, m in (*self.layers.items(), *self.batchnorms.items()):
             for t in _tensors(m):
-                owners[id(t)] += (name,)
+                key = storage_key(t)
+                if key is not None and name not in owners[key]:
+                    owners[key] += (name,)
         return owners
 
 
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    """The module's own parameters and buffers, None entries left out."""
-    return [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+def _tensors(module: nn.Module, attributes: bool = False) -> list[torch.Tensor]:
+    """The module's own parameters and buffers, None entries left out; with
+    ``attributes``, also tensors kept in plain attributes (``self.w = conv.weight``)."""
+    tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+    if attributes:
+        for key, value in vars(module).items():
+            if key in MODULE_STATE:
+                continue
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+            tensors.extend(v for v in values if isinstance(v, torch.Tensor))
+    return tensors
+
+
+def _global_hooks_problem() -> str | None:
+    """Why no fold is safe while global module hooks are registered, or None.
+
+    torch.nn.modules.module.register_module_forward_hook and its pre-hook
+    twin run on every module call: they see, and may replace, each layer's
+    output, which a fold changes."""
+    module = nn.modules.module
+    hooks = [getattr(module, name, {}) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")]
+    if any(hooks):
+        return ("global module hooks are registered (torch.nn.modules.module.register_module_forward_hook or "
+                "_pre_hook): they see and may change every layer's output, which a fold changes")
+    return None
 
 
 def _expected_bn_ranks(bn: nn.Module) -> set[int] | None:
@@ -185,6 +216,8 @@ class _Planner:
 
     # -- what may take part in a fold -----------------------------------------
     def _usage_problem(self, name: str) -> str | None:
+        if self.index.global_hooks:
+            return self.index.global_hooks
         if name in self.flow.unseen:
             return self.flow.unseen[name]
         node = self.flow.nodes[name]
@@ -193,7 +226,8 @@ class _Planner:
         if node.calls > 1:
             return f"called {node.calls} times: its weights serve every call, so a fold would change the others"
         if node.tensors_read_elsewhere or name in self.index.shared:
-            return "one of its parameters or buffers is shared with or read by another part of the model"
+            return ("one of its parameters or buffers shares memory with, or is read by, another part of the model "
+                    "(a fold writes it in place)")
         return None
 
     def layer_problem(self, name: str) -> str | None:
@@ -205,7 +239,9 @@ class _Planner:
         if name not in self._bn_problems:
             bn = self.index.batchnorms[name]
             if self.index.kinds[name] is None:
-                problem = f"{type(bn).__name__} overrides forward, so fusedconv cannot tell what it computes"
+                why = why_not_standard(bn)
+                problem = (f"{type(bn).__name__} is not a standard BatchNorm: {why}" if why else
+                           f"{type(bn).__name__} overrides forward, so fusedconv cannot tell what it computes")
             else:
                 problem = why_batchnorm_cannot_fold(bn) or self._usage_problem(name)
             self._bn_problems[name] = problem
@@ -277,6 +313,13 @@ class _Planner:
             and not self.bn_problem(source)
             and self.index.kinds[source].passes_through
         ):
+            if not self.flow.nodes[current].input_tight:
+                # Once folded, the BN passes its input on as it is: code running
+                # between the two calls could change that input in place.
+                self.reasons[source] = (
+                    f"before {current}, but other code runs between the two calls (it could change the BN's "
+                    "input in place, which the folded model would pass on)")
+                break
             chain.insert(0, source)
             current, source = source, self.flow.nodes[source].input_from
         if not chain:
@@ -287,12 +330,13 @@ class _Planner:
             for bn_name in chain:
                 self.reasons[bn_name] = f"before {layer_name}, but {problem}"
             return ()
-        bn = self.index.batchnorms[chain[-1]]
-        if num_features(bn) != layer_in_channels(layer):
-            raise FoldError(
-                f"{chain[-1]} has {num_features(bn)} channels but feeds {layer_name}, which takes "
-                f"{layer_in_channels(layer)} input channels"
-            )
+        for bn_name in chain:  # each BN of the chain normalises the layer's input channels
+            bn = self.index.batchnorms[bn_name]
+            if num_features(bn) != layer_in_channels(layer):
+                raise FoldError(
+                    f"{bn_name} has {num_features(bn)} channels but feeds {layer_name}, which takes "
+                    f"{layer_in_channels(layer)} input channels"
+                )
         return tuple(chain)
 
     def explain(self, bn_name: str) -> str:
@@ -332,6 +376,8 @@ class _Planner:
                 self.used.update(before)
                 folds[name] = Fold(name, before=before, after=folds[name].after if name in folds else ())
         skipped = [Skip(n, self.explain(n)) for n in self.index.batchnorms if n not in self.used]
+        skipped.extend(Skip(call, "a batch norm computed by a function call, not a module: fusedconv folds "
+                                  "BatchNorm modules only") for call in self.flow.functional_batchnorms)
         ordered = [folds[n] for n in self.index.layers if n in folds]
         return FusionPlan(ordered, skipped, self.flow.source)
 
@@ -390,10 +436,21 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
         plan = FusionPlan([], [], "none")
     elif example_inputs is None:
         # Reading the forward code is cheap; a trace is needed only where it
-        # cannot vouch for every BatchNorm.
+        # cannot vouch for every BatchNorm, and then the two are combined.
         flow = from_source(model, index.tracked, index.paths)
         plan = _Planner(index, flow).plan()
-    if plan is None or plan.skipped:
+        if plan.skipped and not index.global_hooks:
+            try:
+                traced = _dataflow(model, index, None)
+            except FoldError as untraceable:
+                if not plan.folds:
+                    raise
+                flow = flow.with_unseen_reason(f"and {untraceable.args[0].split(' (')[0]}; pass example_inputs "
+                                               "to fold what the code reading could not prove")
+            else:
+                flow = combine(flow, traced)
+            plan = _Planner(index, flow).plan()
+    else:
         flow = _dataflow(model, index, example_inputs)
         plan = _Planner(index, flow).plan()
     plan.merges = list(index.blocks)
@@ -440,21 +497,27 @@ def _checked_affines(modules: dict[str, nn.Module], folds: list[Fold]) -> list[t
     ]
 
 
-def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: str | None = None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: str | None = None,
+               flush_subnormals: bool = False) -> nn.Module:
     """Fold ``plan`` into ``model`` (or into a copy), all or nothing.
 
-    Every BN and block merge is checked and every new bias computed before the
-    model or its copy is touched, so an error leaves the caller's model as it
-    was. The weights are then scaled in place by one batched
-    :func:`fusedconv.kernels.rescale_` call and the blocks merged by
-    :func:`fusedconv.reparam.apply_reparameterizations` (``backend`` picks the
-    backend; by default the fastest for the device).
+    Three steps. *Prepare*: check every BN, block merge and tensor to be
+    written, and compute every new bias and scale; nothing is modified, and
+    any error leaves the caller's model as it was. *Materialize*: for a copy,
+    copy the model with the weights to fold left unwritten. *Write*: swap the
+    BNs out, store the biases and scale the weights with one batched
+    :func:`fusedconv.kernels.rescale_` call (``backend`` picks the backend; by
+    default the fastest for the device), then merge the blocks; should a write
+    still fail, what was written before it is undone.
     """
-    # Check everything and compute the small per-layer results first; after this
-    # nothing can fail, so the weights are then written where they will live.
+    # -- prepare ------------------------------------------------------------
     modules = _modules_by_path(model) if plan.folds or plan.merges else {}
-    layer_folds = plan_layer_folds([_module(modules, fold.layer) for fold in plan.folds],
-                                   _checked_affines(modules, plan.folds), [fold.layer for fold in plan.folds])
+    layers = [_module(modules, fold.layer) for fold in plan.folds]
+    names = [fold.layer for fold in plan.folds]
+    check_writable(((f"{name}.weight", layer.weight) for name, layer in zip(names, layers)), in_place=inplace)
+    check_writable(((f"{name}.bias", layer.bias) for name, layer in zip(names, layers)), in_place=inplace)
+    layer_folds = plan_layer_folds(layers, _checked_affines(modules, plan.folds), names)
+    check_folded_range([layer.weight for layer in layers], layer_folds, names)
     kernels.resolve(_first_weight_device(model), backend)  # a backend asked for by name must load
     paths: dict[int, list[str]] = defaultdict(list)
     for path, m in modules.items():
@@ -462,6 +525,7 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
             paths[id(m)].append(path)
     bn_paths = {name: paths[id(_module(modules, name))] for f in plan.folds for name in f.batchnorms}
 
+    # -- materialize ----------------------------------------------------------
     sources = None
     if inplace:
         target = model
@@ -475,7 +539,7 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
             bn = _module(modules, name)
             if batchnorm_kind(bn).passes_through:
                 memo[id(bn)] = batchnorm_kind(bn).replacement(bn).train(bn.training)
-        sources = [_module(modules, fold.layer).weight for fold in plan.folds]
+        sources = [layer.weight for layer in layers]
         for weight in sources:
             if type(weight) is nn.Parameter:
                 memo[id(weight)] = nn.Parameter(torch.empty_like(weight), weight.requires_grad)
@@ -489,20 +553,26 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
     # Blocks are planned on the model that will change (nothing is modified yet).
     target_modules = _modules_by_path(target) if target is not model and modules else modules
     merges = plan_blocks(target, plan.merges, modules=target_modules) if plan.merges else []
-    layers = [_module(target_modules, fold.layer) for fold in plan.folds]
-    weights = [layer.weight for layer in layers]
-    # A copied weight that the memo did not leave unwritten (a Parameter
-    # subclass, cloned as usual) holds its source's values: writing it from the
-    # source gives the same bits.
-    rescale_weights(weights, layer_folds, backend, sources)
-    set_biases(layers, [layer_fold.bias for layer_fold in layer_folds])
-    for name, bn_paths_of_one in bn_paths.items():
-        bn = _module(target_modules, name)
-        if isinstance(bn, nn.Identity):  # already replaced through the copy's memo
-            continue
-        replacement = batchnorm_kind(bn).replacement(bn).train(bn.training)
-        for path in bn_paths_of_one:
-            parent, _, attr = path.rpartition(".")
-            setattr(target_modules[parent], attr, replacement)
+    check_writable(((f"{merge.name}: {part}", getattr(merge.target, part)) for merge in merges
+                    for part in ("weight", "bias")), in_place=True)
+    targets = [_module(target_modules, name) for name in names]
+    weights = [layer.weight for layer in targets]
+
+    # -- write ----------------------------------------------------------------
+    with Rollback() as rollback:
+        for name, bn_paths_of_one in bn_paths.items():
+            bn = _module(target_modules, name)
+            if isinstance(bn, nn.Identity):  # already replaced through the copy's memo
+                continue
+            replacement = batchnorm_kind(bn).replacement(bn).train(bn.training)
+            for path in bn_paths_of_one:
+                parent, _, attr = path.rpartition(".")
+                rollback.setattr(target_modules[parent], attr, replacement)
+        set_biases(targets, [layer_fold.bias for layer_fold in layer_folds], rollback)
+        # A copied weight that the memo did not leave unwritten (a Parameter
+        # subclass, cloned as usual) holds its source's values: writing it from
+        # the source gives the same bits.
+        rescale_weights(weights, layer_folds, backend, sources)
     apply_reparameterizations(merges, backend)
+    subnormal_weights(weights, layer_folds, names, flush=flush_subnormals)
     return target

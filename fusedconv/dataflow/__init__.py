@@ -34,6 +34,9 @@ class Node:
     consumers: list[str | None] = field(default_factory=list)
     """Every reader of this module's output: a tracked module that takes it as its
     input, or None for anything else (an op, an untracked module, the model output)."""
+    input_tight: bool = False
+    """No other code runs between ``input_from``'s call returning and this call:
+    nothing can change the input in place in between."""
     input_rank: int | None = None
     """Rank of the input tensor (None when unknown, i.e. from torch.fx)."""
     tensors_read_elsewhere: bool = False
@@ -48,3 +51,41 @@ class Dataflow:
     unseen: dict[str, str] = field(default_factory=dict)
     """Tracked modules whose uses could not be seen, with the reason (inside a
     submodule torch.fx could not trace, or inside an opaque leaf module)."""
+    functional_batchnorms: list[str] = field(default_factory=list)
+    """Batch norms computed by a function call rather than a module (where the
+    extractor can see them): fusedconv does not fold those, and says so."""
+
+    def with_unseen_reason(self, addition: str) -> "Dataflow":
+        """This dataflow with ``addition`` appended to every unseen module's reason."""
+        unseen = {name: f"{why}, {addition}" for name, why in self.unseen.items()}
+        return Dataflow(self.nodes, self.source, unseen, self.functional_batchnorms)
+
+
+def combine(read: Dataflow, traced: Dataflow) -> Dataflow:
+    """The code reading's dataflow completed by a trace's.
+
+    Each module takes the facts of the trace where the trace saw it, and the
+    code reading's where only the reading did (then the source is called
+    "source+torch.fx"; otherwise it is the trace's) (a sub-block torch.fx could not
+    trace, whose pairs the reading proved). Every fact of either is true of the
+    model, so a fold that both ends' facts allow is safe. A parameter read
+    elsewhere by either account counts as read elsewhere.
+    """
+    nodes: dict[str, Node] = {}
+    unseen: dict[str, str] = {}
+    from_reading = False
+    for name, node in traced.nodes.items():
+        if name in traced.unseen and name not in read.unseen:
+            chosen = read.nodes[name]
+            from_reading = True
+        else:
+            chosen = node
+            if name in traced.unseen:
+                unseen[name] = traced.unseen[name]
+        other = read.nodes.get(name)
+        if other is not None and other.tensors_read_elsewhere and not chosen.tensors_read_elsewhere:
+            chosen = Node(**{**vars(chosen), "tensors_read_elsewhere": True})
+        nodes[name] = chosen
+    functional = max(read.functional_batchnorms, traced.functional_batchnorms, key=len)
+    source = f"{read.source}+{traced.source}" if from_reading else traced.source
+    return Dataflow(nodes, source, unseen, functional)

@@ -9,6 +9,8 @@ and the tracked modules inside the box are reported as unseen.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -122,6 +124,38 @@ def _ranks(graph: fx.Graph, module_at, tracked: dict[int, str]) -> dict[fx.Node,
     return ranks
 
 
+# Reads of a tensor's metadata, not of its values: ``B, C, H, W = x.shape`` between
+# a conv and its BN does not stop the fold.
+_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"})
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous",
+                               "is_floating_point", "element_size", "get_device"})
+
+
+def _reads_metadata_only(node: fx.Node) -> bool:
+    """Whether ``node`` computes something from its input's metadata alone (or
+    from such a node, as ``x.shape[0]`` does)."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    if node.op == "call_function" and node.target in (operator.getitem, len):
+        first = node.args[0] if node.args else None
+        return isinstance(first, fx.Node) and _reads_metadata_only(first)
+    return False
+
+
+def _runs_code(node: fx.Node) -> bool:
+    """Whether executing ``node`` can run code that changes a tensor in place."""
+    return node.op in ("call_function", "call_method", "call_module") and not _reads_metadata_only(node)
+
+
+def _is_functional_batchnorm(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", None) or str(node.target)
+        return "batch_norm" in name
+    return node.op == "call_method" and "batch_norm" in str(node.target)
+
+
 def _reads_only_as_first_input(user: fx.Node, producer: fx.Node) -> bool:
     if user.op != "call_module" or not user.args or user.args[0] is not producer:
         return False
@@ -166,6 +200,8 @@ def from_fx(model: nn.Module, tracked: dict[int, str], leaves: set[int] = frozen
                 nodes[name].tensors_read_elsewhere = True
 
     ranks = _ranks(graph, module_at, tracked)
+    order = list(graph.nodes)
+    position = {n: i for i, n in enumerate(order)}
     for n, name in tracked_of.items():
         node = nodes[name]
         if node.calls != 1:
@@ -173,10 +209,12 @@ def from_fx(model: nn.Module, tracked: dict[int, str], leaves: set[int] = frozen
         if n.args and isinstance(n.args[0], fx.Node):
             node.input_from = tracked_of.get(n.args[0])
             node.input_rank = ranks.get(n.args[0])
+            node.input_tight = not any(_runs_code(between) for between in order[position[n.args[0]] + 1:position[n]])
         node.consumers = [
             tracked_of[user] if user in tracked_of and _reads_only_as_first_input(user, n) else None
-            for user in n.users
+            for user in n.users if not _reads_metadata_only(user)
         ]
+    functional = [f"{n.name} ({getattr(n.target, '__name__', n.target)})" for n in order if _is_functional_batchnorm(n)]
 
     unseen: dict[str, str] = {}
     for path, box in opaque_calls.items():
@@ -190,4 +228,4 @@ def from_fx(model: nn.Module, tracked: dict[int, str], leaves: set[int] = frozen
             name = tracked.get(id(sub))
             if name is not None and sub is not box:
                 unseen.setdefault(name, why)
-    return Dataflow(nodes, "torch.fx", unseen)
+    return Dataflow(nodes, "torch.fx", unseen, functional_batchnorms=functional)

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..layers import is_batchnorm_like
+from ..memory import storage_key
 from . import Dataflow, Node
 
 # Calls that only look at a tensor's metadata: they don't read its values, so a
@@ -84,12 +86,14 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, tracked: dict[int, str], owners: dict[int, tuple[str, ...]]):
         super().__init__()
         self.tracked = tracked
-        self.owners = owners  # id(parameter or buffer) -> tracked modules holding it
+        self.owners = owners  # storage address of a parameter or buffer -> tracked modules holding it
         self.nodes = {name: Node(name) for name in tracked.values()}
         self.stack: list[_Frame] = []  # tracked modules now running
         self.running: list[nn.Module] = []  # every module now running, to say where a run failed
         self.serial = 0
         self.produced_by: dict[int, str] = {}  # id(tensor) -> tracked module whose first call returned it
+        self.returned_at: dict[int, int] = {}  # id(tensor) -> the serial when that call returned
+        self.functional_batchnorms: list[str] = []
         self.readers: dict[int, dict[Any, str | None]] = {}
         # Tensors stay referenced until the run ends, so that no id is reused.
         self.alive: list[torch.Tensor] = []
@@ -106,6 +110,9 @@ class _Recorder(TorchFunctionMode):
         if node.calls == 1 and inputs:
             node.input_from = self.produced_by.get(id(inputs[0]))
             node.input_rank = inputs[0].dim()
+            # Nothing ran in between (no torch call, no tracked module), so nothing
+            # changed the input in place since its producer returned it.
+            node.input_tight = self.returned_at.get(id(inputs[0])) == self.serial
         self.serial += 1
         self.stack.append(_Frame(name, self.serial, {id(t) for t in inputs}))
 
@@ -117,19 +124,24 @@ class _Recorder(TorchFunctionMode):
         self.stack.pop()
         if self.nodes[name].calls == 1 and isinstance(output, torch.Tensor):
             self.produced_by[id(output)] = name
+            self.returned_at[id(output)] = self.serial
             self.readers[id(output)] = {}
             self.alive.append(output)
 
     # -- torch calls --------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if "batch_norm" in getattr(func, "__name__", "") and not (self.running and is_batchnorm_like(self.running[-1])):
+            where = type(self.running[-1]).__name__ if self.running else "the model's forward"
+            self.functional_batchnorms.append(f"{func.__name__} called in {where}")
         if not _is_metadata(func):
             self.serial += 1
             for t in _tensors((args, kwargs)):
-                self._read(id(t))
+                self._read(t)
         return func(*args, **kwargs)
 
-    def _read(self, tid: int) -> None:
+    def _read(self, tensor: torch.Tensor) -> None:
+        tid = id(tensor)
         readers = self.readers.get(tid)
         if readers is not None:
             frame = next((f for f in reversed(self.stack) if tid in f.inputs), None)
@@ -137,7 +149,7 @@ class _Recorder(TorchFunctionMode):
                 readers[("op", self.serial)] = None
             else:
                 readers[("module", frame.serial)] = frame.name
-        for owner in self.owners.get(tid, ()):
+        for owner in self.owners.get(storage_key(tensor), ()) if tid not in self.readers else ():
             if not any(f.name == owner for f in self.stack):
                 self.nodes[owner].tensors_read_elsewhere = True
 
@@ -148,7 +160,7 @@ class _Recorder(TorchFunctionMode):
                 readers[("output", id(t))] = None
         for tid, name in self.produced_by.items():
             self.nodes[name].consumers = list(self.readers[tid].values())
-        return Dataflow(self.nodes, "run")
+        return Dataflow(self.nodes, "run", functional_batchnorms=self.functional_batchnorms)
 
 
 def from_run(
@@ -159,8 +171,8 @@ def from_run(
 ) -> Dataflow:
     """Dataflow of one ``model(*example_inputs)`` call under ``torch.no_grad()``.
 
-    ``tracked`` maps id(module) to its name; ``owners`` maps id(tensor) of every
-    parameter/buffer of a tracked module to the tracked modules holding it.
+    ``tracked`` maps id(module) to its name; ``owners`` maps the storage address
+    of every parameter/buffer of a tracked module to the tracked modules holding it.
     Raises :class:`RunFailed` (caused by the model's exception) if the run fails.
     """
     recorder = _Recorder(tracked, owners)

@@ -31,6 +31,7 @@ through the helper), but what its own forward proves still holds.
 from __future__ import annotations
 
 import ast
+import collections
 import functools
 import inspect
 import sys
@@ -40,10 +41,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..layers import MODULE_STATE, why_not_standard
 from . import Dataflow, Node
+from .references import UNKNOWN, reachable_modules
 
 _MODULE_ATTRIBUTES = frozenset(dir(nn.Module)) - {"training", "forward"}
-_MODULE_STATE = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (_modules, hooks, ...)
+_MODULE_INTERNALS = MODULE_STATE - {"training"}  # _modules, _parameters, hooks, ...: all reach the children
 # Names that can reach ``self`` or its attributes without spelling them out.
 _INTROSPECTION = frozenset({"locals", "vars", "globals", "eval", "exec", "getattr", "setattr", "super"})
 _JUMPS = (ast.Return, ast.Break, ast.Continue, ast.Raise, ast.Yield, ast.YieldFrom, ast.Await)
@@ -63,21 +66,31 @@ class _ClassReading:
     """Attribute -> number of call sites ``self.attr(...)``."""
     other_uses: set[str] = field(default_factory=set)
     """Attributes used in any other way than a call or an ``is None`` test."""
-    flows: list[tuple[str, str]] = field(default_factory=list)
-    """(producer, consumer): the producer's output is read by the consumer's call alone."""
+    flows: list[tuple[str, str, bool]] = field(default_factory=list)
+    """(producer, consumer, tight): the producer's output is read by the consumer's
+    call alone; ``tight`` when no other code runs between the two calls."""
     sequence_runs: set[str] = field(default_factory=set)
     """Attributes whose children a checkpoint helper runs in order, bypassing the
     attribute's own forward: the same as a call only if it is a plain nn.Sequential
     (decided per instance, in :func:`from_source`)."""
     opaque: str | None = None
+    lookups: dict[str, object] = field(default_factory=dict)
+    """What the class defined for each ``self.<name>`` the reading looked up (a
+    method it read, a descriptor, or None): the reading holds while these do."""
+    codes: list[tuple[types.FunctionType, types.CodeType]] = field(default_factory=list)
+    """Each function read, with the code object it had then."""
+    free_names: list[tuple[types.FunctionType, str, tuple[str, ...]]] = field(default_factory=list)
+    """Globals and closure variables the code loads: (function, name, attribute chain)."""
+    functional_batchnorms: list[str] = field(default_factory=list)
+    """Calls of a functional batch norm (``F.batch_norm(...)``), as written."""
 
     @functools.cached_property
-    def pairs(self) -> list[tuple[str, str]]:
+    def pairs(self) -> list[tuple[str, str, bool]]:
         """The flows that pin both ends down: the producer is in no other flow, and
         both are called once and used in no other way (worked out once per reading)."""
-        producers = [p for p, _ in self.flows]
+        producers = [p for p, _, _ in self.flows]
         return [
-            (producer, consumer) for producer, consumer in self.flows
+            (producer, consumer, tight) for producer, consumer, tight in self.flows
             if producers.count(producer) == 1 and self.calls.get(producer) == 1 and self.calls.get(consumer) == 1
             and producer not in self.other_uses and consumer not in self.other_uses
             and producer not in self.sequence_runs and consumer not in self.sequence_runs
@@ -101,6 +114,18 @@ def _single_argument_call(node: ast.AST) -> tuple[str, ast.AST] | None:
     if attr is None or len(node.args) != 1 or node.keywords or isinstance(node.args[0], ast.Starred):
         return None
     return attr, node.args[0]
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` for a Name or a chain of attributes on one (None otherwise)."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(node.id)
+    return ".".join(reversed(parts))
 
 
 def _names(node: ast.AST, name: str) -> list[ast.Name]:
@@ -188,9 +213,11 @@ class _Reader:
         if name in self.seen_methods:
             return
         self.seen_methods.add(name)
-        function = inspect.getattr_static(self.cls, name, None)
+        function = _class_attribute(self.cls, name)
+        self.reading.lookups[name] = function
         if not isinstance(function, types.FunctionType):
             raise _Opaque(f"{name} is not a plain method")
+        self.reading.codes.append((function, function.__code__))
         try:
             tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
         except (OSError, TypeError, SyntaxError) as exc:
@@ -212,22 +239,37 @@ class _Reader:
             for child in ast.iter_child_nodes(node):
                 parents[child] = node
         for node in ast.walk(function):
+            if isinstance(node, ast.Call):
+                spelled = _dotted(node.func)
+                if spelled is not None and "batch_norm" in spelled:
+                    self.reading.functional_batchnorms.append(f"{self.cls.__qualname__}: {spelled}(...)")
             if isinstance(node, ast.Name):
                 if node.id in _INTROSPECTION:
                     raise _Opaque(f"uses {node.id}")
                 if node.id == "self" and not isinstance(parents.get(node), ast.Attribute):
                     raise _Opaque("passes self on, or rebinds it")
+                if isinstance(node.ctx, ast.Load) and node.id != "self":
+                    if not bound:
+                        bound.append(_bound_names(function))
+                    if node.id not in bound[0]:  # a global or closure variable: what it holds is checked per plan
+                        chain = []
+                        outer: ast.AST = node
+                        while isinstance(parents.get(outer), ast.Attribute) and parents[outer].value is outer:
+                            outer = parents[outer]
+                            chain.append(outer.attr)
+                        self.reading.free_names.append((code, node.id, tuple(chain)))
                 continue
             attr = _self_attribute(node)
             if attr is None or node is function:
                 continue
             if not isinstance(node.ctx, ast.Load):
                 raise _Opaque(f"assigns self.{attr}")
-            if attr in _MODULE_ATTRIBUTES:
+            if attr in _MODULE_ATTRIBUTES or attr in _MODULE_INTERNALS:  # self._modules["conv"], self.children(), ...
                 raise _Opaque(f"uses nn.Module.{attr}")
             parent = parents.get(node)
             called = isinstance(parent, ast.Call) and parent.func is node
-            static = inspect.getattr_static(self.cls, attr, None)
+            static = _class_attribute(self.cls, attr)
+            self.reading.lookups.setdefault(attr, static)
             if inspect.isfunction(static):
                 if not called:  # e.g. checkpoint(self._inner, x): code this reading would not follow
                     raise _Opaque(f"passes its method {attr} on")
@@ -279,12 +321,14 @@ class _Reader:
             inner = _single_argument_call(node)
             if inner is not None:
                 producer = _called_attribute(inner[1])
-                if producer is not None:
-                    self.reading.flows.append((producer, inner[0]))  # self.consumer(self.producer(...))
+                if producer is not None:  # self.consumer(self.producer(...)): nothing runs in between
+                    self.reading.flows.append((producer, inner[0], True))
+        # Variables that other code can see: those of nested scopes, and those
+        # declared global or nonlocal (another function may read them).
         captured = {
             n.id for scope in ast.walk(function) if isinstance(scope, _SCOPES) and scope is not function
             for n in ast.walk(scope) if isinstance(n, ast.Name)
-        }
+        } | {name for n in ast.walk(function) if isinstance(n, (ast.Global, ast.Nonlocal)) for name in n.names}
         loads: dict[str, int] = {}
         for n in ast.walk(function):
             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
@@ -299,7 +343,9 @@ class _Reader:
         the consumer's statement is a simple one that reads ``v`` once, as the
         consumer's only argument. Then the producer's value is read elsewhere
         only if ``v`` keeps it afterwards, so either that statement rebinds ``v``
-        or ``v`` is read nowhere else in the function.
+        or ``v`` is read nowhere else in the function. The flow is *tight* (no
+        other code runs between the two calls) when the consumer's statement comes
+        next and is the call itself (``v = self.consumer(v)``, ``return self.consumer(v)``).
         """
         for i, first in enumerate(statements):
             if not (isinstance(first, ast.Assign) and len(first.targets) == 1
@@ -308,7 +354,7 @@ class _Reader:
             variable, producer = first.targets[0].id, _called_attribute(first.value)
             if variable in captured:
                 continue
-            for later in statements[i + 1:]:
+            for j, later in enumerate(statements[i + 1:], start=i + 1):
                 uses = _names(later, variable)
                 if not uses:
                     if any(isinstance(n, _JUMPS) for n in ast.walk(later)):
@@ -316,7 +362,8 @@ class _Reader:
                     continue
                 consumer = self._consumer(later, variable, uses, loads)
                 if consumer is not None:
-                    self.reading.flows.append((producer, consumer))
+                    tight = j == i + 1 and _called_attribute(getattr(later, "value", None)) == consumer
+                    self.reading.flows.append((producer, consumer, tight))
                 break
 
     @staticmethod
@@ -362,53 +409,119 @@ def _class_attribute(cls: type, name: str) -> object:
     return None
 
 
-_READINGS: dict[tuple[type, object], _ClassReading] = {}
+_READINGS: collections.OrderedDict[type, _ClassReading] = collections.OrderedDict()
+_CACHED_CLASSES = 1024  # generated classes (fx GraphModules, tests) would otherwise pile up
+
+
+def _still_holds(cls: type, reading: _ClassReading) -> bool:
+    """Whether every method and class attribute the reading relied on is still the
+    one it read (a monkeypatched helper, or a replaced ``__code__``, reads again)."""
+    return (all(_class_attribute(cls, name) is value for name, value in reading.lookups.items())
+            and all(function.__code__ is code for function, code in reading.codes))
 
 
 def read_class(cls: type) -> _ClassReading:
-    """The reading of ``cls.forward`` (cached per class and forward function)."""
-    key = (cls, _class_attribute(cls, "forward"))
-    if key not in _READINGS:
-        reader = _Reader(cls)
+    """The reading of ``cls.forward`` (and the methods it calls), cached per class
+    and read again when anything it relied on has changed."""
+    reading = _READINGS.get(cls)
+    if reading is not None and _still_holds(cls, reading):
+        _READINGS.move_to_end(cls)
+        return reading
+    reader = _Reader(cls)
+    try:
+        reader.read_method("forward")
+    except _Opaque as exc:
+        reader.reading.opaque = str(exc)
+    _READINGS[cls] = reader.reading
+    if len(_READINGS) > _CACHED_CLASSES:
+        _READINGS.popitem(last=False)
+    return reader.reading
+
+
+def _free_value(function: types.FunctionType, name: str, chain: tuple[str, ...]) -> object:
+    """What a global or closure name (and a chain of attributes of Python modules
+    on it) holds now; _MISSING when it cannot be looked up without running code."""
+    code = function.__code__
+    if name in code.co_freevars:
         try:
-            reader.read_method("forward")
-        except _Opaque as exc:
-            reader.reading.opaque = str(exc)
-        _READINGS[key] = reader.reading
-    return _READINGS[key]
+            value = function.__closure__[code.co_freevars.index(name)].cell_contents
+        except ValueError:  # not assigned yet
+            return _MISSING
+    else:
+        value = function.__globals__.get(name, _MISSING)
+        if value is _MISSING:
+            builtins = function.__builtins__
+            value = (builtins if isinstance(builtins, dict) else vars(builtins)).get(name, _MISSING)
+    for attr in chain:
+        if not isinstance(value, types.ModuleType):
+            break  # what an object's attribute holds is found by walking the object
+        value = vars(value).get(attr, _MISSING)
+    return value
+
+
+def _free_names_problem(reading: _ClassReading) -> str | None:
+    """Why a global or closure variable the code reads may reach a module, or None.
+
+    A module reached that way may be called without the reading seeing it (say
+    a module-level conv that is also registered as a child)."""
+    for function, name, chain in reading.free_names:
+        value = _free_value(function, name, chain)
+        spelled = ".".join((name, *chain))
+        if value is _MISSING:
+            return f"it reads {spelled}, which fusedconv cannot look up without running it"
+        reached = reachable_modules(value)
+        if reached is UNKNOWN:
+            return f"it reads {spelled}, whose references fusedconv cannot follow"
+        if reached:
+            return f"it reads {spelled}, which can reach a module ({type(reached[0]).__name__})"
+    return None
 
 
 def _sequential_reading(module: nn.Sequential) -> _ClassReading:
     names = [name for name, child in module._modules.items() if child is not None]
-    return _ClassReading(calls=dict.fromkeys(names, 1), flows=list(zip(names, names[1:])))
+    return _ClassReading(calls=dict.fromkeys(names, 1), flows=[(a, b, True) for a, b in zip(names, names[1:])])
 
 
-def _reading_of(module: nn.Module) -> _ClassReading:
+# What ``self.child(...)`` goes through: a class that redefines any of these
+# may call something else, or the child differently.
+_CALL_MACHINERY = ("__call__", "_call_impl", "_wrapped_call_impl", "__getattr__", "__getattribute__")
+
+
+def _class_defines(cls: type, name: str) -> type | None:
+    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
+
+
+def _reading_of(module: nn.Module, free_problems: dict[type, str | None]) -> _ClassReading:
+    """The reading of ``module``'s forward as it applies to this instance (opaque
+    when the instance or its class can reach its children in other ways);
+    ``free_problems`` memoizes :func:`_free_names_problem` per class for one plan."""
     cls = type(module)
-    if "forward" in vars(module):
-        return _ClassReading(opaque="its forward is replaced on the instance")
-    if cls.__call__ is not nn.Module.__call__ or cls.__getattr__ is not nn.Module.__getattr__:
-        return _ClassReading(opaque="it overrides __call__ or __getattr__")
-    if any(isinstance(_class_attribute(cls, name), property) for name in module._modules):
-        return _ClassReading(opaque="a property shadows one of its submodules")
-    for key, value in vars(module).items():
-        if key in _MODULE_STATE:
-            continue
-        values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
-        if any(isinstance(v, nn.Module) for v in values):
-            return _ClassReading(opaque="it keeps a module outside its registered submodules")
-    if cls.forward is nn.Sequential.forward and isinstance(module, nn.Sequential):
+    for name in vars(module).keys() - MODULE_STATE:
+        if name in module._modules:
+            return _ClassReading(opaque=f"an instance attribute hides its submodule {name}")
+        if callable(getattr(cls, name, None)):
+            return _ClassReading(opaque=f"its {name} is replaced on the instance")
+    for name in _CALL_MACHINERY:
+        if getattr(cls, name) is not getattr(nn.Module, name):
+            return _ClassReading(opaque=f"it overrides {name}")
+    for name in module._modules:
+        owner = _class_defines(cls, name)
+        if owner is not None:
+            return _ClassReading(opaque=f"{owner.__qualname__}.{name}, a class attribute, hides its submodule {name}")
+    if isinstance(module, nn.Sequential) and why_not_standard(module) is None:
         return _sequential_reading(module)
-    return read_class(cls)
+    reading = read_class(cls)
+    if reading.opaque:
+        return reading
+    if cls not in free_problems:
+        free_problems[cls] = _free_names_problem(reading)
+    return _ClassReading(opaque=free_problems[cls]) if free_problems[cls] else reading
 
 
 def _plain_sequential(module: nn.Module) -> bool:
     """Whether running ``module``'s children in order (as checkpoint_sequential and
     checkpoint_seq do) is the same as calling it."""
-    cls = type(module)
-    return (isinstance(module, nn.Sequential) and cls.forward is nn.Sequential.forward
-            and cls.__iter__ is nn.Sequential.__iter__ and cls.children is nn.Module.children
-            and cls.__call__ is nn.Module.__call__ and "forward" not in vars(module))
+    return isinstance(module, nn.Sequential) and why_not_standard(module) is None
 
 
 def _where(module: nn.Module, path: str) -> str:
@@ -437,14 +550,19 @@ def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list
             if id(sub) in tracked:
                 unseen.setdefault(tracked[id(sub)], why)
 
+    _hide_modules_held_elsewhere(model, paths, hide)
+    free_problems: dict[type, str | None] = {}
+    functional: list[str] = []
+
     def visit(module: nn.Module, path: str) -> None:
         if len(paths[id(module)]) > 1:
             return hide(module, f"inside {_where(module, path)}, which is registered at {len(paths[id(module)])} "
                                 "places")
-        reading = _reading_of(module)
+        reading = _reading_of(module, free_problems)
         if reading.opaque:
             return hide(module, f"inside {_where(module, path)}, whose forward fusedconv does not read without a "
                                 f"trace ({reading.opaque})")
+        functional.extend(f"{path or '(model)'}: {call}" for call in reading.functional_batchnorms)
         for attr, child in module._modules.items():
             if child is None:
                 continue
@@ -463,14 +581,37 @@ def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list
                 child_path = f"{path}.{attr}" if path else attr
                 if child_path in holders:
                     visit(child, child_path)
-        for producer, consumer in reading.pairs:
+        for producer, consumer, tight in reading.pairs:
             first, second = module._modules.get(producer), module._modules.get(consumer)
             if id(first) in tracked and id(second) in tracked:
                 nodes[tracked[id(first)]].consumers = [tracked[id(second)]]
                 nodes[tracked[id(second)]].input_from = tracked[id(first)]
+                nodes[tracked[id(second)]].input_tight = tight
 
     if id(model) in tracked:  # the model is a single layer or BN: nothing to pair
         nodes[tracked[id(model)]].calls = 1
     else:
         visit(model, "")
-    return Dataflow(nodes, "source", unseen)
+    return Dataflow(nodes, "source", unseen, functional_batchnorms=functional)
+
+
+def _hide_modules_held_elsewhere(model: nn.Module, paths: dict[int, list[str]], hide) -> None:
+    """Hide every module that something other than the module tree can reach.
+
+    A module kept in an instance attribute (a bound method, a partial, a
+    lambda, a list, a namespace...) or in a hook of any module of the model can
+    be called by code the reading does not follow, so neither its call count
+    nor its readers are proven.
+    """
+    for module in model.modules():
+        held = [value for key, value in vars(module).items() if key not in MODULE_STATE]
+        held.extend(module._forward_hooks.values())
+        held.extend(module._forward_pre_hooks.values())
+        if not held:
+            continue
+        reached = reachable_modules(held)
+        where = _where(module, paths[id(module)][0])
+        if reached is UNKNOWN:
+            return hide(model, f"{where} keeps an object whose references fusedconv cannot follow")
+        for other in reached:
+            hide(other, f"it is also reachable through an attribute or hook of {where}")

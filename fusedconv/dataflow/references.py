@@ -1,0 +1,127 @@
+"""Which modules a Python object can reach: the ways a forward can call a child
+without naming it as ``self.<child>``.
+
+The code reading proves how often a child runs only from the calls that the
+forward spells out. A child can also be called through anything else that
+holds it: a bound method (``self.fwd = self.conv.forward``), a
+``functools.partial``, a lambda or closure, a ``SimpleNamespace`` or dataclass,
+a plain list, a module-level global, a hook. :func:`reachable_modules` walks
+such an object graph and returns the ``nn.Module`` objects it can reach, or
+:data:`UNKNOWN` when the walk would have to give up (too large, or an object it
+cannot look into); the caller then treats every module as reachable.
+
+Code from torch and other well-known libraries is not walked into: their
+functions do not keep the caller's modules.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import functools
+import numbers
+import sys
+import types
+import weakref
+
+import torch
+from torch import nn
+
+UNKNOWN = None
+"""Returned when the walk cannot tell what an object reaches."""
+
+# Values that hold no reference to anything else worth following.
+_ATOMS = (
+    type(None), bool, numbers.Number, str, bytes, bytearray, range, slice, enum.Enum, torch.dtype,
+    torch.device, torch.Size, torch.memory_format, torch.layout, torch.Tensor, types.ModuleType,
+    type(Ellipsis), type(NotImplemented), torch.Generator,
+)
+# Functions defined in these packages keep no reference to a caller's modules.
+_LIBRARY_PREFIXES = ("torch", "torchvision", "timm", "numpy", "math", "functools", "operator", "builtins",
+                     "collections", "typing", "itertools", "einops", "warnings", "logging", "ultralytics")
+_BUDGET = 2000  # objects visited before giving up
+
+
+def _library_function(function: types.FunctionType) -> bool:
+    module = function.__module__ or ""
+    return module.split(".")[0] in _LIBRARY_PREFIXES
+
+
+def _referenced_globals(code: types.CodeType, namespace: dict) -> list[object]:
+    """The globals a code object (and the code nested in it) may load."""
+    found: list[object] = []
+    stack = [code]
+    while stack:
+        current = stack.pop()
+        found.extend(namespace[name] for name in current.co_names if name in namespace)
+        stack.extend(const for const in current.co_consts if isinstance(const, types.CodeType))
+    return found
+
+
+def _references(obj: object) -> list[object] | None:
+    """What ``obj`` holds that could lead to a module (None: cannot tell)."""
+    if isinstance(obj, dict):
+        return [*obj.keys(), *obj.values()]
+    if isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
+        return list(obj)
+    if isinstance(obj, types.MethodType):
+        return [obj.__self__, obj.__func__]
+    if isinstance(obj, types.FunctionType):
+        if _library_function(obj):
+            return []
+        cells = []
+        for cell in obj.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        return [*cells, *(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values(),
+                *_referenced_globals(obj.__code__, obj.__globals__)]
+    if isinstance(obj, functools.partial):
+        return [obj.func, *obj.args, *obj.keywords.values()]
+    if isinstance(obj, (types.BuiltinFunctionType, types.BuiltinMethodType, types.WrapperDescriptorType,
+                        types.MethodWrapperType, types.MethodDescriptorType)):
+        owner = getattr(obj, "__self__", None)
+        return [] if owner is None or isinstance(owner, (types.ModuleType, type)) else [owner]
+    if isinstance(obj, type):  # a class's own data attributes (a module kept at class level)
+        if obj.__module__.split(".")[0] in _LIBRARY_PREFIXES:
+            return []
+        return [value for value in vars(obj).values()
+                if not isinstance(value, (types.FunctionType, staticmethod, classmethod, property))]
+    if isinstance(obj, weakref.ref):
+        return [obj()]
+    held: list[object] = []
+    if hasattr(obj, "__dict__"):
+        held.extend(vars(obj).values())
+    for klass in type(obj).__mro__:
+        for slot in vars(klass).get("__slots__", ()):
+            if isinstance(slot, str) and hasattr(obj, slot):
+                held.append(getattr(obj, slot))
+    if held or hasattr(obj, "__dict__"):
+        return held
+    module = type(obj).__module__.split(".")[0]
+    # An object of a C type outside the standard library and torch: nothing to look into.
+    return [] if module in _LIBRARY_PREFIXES or module in sys.stdlib_module_names else None
+
+
+def reachable_modules(obj: object) -> list[nn.Module] | None:
+    """The ``nn.Module`` objects reachable from ``obj`` (not looking inside them),
+    or :data:`UNKNOWN` when that cannot be told."""
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen or isinstance(current, _ATOMS):
+            continue
+        seen.add(id(current))
+        if len(seen) > _BUDGET:
+            return UNKNOWN
+        if isinstance(current, nn.Module):
+            found.append(current)
+            continue
+        held = _references(current)
+        if held is None:
+            return UNKNOWN
+        stack.extend(held)
+    return found

@@ -1,0 +1,63 @@
+"""Where tensors live: finding parameters and buffers that share memory.
+
+A fold writes a layer's weight in place, so it is safe only if no other tensor
+of the model reads the same bytes. Comparing tensor objects misses ties made
+through ``.data`` (``c2.weight.data = c1.weight.data``), views and tensors built
+on one buffer; comparing the byte ranges the tensors cover does not.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Iterable
+
+import torch
+
+
+def memory_span(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """The bytes ``[start, end)`` that ``tensor`` can read, or None when it has no
+    memory of its own to compare (meta, fake or distributed tensors, no elements)."""
+    if type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
+        return None  # a wrapper subclass (DTensor, FakeTensor, ...): its data lives elsewhere
+    if tensor.is_meta or tensor.numel() == 0 or tensor.layout != torch.strided:
+        return None
+    try:
+        start = tensor.data_ptr()
+    except RuntimeError:  # no storage (e.g. created under a fake mode)
+        return None
+    if start == 0:
+        return None
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+    return start, start + extent * tensor.element_size()
+
+
+def storage_key(tensor: torch.Tensor) -> int | None:
+    """The address of the storage ``tensor`` views (the same for all its views),
+    or None when it has none to compare."""
+    if type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__ or tensor.is_meta:
+        return None
+    try:
+        address = tensor.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
+    return address or None
+
+
+def sharing_memory(entries: Iterable[tuple[Hashable, torch.Tensor]]) -> set[Hashable]:
+    """The keys of the entries whose tensor overlaps the bytes of another entry's
+    (the same tensor listed twice counts as sharing)."""
+    spans = sorted((span[0], span[1], key) for key, tensor in entries
+                   if (span := memory_span(tensor)) is not None)
+    shared: set[Hashable] = set()
+    cluster: list[Hashable] = []
+    end = -1
+    for start, stop, key in spans:
+        if start < end:  # overlaps the interval of the cluster that reaches furthest
+            cluster.append(key)
+        else:
+            if len(cluster) > 1:
+                shared.update(cluster)
+            cluster = [key]
+        end = max(end, stop) if len(cluster) > 1 else stop
+    if len(cluster) > 1:
+        shared.update(cluster)
+    return shared

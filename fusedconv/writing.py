@@ -1,0 +1,166 @@
+"""Writing a checked plan into a model, all or nothing.
+
+Everything that can make a write fail, or make it write something the layer's
+dtype cannot hold, is checked before the first write (:func:`check_writable`,
+:func:`check_folded_range`). The writes then run inside a :class:`Rollback`:
+should one still fail, the module swaps and bias writes made before it are
+undone (the weights are written last, by one batched kernel call that checks
+all its arguments before writing anything).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import FoldError, FoldWarning
+from .fold import LayerFold
+
+# A per-channel scale above this is checked element by element for overflow;
+# below it, a folded weight can overflow only if |weight| already exceeds
+# finfo.max / 2**20 (3.2e32 for float32 and bfloat16).
+_CHECKED_SCALE = 2.0 ** 20
+# Rows scaled by less than this are searched for weights the fold turns subnormal.
+_SHRINKING_SCALE = 2.0 ** -16
+
+
+def why_no_values(tensor: torch.Tensor) -> str | None:
+    """Why ``tensor`` holds no values fusedconv can read, or None."""
+    if tensor.is_meta:
+        return "it is on the meta device and holds no values (load the weights first)"
+    if type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
+        return f"it is a {type(tensor).__name__}, whose values fusedconv does not read or write directly"
+    return None
+
+
+def why_not_writable(tensor: torch.Tensor) -> str | None:
+    """Why ``tensor`` cannot be changed in place by a fold, or None."""
+    problem = why_no_values(tensor)
+    if problem:
+        return problem
+    if not tensor.is_floating_point():
+        return f"its dtype {tensor.dtype} cannot hold a folded weight"
+    if tensor.layout != torch.strided:
+        return f"it has the {tensor.layout} layout, which fusedconv does not write"
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        return ("it was created under torch.inference_mode() and can only be changed inside it: call fuse "
+                "inside `with torch.inference_mode():`, or fold a copy (inplace=False)")
+    if tensor.requires_grad and not tensor.is_leaf:
+        return "it is computed from other tensors (not a leaf), so writing it would not change the layer"
+    return None
+
+
+def check_writable(named: Iterable[tuple[str, torch.Tensor | None]], *, in_place: bool) -> None:
+    """Raise :class:`FoldError` for the first tensor a fold could not read (or,
+    ``in_place``, write), naming it."""
+    check = why_not_writable if in_place else why_no_values
+    for name, tensor in named:
+        if tensor is None:
+            continue
+        problem = check(tensor)
+        if problem:
+            raise FoldError(f"{name}: {problem}")
+
+
+def _row_factors(fold: LayerFold, rows: int, device: torch.device) -> torch.Tensor:
+    """Per row of the weight, the largest factor ``|row_scale| * |col_scale|`` can reach."""
+    factor = torch.ones(rows, dtype=torch.float64, device=device)
+    if fold.row_scale is not None:
+        factor = factor * fold.row_scale.abs()
+    if fold.col_scale is not None:
+        factor = factor * fold.col_scale.abs().max()
+    return factor
+
+
+def check_folded_range(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold], names: Sequence[str]) -> None:
+    """Raise :class:`FoldError` if a folded weight or bias, rounded to its dtype,
+    would not be finite (e.g. a float16 layer and a BN with a tiny variance)."""
+    for weight, fold, name in zip(weights, folds, names):
+        if not torch.isfinite(fold.bias).all():
+            raise FoldError(f"{name}: its folded bias does not fit {fold.bias.dtype} (it would be inf or NaN): "
+                            "convert the model to float32 first, or check the BatchNorm statistics")
+        finfo = torch.finfo(weight.dtype)
+        factors = _row_factors(fold, weight.shape[0], weight.device)
+        limit = _CHECKED_SCALE if weight.dtype != torch.float16 else 1.0
+        if weight.numel() == 0 or float(factors.max()) <= limit:
+            continue
+        dims = tuple(range(1, weight.dim()))
+        magnitude = torch.maximum(weight.detach().amax(dim=dims).abs(), weight.detach().amin(dim=dims).abs())
+        largest = float((magnitude.double() * factors).max())
+        if largest > finfo.max:  # the bound says it may: round each candidate row to be sure
+            rows = (magnitude.double() * factors > finfo.max).nonzero().flatten()
+            values = weight.detach()[rows].double() * factors[rows].view(-1, *[1] * len(dims))
+            if not torch.isfinite(values.to(weight.dtype)).all():
+                raise FoldError(
+                    f"{name}: its folded weights reach {largest:.3g}, beyond {weight.dtype}'s largest value "
+                    f"{finfo.max:.6g}: convert the model to a wider dtype first, or check the BatchNorm statistics")
+
+
+def subnormal_weights(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold], names: Sequence[str],
+                      *, flush: bool) -> list[str]:
+    """After a fold, the layers in which it made nonzero weights subnormal (on a
+    CPU those slow inference several times over); with ``flush``, set them to zero.
+
+    Only rows that the fold scaled by less than 2**-16 are searched: a row
+    scaled by more turns a normal weight subnormal only if that weight was
+    already within 2**16 of the subnormal range.
+    """
+    found = []
+    for weight, fold, name in zip(weights, folds, names):
+        if weight.numel() == 0 or fold.row_scale is None and fold.col_scale is None:
+            continue
+        factors = torch.ones(weight.shape[0], dtype=torch.float64, device=weight.device)
+        if fold.row_scale is not None:
+            factors = factors * fold.row_scale.abs()
+        if fold.col_scale is not None:  # the smallest factor a row can see
+            factors = factors * fold.col_scale.abs().min()
+        rows = (factors < _SHRINKING_SCALE).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        with torch.no_grad():
+            values = weight[rows]
+            tiny = (values != 0) & (values.abs() < torch.finfo(weight.dtype).tiny)
+            if tiny.any():
+                found.append(name)
+                if flush:
+                    weight[rows] = values.masked_fill(tiny, 0)
+    if found and not flush:
+        warnings.warn(
+            f"fusedconv: the fold made weights of {len(found)} layer(s) subnormal ({', '.join(found[:5])}); "
+            "on a CPU these slow inference several times over: pass flush_subnormals=True to set them to zero",
+            FoldWarning, stacklevel=4)
+    return found
+
+
+class Rollback:
+    """Records each change to a model so that all of them can be undone.
+
+    Used as a context manager: an exception inside undoes every recorded
+    change, most recent first, and propagates.
+    """
+
+    def __init__(self):
+        self._undo: list = []
+
+    def setattr(self, owner: nn.Module, attr: str, value: object) -> None:
+        previous = owner._modules[attr] if attr in owner._modules else getattr(owner, attr)
+        setattr(owner, attr, value)
+        self._undo.append(lambda: setattr(owner, attr, previous))
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        """Remember ``tensor``'s values (small tensors only: biases) before it is written."""
+        saved = tensor.detach().clone()
+        self._undo.append(lambda: tensor.detach().copy_(saved))
+
+    def __enter__(self) -> "Rollback":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is not None:
+            with torch.no_grad():
+                for undo in reversed(self._undo):
+                    undo()
+        return False
