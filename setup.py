@@ -7,6 +7,11 @@ package installs as pure Python and builds the CPU kernels on first use instead
 CUDA build and nvcc is found (``CUDA_HOME``); ``FUSEDCONV_CUDA=0`` skips them.
 With no GPU visible, ``TORCH_CUDA_ARCH_LIST`` defaults to 9.0 (H100/H200)
 rather than every architecture nvcc knows; ``MAX_JOBS`` caps parallel compiles.
+
+A (non-editable) build also copies ``csrc/`` into the package as
+``fusedconv/_csrc``, so that an installed package whose ``_C`` is missing can
+still compile its CPU kernels on first use. ``MANIFEST.in`` puts ``csrc/``, the
+tests and the docs into the sdist.
 """
 
 import os
@@ -17,6 +22,30 @@ import sys
 from glob import glob
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithSources(build_py):
+    """build_py that also ships the C++ sources inside the package (``fusedconv/_csrc``)
+    for :mod:`fusedconv.kernels.extension`'s build on first use. An editable
+    install reads ``csrc/`` from the checkout instead."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False) or not os.path.isdir("csrc"):
+            return
+        target = os.path.join(self.build_lib, "fusedconv", "_csrc")
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        shutil.copytree("csrc", target, ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
+
+    def get_outputs(self, include_bytecode=1):
+        outputs = list(super().get_outputs(include_bytecode))
+        target = os.path.join(self.build_lib, "fusedconv", "_csrc")
+        if not getattr(self, "editable_mode", False):
+            for root, _, files in os.walk("csrc"):
+                outputs += [os.path.join(target, os.path.relpath(os.path.join(root, f), "csrc")) for f in files]
+        return outputs
 
 
 def _point_cuda_home_at_the_toolkit():
@@ -42,7 +71,7 @@ def _extension():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        return {}
+        return {"cmdclass": {"build_py": BuildPyWithSources}}
     sources = sorted(glob("csrc/*.cpp")) + sorted(glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for
     link_flags = []
@@ -74,7 +103,10 @@ def _extension():
                                                extra_link_args=link_flags)
     return {
         "ext_modules": [extension],
-        "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        "cmdclass": {
+            "build_py": BuildPyWithSources,
+            "build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True),
+        },
     }
 
 

@@ -8,7 +8,7 @@
 import logging
 
 from .api import fuse, plan
-from .errors import FoldError, FoldWarning
+from .errors import BackendUnavailable, FoldError, FoldWarning, MissingExtensionWarning
 from .fold import fold_bn_conv, fold_conv_bn, folded_weights
 from .layers import count_batchnorms
 from .planner import Fold, FusionPlan, Skip
@@ -22,11 +22,13 @@ __version__ = "0.1.0"
 logging.getLogger("fusedconv").addHandler(logging.NullHandler())
 
 __all__ = [
+    "BackendUnavailable",
     "ErrorStats",
     "Fold",
     "FoldError",
     "FoldWarning",
     "FusionPlan",
+    "MissingExtensionWarning",
     "Skip",
     "VerificationReport",
     "blocks",

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import count_batchnorms
 from .planner import FusionPlan, apply_plan, make_plan
+from .wrappers import unwrapped
 
 logger = logging.getLogger("fusedconv")
 
@@ -32,15 +32,20 @@ def as_input_tuple(example_inputs: Any) -> tuple | None:
 def plan(model: nn.Module, example_inputs: Any = None) -> FusionPlan:
     """What :func:`fuse` would fold in ``model``, and what it would leave and why.
 
-    Without ``example_inputs`` the dataflow comes from torch.fx; with them, from
-    one run of ``model(*example_inputs)`` (which also works for models torch.fx
-    cannot trace, and checks tensor ranks). The model is not modified.
+    Without ``example_inputs`` the dataflow comes from reading the forward code,
+    completed by a torch.fx trace where the reading cannot vouch for every
+    BatchNorm; with them, from one run of ``model(*example_inputs)`` (any
+    forward, and it sees tensor ranks), which leaves the model's parameters and
+    buffers as they were. The model is not modified. ``DataParallel`` and
+    ``torch.compile`` wrappers are planned through the network they wrap.
 
     Raises ``TypeError`` for a non-module, :class:`fusedconv.FoldError` for a
+    TorchScript module or ``DistributedDataParallel`` (with the call to use), a
     model in training mode, a BatchNorm with NaN/inf/negative statistics or
     mismatched channels, or a failing example run.
     """
-    return make_plan(model, as_input_tuple(example_inputs))
+    network, _ = unwrapped(model, inplace=False)
+    return make_plan(network, as_input_tuple(example_inputs))
 
 
 def fuse(
@@ -58,7 +63,10 @@ def fuse(
     modules by their activation) at every path where it is registered, so the
     model keeps its class, attribute names, forward code, device, dtype and
     memory format. Returns a folded copy, or ``model`` itself when
-    ``inplace=True``. Pass ``plan`` (from :func:`fusedconv.plan`) to apply a plan
+    ``inplace=True``. A ``DataParallel`` or ``torch.compile`` wrapper has the
+    network it wraps folded, and a copy comes back in the same kind of wrapper
+    (compiled with the same options); TorchScript and
+    ``DistributedDataParallel`` are refused with the call to use. Pass ``plan`` (from :func:`fusedconv.plan`) to apply a plan
     already made. ``backend`` (``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``;
     default: the fastest that loads for the model's device, or the
     ``FUSEDCONV_BACKEND`` variable) picks the kernels that scale the weights.
@@ -68,15 +76,18 @@ def fuse(
     instead (subnormal weights slow CPU inference several times over).
     """
     start = time.perf_counter()
-    chosen = plan if plan is not None else make_plan(model, as_input_tuple(example_inputs), check_stats=False)
-    fused = apply_plan(model, chosen, inplace=inplace, backend=backend, flush_subnormals=flush_subnormals)
+    network, rewrap = unwrapped(model, inplace=inplace)
+    chosen = plan if plan is not None else make_plan(network, as_input_tuple(example_inputs), check_stats=False)
+    fused = apply_plan(network, chosen, inplace=inplace, backend=backend, flush_subnormals=flush_subnormals)
     if logger.isEnabledFor(logging.INFO):
         logger.info(
-            "fusedconv: folded %d BatchNorms into %d layers in %.1f ms (dataflow from %s); %d BatchNorms left",
+            "folded %d BatchNorms into %d layers in %.1f ms (dataflow from %s); %d BatchNorms left",
             chosen.num_folded,
             len(chosen.folds),
             (time.perf_counter() - start) * 1e3,
             chosen.source,
-            count_batchnorms(fused),
+            len(chosen.skipped),
         )
-    return fused
+    if rewrap is None or inplace:
+        return model if inplace else fused
+    return rewrap(fused)

@@ -7,6 +7,10 @@ that a no-argument callable builds, e.g. ``torchvision.models:resnet50``.
 ``fusedconv backends`` says which kernel backends can run here, and why not.
 
 ``python -m fusedconv ...`` is the same as the ``fusedconv`` console script.
+
+Every error is one line on stderr (``fusedconv: error: ...``) and a non-zero exit
+code (see ``EXIT_*``); ``--debug`` or ``FUSEDCONV_DEBUG=1`` shows the traceback
+instead. Timing uses :mod:`fusedconv.timing`, shared with ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -17,23 +21,31 @@ import importlib
 import logging
 import math
 import os
-import statistics
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 import fusedconv
 from fusedconv import kernels
+from fusedconv.errors import BackendUnavailable, FoldError
+from fusedconv.kernels import KernelInputError
+from fusedconv.timing import Timing, format_table, measure_interleaved
 
 logger = logging.getLogger("fusedconv")
 
 #: Exit codes.
 EXIT_OK = 0
-EXIT_CHECK_FAILED = 1  # the demo ran but the folded model is not accurate enough
+EXIT_CHECK_FAILED = 1  # the folded model is not accurate enough, or fusedconv refused (FoldError, backend)
 EXIT_USAGE = 2  # bad arguments or a model that cannot be built (argparse uses 2 too)
+EXIT_INTERNAL = 3  # an unexpected exception: a bug (--debug or FUSEDCONV_DEBUG=1 shows the traceback)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+#: Environment variable that, set to anything but "" or "0", works like ``--debug``.
+DEBUG_ENV = "FUSEDCONV_DEBUG"
 
 #: ``fusedconv demo`` fails when the folded model's relative error against float64
 #: is more than this many times the unfolded model's own error.
@@ -42,6 +54,14 @@ MAX_ERROR_RATIO = 1.2
 
 class CLIError(Exception):
     """A user-facing error: printed as ``fusedconv: error: <message>``, exit code 2."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error raises :class:`CLIError` (one line on stderr
+    from :func:`main`) instead of printing the usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CLIError(f"{message} (see {self.prog} --help)")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -61,6 +81,19 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):  # logging.StreamHandler.__init__ assigns it
         pass
+
+
+def _one_line(text: str) -> str:
+    """A message on one line (multi-line exception messages joined with "; ")."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else "(no message)"
+
+
+def _device(text: str) -> torch.device:
+    try:
+        return torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"bad device {text!r} ({_one_line(exc)})") from None
 
 
 def _positive_int(text: str) -> int:
@@ -132,33 +165,74 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def measure_latency(model: nn.Module, x: torch.Tensor, runs: int, warmup: int = 3) -> float:
-    """Median wall time of ``model(x)`` in seconds over ``runs`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        model(x)
-    _synchronize(x.device)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(x)
-        _synchronize(x.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
 
 def _table(rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
-    """Left-aligned columns; the first column is padded to the widest label."""
-    widths = [max(len(row[i]) for row in rows if len(row) > i) for i in range(max(map(len, rows)))]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
-        lines.append((indent + "   ".join(cells)).rstrip())
-    return "\n".join(lines)
+    """Left-aligned columns, three spaces apart (:func:`fusedconv.timing.format_table`)."""
+    return format_table(rows, left=None, indent=indent, sep="   ")
+
+
+@torch.no_grad()
+def measure_latencies(models: Sequence[nn.Module], x: torch.Tensor, runs: int, warmup: int = 3,
+                      progress: Callable[[int], None] | None = None) -> list[Timing]:
+    """Wall times of ``model(x)`` for each model, interleaved (one call of each
+    per round, :func:`fusedconv.timing.measure_interleaved`): ``runs`` timed
+    rounds after ``warmup`` untimed ones."""
+    calls = [lambda _, m=m: m(x) for m in models]
+    return measure_interleaved(calls, repeats=runs, warmup=warmup, device=x.device, progress=progress)
+
+
+def paired_speedup(before: Timing, after: Timing) -> Timing:
+    """The per-round ratios before / after of two interleaved timings (as a
+    :class:`Timing` of ratios: median and quartiles)."""
+    return Timing([b / a if a > 0 else math.inf for b, a in zip(before.samples, after.samples)])
+
+
+class _Progress:
+    """Progress of the demo's stages on stderr: a tqdm bar where tqdm is
+    installed, else one plain line per stage. Off unless enabled."""
+
+    def __init__(self, enabled: bool, stages: int):
+        self.enabled, self.stages, self.done = enabled, stages, 0
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=stages, desc="fusedconv demo", file=sys.stderr, leave=False,
+                                 bar_format="{desc}{n_fmt}/{total_fmt} {bar} {elapsed}{postfix}")
+
+    def stage(self, text: str) -> None:
+        """Start the next stage."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            if self.done:
+                self._bar.update(1)
+            self._bar.set_description(f"fusedconv demo: {text}")
+        else:
+            print(f"fusedconv demo: [{self.done + 1}/{self.stages}] {text}", file=sys.stderr, flush=True)
+        self.done += 1
+
+    def rounds(self, total: int) -> Callable[[int], None] | None:
+        """A callback for :func:`measure_interleaved`: rounds done out of ``total``."""
+        if not self.enabled:
+            return None
+        if self._bar is not None:
+            bar = self._bar
+            return lambda k: bar.set_postfix_str(f"round {k}/{total}")
+        marks = {max(1, round(total * f)) for f in (0.25, 0.5, 0.75)}
+        return lambda k: print(f"fusedconv demo:   {k}/{total} rounds", file=sys.stderr, flush=True) \
+            if k in marks else None
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 # --------------------------------------------------------------------------- demo
@@ -176,15 +250,35 @@ def run_demo(args: argparse.Namespace) -> int:
         torch.set_num_threads(old_threads)
 
 
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    if args.progress is not None:
+        return args.progress
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _run_demo(args: argparse.Namespace) -> int:
+    progress = _Progress(_progress_enabled(args), stages=5)
+    try:
+        return _demo(args, progress)
+    finally:
+        progress.close()
+
+
+def _demo(args: argparse.Namespace, progress: _Progress) -> int:
     from fusedconv import examples
 
     if args.size < 8:
         raise CLIError(f"--size must be at least 8 (the demo network downsamples by 4), got {args.size}")
-    device = torch.device(args.device)
+    device = args.device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available")
+    if args.backend is not None:  # say so now rather than after the calibration
+        kernels.choose(device, args.backend)
 
+    progress.stage("building and calibrating the demo network")
     logger.debug("building the demo network (seed %d)", args.seed)
     model = examples.build_demo_network(args.seed).to(device)
     calib_shape = (max(args.batch, 8), examples.IN_CHANNELS, args.size, args.size)
@@ -193,14 +287,14 @@ def _run_demo(args: argparse.Namespace) -> int:
     x = examples.demo_input(args.batch, seed=args.seed + 1, size=args.size).to(device)
     example_inputs = (x,) if args.dataflow == "run" else None
 
+    progress.stage("planning")
     bns_before = fusedconv.count_batchnorms(model)
     plan = fusedconv.plan(model, example_inputs)
     logger.debug("plan: %d folds, %d skipped, source %s", len(plan.folds), len(plan.skipped), plan.source)
 
-    latency_before = measure_latency(model, x, args.runs)
-    # verify() needs the unfolded model after folding; with --inplace keep a copy.
+    progress.stage("folding")
+    # The unfolded model is needed after folding (error and latency); with --inplace keep a copy.
     original = copy.deepcopy(model) if args.inplace else model
-
     _synchronize(device)
     start = time.perf_counter()
     fused = fusedconv.fuse(model, example_inputs, inplace=args.inplace, backend=args.backend)
@@ -210,13 +304,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.inplace and fused is not model:
         logger.warning("fuse(..., inplace=True) returned a new module instead of the model itself")
 
+    progress.stage(f"checking against float64 on {args.verify_batch} images")
     bns_after = fusedconv.count_batchnorms(fused)
     # The error is measured on its own, larger batch: the demo network has only ten
     # outputs per image and the error ratio of a couple of images is mostly noise.
     x_verify = examples.demo_input(args.verify_batch, seed=args.seed + 2, size=args.size).to(device)
     report = fusedconv.verify(original, fused, (x_verify,))
-    latency_after = measure_latency(fused, x, args.runs)
     ratio = report.ratio
+
+    progress.stage(f"timing {args.runs} interleaved rounds")
+    before, after = measure_latencies([original, fused], x, args.runs, progress=progress.rounds(args.runs + 3))
+    speedup = paired_speedup(before, after)
+    progress.close()
 
     params = sum(p.numel() for p in original.parameters())
     n = torch.get_num_threads()
@@ -231,7 +330,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         f"backend {kernels.choose(device, args.backend)}"
     )
     print()
-    speedup = latency_before / latency_after if latency_after > 0 else float("inf")
+    (b1, b3), (a1, a3), (s1, s3) = before.quartiles, after.quartiles, speedup.quartiles
     print(
         _table(
             [
@@ -241,8 +340,10 @@ def _run_demo(args: argparse.Namespace) -> int:
                 ["  unfolded", f"{report.original.max_abs:.3e}", f"{report.original.rel:.3e}"],
                 ["  folded", f"{report.fused.max_abs:.3e}", f"{report.fused.rel:.3e}"],
                 ["  ratio", "", f"{ratio:.3f}", f"folded / unfolded, limit {MAX_ERROR_RATIO}"],
-                [f"latency, median of {args.runs}", "before", "after"],
-                ["", _ms(latency_before), _ms(latency_after), f"speed-up {speedup:.2f}x"],
+                [f"latency, {args.runs} interleaved runs", "before", "after", "speed-up (per run pair)"],
+                ["  median", _ms(before.median), _ms(after.median), f"{speedup.median:.2f}x"],
+                ["  quartiles", f"{b1 * 1e3:.2f}-{b3 * 1e3:.2f} ms", f"{a1 * 1e3:.2f}-{a3 * 1e3:.2f} ms",
+                 f"{s1:.2f}-{s3:.2f}x"],
                 ["fold time", _ms(fold_time)],
             ]
         )
@@ -307,8 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fusedconv`` command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="print debug output on stderr")
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"debug output, and a traceback instead of a one-line error (also: {DEBUG_ENV}=1)",
+    )
 
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="fusedconv",
         description="Fold BatchNorm layers into the convolutions and linear layers beside them, exactly.",
     )
@@ -335,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images on which the error against float64 is measured (default 64)",
     )
     demo.add_argument("--runs", type=_positive_int, default=20, help="timed runs per latency (default 20)")
-    demo.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    demo.add_argument("--device", type=_device, default=torch.device("cpu"), help="torch device (default cpu)")
     demo.add_argument(
         "--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
     )
@@ -352,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="kernels that scale the weights (default: the fastest that loads, or $FUSEDCONV_BACKEND)",
     )
+    demo.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress on stderr (tqdm if installed; default: when stderr is a terminal)",
+    )
     demo.set_defaults(func=run_demo)
 
     backends = sub.add_parser(
@@ -360,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the kernel backends and why any of them cannot run here",
         description="Say which of the cuda, triton, cpp and torch backends can run on the device, and why not.",
     )
-    backends.add_argument("--device", default=None, help="torch device (default: cuda if there is one, else cpu)")
+    backends.add_argument(
+        "--device", type=_device, default=None, help="torch device (default: cuda if there is one, else cpu)"
+    )
     backends.set_defaults(func=run_backends)
 
     plan = sub.add_parser(
@@ -392,26 +506,52 @@ def _version() -> str:
         return getattr(fusedconv, "__version__", "unknown")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``fusedconv`` command with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, or a usage error
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+def _debug_requested(argv: Sequence[str] | None) -> bool:
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return True
+    return "--debug" in (sys.argv[1:] if argv is None else argv)
 
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for the command line: one line on stderr."""
+    print(f"fusedconv: warning: {_one_line(message)} [{category.__name__}]", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fusedconv`` command with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Errors are one line on stderr and a non-zero exit code: 1 when the folded
+    model fails its check or fusedconv refuses (:class:`fusedconv.FoldError`, a
+    backend that cannot run), 2 for bad arguments, 3 for an unexpected exception
+    (a bug: ``--debug`` or ``FUSEDCONV_DEBUG=1`` re-raises it with its traceback).
+    """
+    debug = _debug_requested(argv)
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
     old_level = logger.level
     logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args = build_parser().parse_args(argv)
+            if args.verbose:
+                logger.setLevel(logging.DEBUG)
+            return args.func(args)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except CLIError as exc:
-        print(f"fusedconv: error: {exc}", file=sys.stderr)
+        print(f"fusedconv: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except fusedconv.FoldError as exc:
-        print(f"fusedconv: cannot fold: {exc}", file=sys.stderr)
+    except FoldError as exc:
+        if debug:
+            raise
+        print(f"fusedconv: cannot fold: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    except (BackendUnavailable, KernelInputError) as exc:
+        if debug:
+            raise
+        print(f"fusedconv: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CHECK_FAILED
     except BrokenPipeError:  # e.g. `fusedconv plan ... | head`: stop quietly
         try:
@@ -420,6 +560,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return EXIT_CHECK_FAILED
+    except KeyboardInterrupt:
+        print("fusedconv: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            raise
+        print(
+            f"fusedconv: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            f"(a bug in fusedconv? rerun with --debug or {DEBUG_ENV}=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)

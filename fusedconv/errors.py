@@ -12,3 +12,17 @@ class FoldError(ValueError):
 class FoldWarning(UserWarning):
     """A BatchNorm was left unfolded for a reason the user may want to act on
     (no running statistics, or part of the model could not be traced)."""
+
+
+class BackendUnavailable(RuntimeError):
+    """A kernel backend asked for by name cannot run here; the message says why.
+
+    Also importable as ``fusedconv.kernels.BackendUnavailable``.
+    """
+
+
+class MissingExtensionWarning(UserWarning):
+    """fusedconv's compiled kernels (the ``fusedconv._C`` extension) could not be
+    loaded, so a fold ran on the slower plain-PyTorch kernels instead. Emitted
+    once per process; the message says why and which command rebuilds it.
+    The results are the same bits either way."""

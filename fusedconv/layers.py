@@ -329,5 +329,8 @@ def check_not_training(module: nn.Module, name: str) -> None:
 
 def count_batchnorms(model: nn.Module) -> int:
     """Number of BatchNorm-like modules (any family fusedconv knows, plus any other
-    ``_BatchNorm`` subclass) in ``model``."""
+    ``_BatchNorm`` subclass) in ``model``; in a TorchScript module, those whose
+    original class name says BatchNorm."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return sum(1 for m in model.modules() if "BatchNorm" in getattr(m, "original_name", ""))
     return sum(1 for m in model.modules() if is_batchnorm_like(m))

@@ -28,9 +28,10 @@ from .affine import batchnorm_affines, compose
 from .copying import copy_module
 from .memory import sharing_memory, storage_key
 from .writing import Rollback, check_folded_range, check_writable, subnormal_weights
-from .dataflow import Dataflow, combine
+from .dataflow import Dataflow, Node, combine
 from .dataflow.fx import Untraceable, from_fx
-from .dataflow.source import from_source
+from .dataflow.source import from_source, functional_batchnorm_calls
+from .dataflow.guard import UnchangedState
 from .dataflow.run import RunFailed, from_run
 from .errors import FoldError, FoldWarning
 from .fold import plan_layer_folds, rescale_weights, set_biases, why_not_exact_before
@@ -130,6 +131,7 @@ class _ModelIndex:
                 modules.append((path, m))
             else:
                 known.append(path)
+        self.modules = modules
         if blocks is None:
             blocks = {name: block for name, block, _ in blocks_among(modules)}
         self.blocks = blocks
@@ -406,7 +408,8 @@ def _dataflow(model: nn.Module, index: _ModelIndex, example_inputs: tuple | None
                 "that fusedconv can follow a real run instead"
             ) from exc
     try:
-        return from_run(model, example_inputs, index.tracked, index.owners)
+        with UnchangedState(model):
+            return from_run(model, example_inputs, index.tracked, index.owners)
     except RunFailed as failure:
         exc = failure.__cause__
         where = index.paths.get(id(failure.module), [""])[0] if failure.module is not None else ""
@@ -422,7 +425,10 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
     them again), check the statistics of every BN it folds."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedconv folds an nn.Module, got {type(model).__name__}")
-    if model.training:
+    # A GraphModule's training flag says nothing (torch.export's .module() is
+    # left in training mode and refuses .eval()); its graph says which batch
+    # norms it computes, and those are counted as left.
+    if model.training and not isinstance(model, torch.fx.GraphModule):
         raise FoldError(
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics: "
             "call model.eval() before folding"
@@ -432,8 +438,11 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
         check_not_training(bn, name)
     plan, flow = None, None
     if not index.batchnorms:  # every BN sits in a block that its converter merges: no dataflow needed
-        flow = Dataflow({}, "none")
-        plan = FusionPlan([], [], "none")
+        inside = tuple(f"{name}." if name else "" for name in index.blocks)
+        outside = [(path, m) for path, m in index.modules if not (inside and path.startswith(inside))]
+        flow = Dataflow({name: Node(name) for name in index.tracked.values()}, "none",
+                        functional_batchnorms=functional_batchnorm_calls(outside))
+        plan = _Planner(index, flow).plan()
     elif example_inputs is None:
         # Reading the forward code is cheap; a trace is needed only where it
         # cannot vouch for every BatchNorm, and then the two are combined.
@@ -445,11 +454,13 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
             except FoldError as untraceable:
                 if not plan.folds:
                     raise
-                flow = flow.with_unseen_reason(f"and {untraceable.args[0].split(' (')[0]}; pass example_inputs "
-                                               "to fold what the code reading could not prove")
+                # Keep what the code proved; the rest might fold with a run.
+                note = (f"; {untraceable.args[0].split(' (')[0]}, so pass example_inputs to fold what the code "
+                        "reading could not prove")
+                plan.skipped = [Skip(s.module, s.reason + note) for s in plan.skipped]
             else:
                 flow = combine(flow, traced)
-            plan = _Planner(index, flow).plan()
+                plan = _Planner(index, flow).plan()
     else:
         flow = _dataflow(model, index, example_inputs)
         plan = _Planner(index, flow).plan()

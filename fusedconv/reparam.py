@@ -7,7 +7,7 @@ convolutions too. At inference the sum is one convolution: the *target* conv
 (the branch with the largest kernel, which keeps its module, geometry, dtype,
 device and memory format) absorbs its own BN, and every other branch's kernel,
 scaled by that branch's BN, is added where its taps land in the target kernel
-(DESIGN.md section 2, the alignment rule).
+(docs/DESIGN.md section 2.7, the alignment rule).
 
 :func:`apply_reparameterizations` does that for all blocks of a model at once,
 in place: one batched :func:`fusedconv.kernels.rescale_` call for the targets,

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .api import as_input_tuple
+from .dataflow.guard import UnchangedState, check_eval_mode
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,20 @@ def _error(output: Any, reference: list[torch.Tensor]) -> ErrorStats:
 @torch.no_grad()
 def verify(original: nn.Module, fused: nn.Module, example_inputs: Any) -> VerificationReport:
     """Run ``original``, ``fused`` and a float64 copy of ``original`` on ``example_inputs``
-    and return the error of each of the first two against the float64 outputs."""
+    and return the error of each of the first two against the float64 outputs.
+
+    Both models must be in eval mode (:class:`fusedconv.FoldError` otherwise);
+    the runs leave their parameters and buffers exactly as they were."""
+    check_eval_mode(original, "the original model")
+    check_eval_mode(fused, "the fused model")
     inputs = as_input_tuple(example_inputs)
     reference_model = copy.deepcopy(original).to(torch.float64)
     reference_inputs = tree_map(
         lambda t: t.to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs
     )
     reference = [t.to(torch.float64) for t in _float_leaves(reference_model(*reference_inputs))]
-    return VerificationReport(_error(original(*inputs), reference), _error(fused(*inputs), reference))
+    with UnchangedState(original, "verify's run of the original model"):
+        original_error = _error(original(*inputs), reference)
+    with UnchangedState(fused, "verify's run of the fused model"):
+        fused_error = _error(fused(*inputs), reference)
+    return VerificationReport(original_error, fused_error)

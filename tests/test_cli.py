@@ -48,7 +48,9 @@ def parse_demo_output(text: str) -> dict:
     unf_abs, unf_rel = find(r"^\s*unfolded\s+(\S+)\s+(\S+)\s*$")
     fol_abs, fol_rel = find(r"^\s*folded\s+(\S+)\s+(\S+)\s*$")
     (ratio,) = find(r"^\s*ratio\s+([0-9.]+|nan|inf)\s")
-    lat_before, lat_after = find(r"^\s*([0-9.]+) ms\s+([0-9.]+) ms\s+speed-up [0-9.]+x\s*$")
+    (runs,) = find(r"^\s*latency, (\d+) interleaved runs\s+before\s+after\s+speed-up")
+    lat_before, lat_after, speedup = find(r"^\s*median\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+|inf)x\s*$")
+    q = find(r"^\s*quartiles\s+([0-9.]+)-([0-9.]+) ms\s+([0-9.]+)-([0-9.]+) ms\s+([0-9.]+|inf)-([0-9.]+|inf)x\s*$")
     (fold_ms,) = find(r"^\s*fold time\s+([0-9.]+) ms\s*$")
     return {
         "folded": int(folded[0]),
@@ -59,8 +61,11 @@ def parse_demo_output(text: str) -> dict:
         "folded_abs": float(fol_abs),
         "folded_rel": float(fol_rel),
         "ratio": float(ratio),
+        "runs": int(runs),
         "latency_before_ms": float(lat_before),
         "latency_after_ms": float(lat_after),
+        "speedup": float(speedup),
+        "quartiles": tuple(map(float, q)),
         "fold_ms": float(fold_ms),
     }
 
@@ -77,6 +82,11 @@ def check_demo_numbers(nums: dict) -> None:
     # the printed ratio is the ratio of the printed relative errors (3 significant digits each)
     assert nums["ratio"] == pytest.approx(nums["folded_rel"] / nums["unfolded_rel"], rel=0.02)
     assert nums["latency_before_ms"] > 0 and nums["latency_after_ms"] > 0
+    b1, b3, a1, a3, s1, s3 = nums["quartiles"]
+    # the medians lie within their quartiles (two decimals printed)
+    assert b1 - 0.01 <= nums["latency_before_ms"] <= b3 + 0.01
+    assert a1 - 0.01 <= nums["latency_after_ms"] <= a3 + 0.01
+    assert 0 < s1 <= nums["speedup"] + 0.01 and nums["speedup"] <= s3 + 0.01
     assert nums["fold_ms"] > 0
 
 
@@ -353,3 +363,171 @@ def test_parse_shape():
     for bad in ("1,3,x", "1x3", "1,,3", "", "1,-2"):
         with pytest.raises(Exception, match="bad shape"):
             cli.parse_shape(bad)
+
+
+# --------------------------------------------------------------------------- errors, progress, timing
+
+
+def _one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_demo_backend_cuda_without_a_gpu_is_one_line(capsys):
+    rc = cli.main([*SMALL_DEMO, "--backend", "cuda"])
+    captured = capsys.readouterr()
+    assert rc == cli.EXIT_CHECK_FAILED
+    line = _one_line_error(captured.err)
+    assert line.startswith("fusedconv: error:") and "cuda" in line
+    assert captured.out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_backends_on_cuda_without_a_gpu_lists_none_available(capsys):
+    assert cli.main(["backends", "--device", "cuda"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all("unavailable" in line for line in lines), lines
+    assert any("no CUDA device" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["demo", "--device", "nosuchdevice"], ["demo", "--runs", "x"], ["backends", "--device", "x:y"],
+     ["nosuchcommand"], []],
+)
+def test_bad_arguments_are_one_line(capsys, argv):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert _one_line_error(capsys.readouterr().err).startswith("fusedconv: error:")
+
+
+def test_unexpected_errors_are_one_line_unless_debugging(capsys, monkeypatch):
+    def broken_plan(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(fusedconv, "plan", broken_plan)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert cli.main(SMALL_DEMO) == cli.EXIT_INTERNAL
+    line = _one_line_error(capsys.readouterr().err)
+    assert "internal error: ZeroDivisionError: a bug" in line and "--debug" in line
+    with pytest.raises(ZeroDivisionError):
+        cli.main([*SMALL_DEMO, "--debug"])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ZeroDivisionError):
+        cli.main(SMALL_DEMO)
+
+
+def test_fold_errors_are_one_line(capsys, monkeypatch):
+    def refusing_fuse(*args, **kwargs):
+        raise fusedconv.FoldError("layer x: first line\nsecond line")
+
+    monkeypatch.setattr(fusedconv, "fuse", refusing_fuse)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert cli.main(SMALL_DEMO) == cli.EXIT_CHECK_FAILED
+    line = _one_line_error(capsys.readouterr().err)
+    assert line == "fusedconv: cannot fold: layer x: first line; second line"
+
+
+def test_demo_progress_without_tqdm_is_plain_lines(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    assert cli.main([*SMALL_DEMO, "--progress"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "fusedconv demo: [1/5] building and calibrating the demo network"
+    assert "fusedconv demo: [5/5] timing 2 interleaved rounds" in err
+    assert all(line.startswith("fusedconv demo: ") for line in err)
+
+
+def test_demo_progress_with_tqdm(capsys):
+    pytest.importorskip("tqdm")
+    assert cli.main([*SMALL_DEMO, "--progress"]) == 0
+    captured = capsys.readouterr()
+    assert "fusedconv demo: timing" in captured.err
+    check_demo_numbers(parse_demo_output(captured.out))  # stdout holds the report only
+
+
+def test_measure_interleaved_alternates_and_pairs_rounds():
+    from fusedconv import timing
+
+    calls = []
+    timings = timing.measure_interleaved([lambda _: calls.append("a"), lambda _: calls.append("b")],
+                                         repeats=3, warmup=1)
+    assert "".join(calls) == "abbaabba"  # warmup round, then 3 timed rounds, order alternating
+    assert [len(t.samples) for t in timings] == [3, 3]
+    t = timing.Timing([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert t.median == 3.0 and t.quartiles == (2.0, 4.0) and t.iqr == 2.0
+    assert timing.Timing([5.0]).quartiles == (5.0, 5.0)
+    ratios = cli.paired_speedup(timing.Timing([2.0, 6.0]), timing.Timing([1.0, 2.0]))
+    assert ratios.samples == [2.0, 3.0]
+
+
+def test_format_table():
+    from fusedconv import timing
+
+    text = timing.format_table([["a", "1"], ["bbb", "22", "x"]], ["name", "n"])
+    assert text.splitlines() == ["name   n", "----  --  -", "a      1", "bbb   22  x"]
+    assert timing.format_table([["x", "1"], ["yy", "2"]], left=None, indent="  ", sep="   ").splitlines() == [
+        "  x    1", "  yy   2"]
+
+
+# --------------------------------------------------------------------------- a missing extension
+
+
+@pytest.fixture
+def extension_missing(monkeypatch):
+    """The cpp backend as it is when fusedconv._C was not built."""
+    from fusedconv.kernels import backends
+
+    monkeypatch.setitem(backends._loaded, "cpp", "the extension fusedconv._C was not built (simulated)")
+    monkeypatch.setattr(backends, "_warned_missing_extension", False)
+    monkeypatch.setattr(backends, "_reported", set())
+    monkeypatch.delenv("FUSEDCONV_BACKEND", raising=False)
+
+
+def test_missing_extension_warns_once_with_the_fix(extension_missing):
+    import warnings
+
+    from fusedconv.kernels import BackendUnavailable
+
+    assert BackendUnavailable is fusedconv.BackendUnavailable is fusedconv.errors.BackendUnavailable
+    model = examples.calibrate(examples.build_demo_network(0), (8, 3, 16, 16), steps=1, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fusedconv.fuse(model, backend="torch")  # asked for by name: no fallback, no warning
+        assert caught == []
+        fusedconv.fuse(model)
+        fusedconv.fuse(model)
+    found = [w for w in caught if issubclass(w.category, fusedconv.MissingExtensionWarning)]
+    assert len(found) == 1, [str(w.message) for w in caught]
+    message = str(found[0].message)
+    assert "not built (simulated)" in message and "pip install --no-build-isolation" in message
+    assert found[0].filename == __file__  # points at the caller's line, not inside fusedconv
+
+
+def test_missing_extension_in_the_demo_is_one_warning_line(capsys, extension_missing):
+    assert cli.main(SMALL_DEMO) == 0
+    captured = capsys.readouterr()
+    line = _one_line_error(captured.err)
+    assert line.startswith("fusedconv: warning:") and "pip install --no-build-isolation" in line
+    assert "MissingExtensionWarning" in line and "backend torch" in captured.out
+
+
+def test_extension_for_another_torch_says_how_to_rebuild(monkeypatch):
+    from fusedconv.kernels import BackendUnavailable, available_backends, extension
+
+    if available_backends("cpu")["cpp"] is not None:
+        pytest.skip("the extension is not built here")
+    monkeypatch.setattr(extension, "_state", {})
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    with pytest.raises(BackendUnavailable, match=r"built for torch [0-9.]+, you have 9\.9\.9: rebuild it with "
+                                                 r"pip install --no-build-isolation"):
+        extension.build_info()
+
+
+def test_extension_sources_are_found():
+    from fusedconv.kernels import extension
+
+    directory = extension.source_dir()
+    assert directory is not None and (directory / "rounding.h").is_file()
+    assert (directory / "cpu" / "rescale.cpp").is_file()

@@ -132,3 +132,42 @@ def test_broken_third_party_converters_are_reported_once(monkeypatch, caplog):
         registry.converter_for(nn.Identity())
     messages = [r.getMessage() for r in caplog.records if "converters for json" in r.getMessage()]
     assert len(messages) == 1 and "ModuleNotFoundError" in messages[0]
+
+
+def _readme_register_block_example() -> str:
+    """The README's ``register_block`` example, verbatim."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- register-block-example -->\s*```python\n(.*?)```\s*<!-- /register-block-example -->",
+                      readme, re.DOTALL)
+    assert match, "README.md has no register-block example between its markers"
+    return match.group(1)
+
+
+def test_readme_register_block_example_leaves_no_batchnorm():
+    namespace: dict = {}
+    exec(compile(_readme_register_block_example(), "README.md (register_block example)", "exec"), namespace)
+    block_class = namespace["MyBlock"]
+    try:
+        model = nn.Sequential(block_class(6), nn.Conv2d(6, 6, 1), block_class(6))
+        model = randomize_batchnorm_stats(model, torch.Generator().manual_seed(1)).eval()
+        x = torch.randn(2, 6, 9, 9)
+        plan = fusedconv.plan(model)
+        assert plan.merges == ["0", "2"] and not plan.skipped
+        fused = fusedconv.fuse(model)
+        # what the plan says is what the model holds: no BN left, no stale branch in the state dict
+        assert fusedconv.count_batchnorms(fused) == 0
+        assert sorted(fused.state_dict()) == ["0.deployed.bias", "0.deployed.weight", "1.bias", "1.weight",
+                                              "2.deployed.bias", "2.deployed.weight"]
+        reference = float64_reference(model, (x,))
+        with torch.no_grad():
+            unfused, folded = relative_error(model(x), reference), relative_error(fused(x), reference)
+            assert folded <= 4 * unfused + 4 * torch.finfo(torch.float32).eps, (folded, unfused)
+            # fusing the fused model again changes nothing
+            again = fusedconv.fuse(fused)
+            assert torch.equal(again(x), fused(x))
+        assert sorted(again.state_dict()) == sorted(fused.state_dict())
+    finally:
+        registry._CONVERTERS.pop(block_class, None)

@@ -55,11 +55,6 @@ class Dataflow:
     """Batch norms computed by a function call rather than a module (where the
     extractor can see them): fusedconv does not fold those, and says so."""
 
-    def with_unseen_reason(self, addition: str) -> "Dataflow":
-        """This dataflow with ``addition`` appended to every unseen module's reason."""
-        unseen = {name: f"{why}, {addition}" for name, why in self.unseen.items()}
-        return Dataflow(self.nodes, self.source, unseen, self.functional_batchnorms)
-
 
 def combine(read: Dataflow, traced: Dataflow) -> Dataflow:
     """The code reading's dataflow completed by a trace's.

@@ -38,8 +38,9 @@ import sys
 import textwrap
 import types
 from dataclasses import dataclass, field
+from typing import Iterable
 
-from torch import nn
+from torch import fx, nn
 
 from ..layers import MODULE_STATE, why_not_standard
 from . import Dataflow, Node
@@ -615,3 +616,23 @@ def _hide_modules_held_elsewhere(model: nn.Module, paths: dict[int, list[str]], 
             return hide(model, f"{where} keeps an object whose references fusedconv cannot follow")
         for other in reached:
             hide(other, f"it is also reachable through an attribute or hook of {where}")
+
+
+def functional_batchnorm_calls(modules: Iterable[tuple[str, nn.Module]]) -> list[str]:
+    """The batch norms computed by function calls in ``modules`` (path, module),
+    as their code shows them: the calls in each class's forward, and the batch
+    norm nodes of each ``torch.fx.GraphModule`` (e.g. from torch.export)."""
+    found: list[str] = []
+    read: set[type] = set()
+    for path, module in modules:
+        where = path or "(model)"
+        if isinstance(module, fx.GraphModule):
+            found.extend(f"{where}: {node.name}" for node in module.graph.nodes
+                         if node.op == "call_function" and "batch_norm" in str(node.target))
+            continue
+        cls = type(module)
+        if cls in read or cls.__module__.startswith("torch.nn.modules."):
+            continue
+        read.add(cls)
+        found.extend(f"{where}: {call}" for call in read_class(cls).functional_batchnorms)
+    return found

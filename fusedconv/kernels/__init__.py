@@ -20,12 +20,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from .backends import BACKENDS, BackendUnavailable, available_backends, backend_report, choose, resolve
+from ..errors import BackendUnavailable, MissingExtensionWarning
+from .backends import BACKENDS, available_backends, backend_report, choose, resolve
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "KernelInputError",
+    "MissingExtensionWarning",
     "available_backends",
     "backend_report",
     "choose",

@@ -9,8 +9,12 @@ Backends, fastest first for each device:
 * ``torch``: plain PyTorch, always there, the reference.
 
 ``FUSEDCONV_BACKEND=name`` or an explicit ``backend=`` argument forces one; a
-backend asked for by name that cannot run raises :class:`BackendUnavailable`
-with the reason, while automatic selection logs the reason once and moves on.
+backend asked for by name that cannot run raises
+:class:`~fusedconv.errors.BackendUnavailable` with the reason, while automatic
+selection logs the reason once and moves on. When the backend skipped is the
+compiled extension (``cpp`` on the CPU, ``cuda`` on a GPU), the first fold that
+falls back also emits one :class:`~fusedconv.errors.MissingExtensionWarning`
+per process, naming the command that rebuilds it (docs/DESIGN.md section 5).
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from types import ModuleType
 
 import torch
+
+from ..errors import BackendUnavailable, MissingExtensionWarning
 
 logger = logging.getLogger("fusedconv")
 
@@ -28,12 +35,9 @@ BACKENDS = ("cuda", "triton", "cpp", "torch")
 _AUTOMATIC_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 
-class BackendUnavailable(RuntimeError):
-    """A backend asked for by name cannot run here; the message says why."""
-
-
 _loaded: dict[str, ModuleType | str] = {}  # name -> module, or the reason it failed
 _reported: set[str] = set()
+_warned_missing_extension = False
 
 
 def _load(name: str) -> ModuleType:
@@ -71,6 +75,8 @@ def _why_not_on(name: str, device: torch.device) -> str | None:
     """Why a backend that loads cannot run on ``device``, or None."""
     if name == "cpp" and device.type != "cpu":
         return f"the cpp backend runs on the CPU, not on {device.type}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
     if name == "cuda" and device.type != "cuda":
         return f"the cuda backend runs on CUDA devices, not on {device.type}"
     if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -90,6 +96,7 @@ def choose(device: torch.device, requested: str | None = None) -> str:
         if reason:
             raise BackendUnavailable(f"fusedconv backend {requested!r} cannot run here: {reason}")
         return requested
+    extension_missing = None
     for name in _AUTOMATIC_ORDER.get(device.type, ("torch",)):
         try:
             _module(name)
@@ -97,10 +104,46 @@ def choose(device: torch.device, requested: str | None = None) -> str:
             if name not in _reported:
                 _reported.add(name)
                 logger.info("%s; falling back", exc)
+            if name in ("cpp", "cuda"):
+                extension_missing = str(exc)
             continue
         if _why_not_on(name, device) is None:
-            return name
-    return "torch"
+            break
+    else:
+        name = "torch"
+    if extension_missing is not None:
+        _warn_missing_extension(extension_missing, name)
+    return name
+
+
+def _warn_missing_extension(reason: str, fallback: str) -> None:
+    """One :class:`MissingExtensionWarning` per process, when automatic selection
+    skipped the compiled extension (a rebuild fixes that) and fell back."""
+    global _warned_missing_extension
+    if _warned_missing_extension or "no CUDA device" in reason:
+        return
+    _warned_missing_extension = True
+    from .extension import rebuild_hint
+
+    kind = "plain-PyTorch" if fallback == "torch" else fallback
+    warnings.warn(
+        f"{reason}. fusedconv folds with the slower {kind} kernels instead (same results, same bits). "
+        f"To build the compiled kernels: {rebuild_hint()}",
+        MissingExtensionWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside fusedconv (so the warning
+    names the user's line that folded)."""
+    import sys
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def resolve(device: torch.device, requested: str | None = None) -> ModuleType:

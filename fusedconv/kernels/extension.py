@@ -4,8 +4,11 @@ The extension registers ``torch.ops.fusedconv_ext.rescale_`` and ``pad_add_``
 with a CPU kernel and, when built with CUDA, a CUDA kernel. It is normally
 built by ``pip install --no-build-isolation`` (``fusedconv/_C*.so``); when it
 is missing, the CPU kernels are compiled with ninja on first use and cached by
-``torch.utils.cpp_extension``. Every failure becomes a
-:class:`~fusedconv.kernels.backends.BackendUnavailable` that says why.
+``torch.utils.cpp_extension``. The sources are read from ``fusedconv/_csrc``
+(an installed wheel ships them there) or from ``csrc/`` next to the package (a
+source checkout). Every failure becomes a
+:class:`~fusedconv.errors.BackendUnavailable` that says why and, where a rebuild
+fixes it, how (:func:`rebuild_hint`).
 """
 
 from __future__ import annotations
@@ -16,13 +19,33 @@ from pathlib import Path
 
 import torch
 
-from .backends import BackendUnavailable
+from ..errors import BackendUnavailable
 
 logger = logging.getLogger("fusedconv")
 
 _PACKAGE = Path(__file__).resolve().parents[1]
-_SOURCES = _PACKAGE.parent / "csrc"
+# An installed package carries its sources as package data; a checkout has csrc/ beside it.
+_SOURCE_DIRS = (_PACKAGE / "_csrc", _PACKAGE.parent / "csrc")
 _state: dict[str, str] = {}  # "info": build info once loaded
+
+
+def source_dir() -> Path | None:
+    """Where the C++ sources for a build on first use are, or None."""
+    for directory in _SOURCE_DIRS:
+        if (directory / "ops.cpp").is_file():
+            return directory
+    return None
+
+
+def rebuild_hint() -> str:
+    """The command that builds ``fusedconv._C`` against the torch in use."""
+    checkout = _PACKAGE.parent
+    if (checkout / "setup.py").is_file() and (checkout / "csrc").is_dir():
+        where = f"pip install --no-build-isolation -e {checkout}"
+    else:
+        where = ("pip install --no-build-isolation --no-deps --force-reinstall <fusedconv sdist or source "
+                 "checkout> (a source checkout: pip install --no-build-isolation -e .)")
+    return f"{where}, with torch {_torch_release(torch.__version__)} installed and a C++ compiler"
 
 
 def _torch_release(version: str) -> str:
@@ -40,7 +63,7 @@ def _load_library() -> str:
         except OSError as exc:
             raise BackendUnavailable(
                 f"{prebuilt[0].name} does not load ({exc}); it was probably built for another torch "
-                f"(running {torch.__version__}): rebuild with pip install --no-build-isolation -e ."
+                f"(you have {torch.__version__}): rebuild it with {rebuild_hint()}"
             ) from exc
     else:
         _build_on_first_use()
@@ -49,19 +72,20 @@ def _load_library() -> str:
     if built_for != _torch_release(torch.__version__):
         raise BackendUnavailable(
             f"the extension was built for torch {built_for}, you have {torch.__version__}: "
-            "rebuild with pip install --no-build-isolation -e ."
+            f"rebuild it with {rebuild_hint()}"
         )
     _state["info"] = info
     return info
 
 
 def _build_on_first_use() -> None:
-    sources = sorted(_SOURCES.glob("*.cpp")) + sorted((_SOURCES / "cpu").glob("*.cpp"))
-    if not sources:
+    directory = source_dir()
+    if directory is None:
         raise BackendUnavailable(
-            "the extension was not built at install time and its C++ sources are not here to build it "
-            "(install from a source checkout with pip install --no-build-isolation)"
+            "the extension fusedconv._C was not built at install time and its C++ sources are not "
+            f"installed to build it now; build it with {rebuild_hint()}"
         )
+    sources = sorted(directory.glob("*.cpp")) + sorted((directory / "cpu").glob("*.cpp"))
     from torch.utils import cpp_extension
 
     logger.warning("fusedconv: building the C++ extension's CPU kernels (first use only; cached)")
@@ -78,7 +102,8 @@ def _build_on_first_use() -> None:
         )
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler, no ninja, a compile error
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackendUnavailable(f"building the C++ extension failed: {first_line}") from exc
+        raise BackendUnavailable(f"building the C++ extension on first use failed: {first_line}; "
+                                 f"build it at install time with {rebuild_hint()}") from exc
 
 
 def load(*, with_cuda: bool):

@@ -1,0 +1,792 @@
+"""Regression tests for the ways a fold could change a model's outputs, or
+leave it half-written, that issue 11 found (one or more tests per root cause).
+
+Each model is written out in this file, so that fusedconv's reading of the
+forward code sees real source. Every check compares against a float64
+reference on random inputs with random BatchNorm statistics, and asserts
+exactly which BNs fold; a BN that must not fold is checked for its reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fusedconv
+from utils import float64_reference, randomize_batchnorm_stats, relative_error, trace_only
+
+# The folded model's error against float64 may be at most this many times the
+# unfolded model's (plus a floor of a few ulps for one-layer models).
+FACTOR, FLOOR = 1.5, 4 * torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """A fixed global seed for the module constructors, restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
+def prepared(model: nn.Module, seed: int = 3) -> nn.Module:
+    return randomize_batchnorm_stats(model, torch.Generator().manual_seed(seed)).eval()
+
+
+def built(make, seed: int = 3) -> nn.Module:
+    """``make()`` with its weights drawn from a fixed seed: two builds are equal."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return prepared(make(), seed)
+
+
+def reference_output(make, x: torch.Tensor):
+    """A float64 build of ``make()`` on ``x``. Built anew rather than deep-copied:
+    a model whose attributes reach its children through closures (which a deep
+    copy shares with the original) must convert those children too."""
+    model = built(make).double()
+    with torch.no_grad():
+        output = model(x.double())
+    model.float()  # a module shared with other models (a global) gets its float32 values back
+    return output
+
+
+def state(model: nn.Module) -> dict:
+    """Everything a fold may change: tensors (bit for bit), module types, bias slots."""
+    tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    structure = [(name, type(m), tuple(m._parameters)) for name, m in model.named_modules()]
+    return {"tensors": tensors, "structure": structure}
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = state(model)
+    assert after["structure"] == before["structure"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, value in before["tensors"].items():
+        now = after["tensors"][key]
+        if value.dtype.is_floating_point:  # bit for bit (NaNs and signed zeros included)
+            now, value = now.reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)
+        assert torch.equal(now, value), key
+
+
+def fold_and_compare(make, shape, *, mode: str, inplace: bool, folded: set[str], monkeypatch=None) -> fusedconv.FusionPlan:
+    """Fold a fresh ``make()`` in ``mode`` ("source", "fx" or "run"); assert that
+    exactly ``folded`` BNs fold and that the outputs stay as exact as the
+    unfolded model's."""
+    if mode == "fx":
+        trace_only(monkeypatch)
+    model = built(make)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(11))
+    reference = reference_output(make, x)
+    with torch.no_grad():
+        unfolded_error = relative_error(model(x.clone()), reference)
+    example = (x.clone(),) if mode == "run" else None
+    plan = fusedconv.plan(model, example)
+    assert {bn for f in plan.folds for bn in f.batchnorms} == folded, str(plan)
+    fused = fusedconv.fuse(model, example, inplace=inplace)
+    with torch.no_grad():
+        error = relative_error(fused(x.clone()), reference)
+    assert error <= FACTOR * unfolded_error + FLOOR, (error, unfolded_error)
+    return plan
+
+
+def reason(plan: fusedconv.FusionPlan, bn: str) -> str:
+    return next(s.reason for s in plan.skipped if s.module == bn)
+
+
+MODES = ["source", "fx", "run"]
+
+
+# --------------------------------------------------------------------------- 1. non-standard layers
+
+
+class WSConv2d(nn.Conv2d):
+    """Weight standardization written the usual way: Conv2d.forward calls it."""
+
+    def _conv_forward(self, x, weight, bias):
+        weight = (weight - weight.mean(dim=(1, 2, 3), keepdim=True)) / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledLinear(nn.Linear):
+    """A class attribute that shadows the registered weight (nn.Module would
+    refuse to register one beside it, so instances get this class afterwards)."""
+
+    weight = property(lambda self: self._parameters["weight"] * 2)
+
+
+def scaled_linear(in_features: int, out_features: int) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features)
+    layer.__class__ = ScaledLinear
+    return layer
+
+
+class CheckedConv(nn.Conv2d):
+    """A subclass that only adds a helper of its own: still a standard Conv2d."""
+
+    def describe(self) -> str:
+        return f"{self.in_channels}->{self.out_channels}"
+
+
+class HookedBatchNorm(nn.BatchNorm2d):
+    """Overrides a method BatchNorm's forward calls."""
+
+    def _check_input_dim(self, input):
+        input.mul_(1.0)
+
+
+class LayerThenBN(nn.Module):
+    def __init__(self, layer: nn.Module, bn: nn.Module):
+        super().__init__()
+        self.layer, self.bn = layer, bn
+
+    def forward(self, x):
+        return self.bn(self.layer(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("make, shape, folds, why", [
+    (lambda: LayerThenBN(WSConv2d(3, 4, 3), nn.BatchNorm2d(4)), (2, 3, 8, 8), False, "_conv_forward"),
+    (lambda: LayerThenBN(scaled_linear(5, 4), nn.BatchNorm1d(4)), (6, 5), False, "weight"),
+    (lambda: LayerThenBN(CheckedConv(3, 4, 3), nn.BatchNorm2d(4)), (2, 3, 8, 8), True, None),
+    (lambda: LayerThenBN(nn.Conv2d(3, 4, 3), HookedBatchNorm(4)), (2, 3, 8, 8), False, "_check_input_dim"),
+], ids=["conv_forward_override", "class_attribute_weight", "harmless_subclass", "bn_check_override"])
+def test_layers_standard_only_if_every_method_is_torchs(make, shape, folds, why, mode, monkeypatch):
+    if mode != "run" and isinstance(make().bn, nn.BatchNorm1d):
+        folds = False  # without a run, a BatchNorm1d's input rank is unknown
+        why = "rank" if why is None else why
+    plan = fold_and_compare(make, shape, mode=mode, inplace=True, folded={"bn"} if folds else set(),
+                            monkeypatch=monkeypatch)
+    if why is not None and not folds:
+        assert why in reason(plan, "bn")
+
+
+def test_a_method_replaced_on_the_instance_is_not_standard():
+    model = prepared(LayerThenBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model.layer._conv_forward = types.MethodType(WSConv2d._conv_forward, model.layer)
+    plan = fusedconv.plan(model)
+    assert not plan.folds and "replaced on the instance" in reason(plan, "bn")
+
+
+# --------------------------------------------------------------------------- 2. in-place ops and aliasing
+
+
+class InPlaceAfterBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        z = self.bn(x)
+        x.relu_()
+        return self.conv(z)
+
+
+class BNRightBeforeConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        z = self.bn(x)
+        y = self.conv(z)
+        return y + x.relu_().mean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bn_input_changed_in_place_between_bn_and_conv(mode, inplace, monkeypatch):
+    plan = fold_and_compare(InPlaceAfterBN, (2, 3, 6, 6), mode=mode, inplace=inplace, folded=set(),
+                            monkeypatch=monkeypatch)
+    assert "runs between" in reason(plan, "bn")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bn_right_before_conv_still_folds(mode, monkeypatch):
+    fold_and_compare(BNRightBeforeConv, (2, 3, 6, 6), mode=mode, inplace=False, folded={"bn"},
+                     monkeypatch=monkeypatch)
+
+
+# --------------------------------------------------------------------------- 3. ties by memory
+
+
+class TwoConvs(nn.Module):
+    def __init__(self, tie):
+        super().__init__()
+        self.c1, self.b1, self.c2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(3, 4, 3)
+        tie(self)
+
+    def forward(self, x):
+        return self.b1(self.c1(x)) + self.c2(x)
+
+
+def _tie_data(net):
+    net.c2.weight.data = net.c1.weight.data
+
+
+def _tie_view(net):
+    net.c2.weight = nn.Parameter(net.c1.weight.detach().view(4, 3, 3, 3))
+
+
+def _tie_buffer(net):
+    net.c2.register_buffer("copy", net.c1.weight.detach().flatten()[5:9])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("tie", [_tie_data, _tie_view, _tie_buffer], ids=["data", "view", "buffer_view"])
+def test_storage_shared_weights_are_not_folded(tie, mode, inplace, monkeypatch):
+    plan = fold_and_compare(lambda: TwoConvs(tie), (2, 3, 8, 8), mode=mode, inplace=inplace, folded=set(),
+                            monkeypatch=monkeypatch)
+    assert "shares memory" in reason(plan, "b1")
+
+
+def test_separate_views_of_one_flat_buffer_still_fold():
+    """Weight and bias laid in one buffer without overlapping share no bytes."""
+    model = prepared(LayerThenBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    flat = torch.randn(4 * 27 + 4)
+    model.layer.weight = nn.Parameter(flat[:108].view(4, 3, 3, 3))
+    model.layer.bias = nn.Parameter(flat[108:])
+    assert fusedconv.plan(model).num_folded == 1
+
+
+# --------------------------------------------------------------------------- 4. children reached indirectly
+
+
+class ViaModulesDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + self._modules["conv"](x)
+
+
+class ViaAttribute(nn.Module):
+    def __init__(self, keep):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.other = keep(self.conv)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.other(x)
+
+
+@dataclasses.dataclass
+class Holder:
+    layer: nn.Module
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+class ListKeeper(nn.Module):
+    """A helper module that keeps a conv in a plain list (not registered)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.kept = [conv]
+
+    def forward(self, x):
+        return self.kept[0](x)
+
+
+KEEPERS = {
+    "partial": lambda conv: functools.partial(conv),
+    "bound_forward": lambda conv: conv.forward,
+    "namespace": lambda conv: (lambda ns: (lambda x: ns.c(x)))(types.SimpleNamespace(c=conv)),
+    "dataclass": Holder,
+    "nested_list": lambda conv: (lambda held: (lambda x: held[0][0](x)))([[conv]]),
+    "lambda": lambda conv: (lambda x: conv(x)),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("keeper", sorted(KEEPERS))
+def test_child_kept_in_an_attribute_is_not_vouched_for(keeper, inplace, monkeypatch):
+    plan = fold_and_compare(lambda: ViaAttribute(KEEPERS[keeper]), (2, 3, 8, 8), mode="source", inplace=inplace,
+                            folded=set(), monkeypatch=monkeypatch)
+    assert plan.source != "source"  # the code reading could not vouch; a trace decided
+
+
+class ViaHelperModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.helper = ListKeeper(self.conv)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.helper(x)
+
+
+@pytest.mark.parametrize("make", [ViaModulesDict, ViaHelperModule], ids=["modules_dict", "helper_module"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_child_reached_through_module_state_or_a_helper(make, inplace, monkeypatch):
+    fold_and_compare(make, (2, 3, 8, 8), mode="source", inplace=inplace, folded=set(), monkeypatch=monkeypatch)
+
+
+class BoundBNForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.bn_forward = self.bn.forward
+
+    def forward(self, x):
+        return self.bn_forward(self.conv(x))
+
+
+def test_bound_bn_forward_in_an_attribute_is_left_and_the_copy_runs(monkeypatch):
+    fold_and_compare(BoundBNForward, (2, 3, 8, 8), mode="run", inplace=False, folded=set(), monkeypatch=monkeypatch)
+    # Without inputs nothing can vouch for the BN (fx cannot trace its forward called directly).
+    with pytest.raises(fusedconv.FoldError, match="pass example_inputs"):
+        fusedconv.fuse(prepared(BoundBNForward()))
+
+
+# --------------------------------------------------------------------------- 5. globals
+
+
+_STASH = None
+SHARED_CONV = nn.Conv2d(3, 4, 3)
+
+
+class Reader(nn.Module):
+    def forward(self, x):
+        return x + _STASH.mean()
+
+
+class ThroughGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.reader = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Reader()
+
+    def forward(self, x):
+        global _STASH
+        _STASH = self.conv(x)
+        y = self.bn(_STASH)
+        return self.reader(y)
+
+
+class GlobalModuleAlsoRegistered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = SHARED_CONV, nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + SHARED_CONV(x)
+
+
+@pytest.mark.parametrize("make", [ThroughGlobal, GlobalModuleAlsoRegistered], ids=["global_output", "global_module"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_globals_are_not_locals(make, inplace, monkeypatch):
+    original = copy.deepcopy(SHARED_CONV.state_dict())
+    try:
+        fold_and_compare(make, (2, 3, 8, 8), mode="source", inplace=inplace, folded=set(), monkeypatch=monkeypatch)
+    finally:
+        SHARED_CONV.load_state_dict(original)
+
+
+# --------------------------------------------------------------------------- 6-7. containers and shadowing
+
+
+class ReversedSequential(nn.Sequential):
+    def __iter__(self):
+        return iter(reversed(list(self._modules.values())))
+
+
+class WithReversed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = ReversedSequential(nn.BatchNorm2d(4), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        return self.seq(x)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_sequential_subclass_with_its_own_iteration(inplace, monkeypatch):
+    # Running reversed: seq.2 (BN, 3 channels) -> seq.1 (conv) -> seq.0 (BN, 4 channels).
+    plan = fold_and_compare(WithReversed, (2, 3, 6, 6), mode="source", inplace=inplace,
+                            folded={"seq.0", "seq.2"}, monkeypatch=monkeypatch)
+    assert plan.folds[0].after == ("seq.0",) and plan.folds[0].before == ("seq.2",)
+    assert plan.source != "source"
+
+
+class ShadowedByClassAttribute(nn.Module):
+    bn = nn.Identity()
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class ShadowedByNone(nn.Module):
+    downsample = None
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.downsample = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.downsample is not None:
+            y = self.downsample(y)
+        return y
+
+
+@pytest.mark.parametrize("make", [ShadowedByClassAttribute, ShadowedByNone], ids=["identity", "none"])
+@pytest.mark.parametrize("mode", MODES)
+def test_class_attribute_that_shadows_a_registered_child(make, mode, monkeypatch):
+    plan = fold_and_compare(make, (2, 3, 8, 8), mode=mode, inplace=True, folded=set(), monkeypatch=monkeypatch)
+    assert len(plan.skipped) == 1
+
+
+# --------------------------------------------------------------------------- 8. stale readings
+
+
+class Patched(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.helper(x)
+
+    def helper(self, x):
+        return self.bn(self.conv(x))
+
+
+def _leaky_helper(self, x):
+    y = self.conv(x)
+    return self.bn(y) + y
+
+
+def test_a_monkeypatched_method_is_read_again(monkeypatch):
+    assert fusedconv.plan(prepared(Patched())).num_folded == 1  # fills the cache
+    monkeypatch.setattr(Patched, "helper", _leaky_helper)
+    fold_and_compare(Patched, (2, 3, 8, 8), mode="source", inplace=True, folded=set(), monkeypatch=monkeypatch)
+
+
+def test_a_replaced_code_object_is_read_again(monkeypatch):
+    assert fusedconv.plan(prepared(Patched())).num_folded == 1
+    monkeypatch.setattr(Patched.helper, "__code__", _leaky_helper.__code__)
+    fold_and_compare(Patched, (2, 3, 8, 8), mode="source", inplace=True, folded=set(), monkeypatch=monkeypatch)
+
+
+# --------------------------------------------------------------------------- 9. all or nothing
+
+
+class ConvBN(nn.Module):
+    def __init__(self, bias=False, dtype=torch.float32):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=bias, dtype=dtype)
+        self.bn = nn.BatchNorm2d(4, dtype=dtype)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_tensors_are_refused_in_place_before_any_write(bias):
+    with torch.inference_mode():
+        model = prepared(ConvBN(bias))
+    before = state(model)
+    with pytest.raises(fusedconv.FoldError, match=r"conv\.weight.*inference_mode"):
+        fusedconv.fuse(model, inplace=True)
+    assert_unchanged(model, before)
+    x = torch.randn(2, 3, 8, 8)
+    expected = float64_reference(model, (x,))
+    copied = fusedconv.fuse(model)  # a copy holds ordinary tensors
+    assert relative_error(copied(x), expected) < 1e-5
+    with torch.inference_mode():
+        folded = fusedconv.fuse(model, inplace=True)
+        assert relative_error(folded(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("step", ["set_biases", "rescale_weights"])
+def test_a_failing_write_is_undone(step, bias, monkeypatch):
+    """A write that fails after others (here: once it has done its own work)
+    leaves the model as it was."""
+    model = prepared(ConvBN(bias))
+    before = state(model)
+    real = getattr(fusedconv.planner, step)
+
+    def failing(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError(f"simulated failure after {step}")
+
+    monkeypatch.setattr(fusedconv.planner, step, failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fusedconv.fuse(model, inplace=True)
+    if step == "rescale_weights":  # the weights themselves were written: only their kernel's own checks guard them
+        model.conv.weight.data.copy_(before["tensors"]["conv.weight"])
+    assert_unchanged(model, before)
+
+
+def test_a_computed_weight_is_refused():
+    model = prepared(ConvBN())
+    weight = model.conv.weight
+    del model.conv.weight
+    model.conv.weight = weight * 1.0  # a non-leaf tensor that requires grad
+    with pytest.raises(fusedconv.FoldError, match="not a leaf"):
+        fusedconv.fuse(model, inplace=True)
+
+
+class BNChainBefore(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b1, self.b2, self.conv = nn.BatchNorm2d(5), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(self.b2(self.b1(x)))
+
+
+def test_every_bn_of_a_chain_is_checked():
+    model = prepared(BNChainBefore())
+    before = state(model)
+    with pytest.raises(fusedconv.FoldError, match=r"^b1 has 5 channels"):
+        fusedconv.fuse(model, inplace=True)
+    assert_unchanged(model, before)
+
+
+# --------------------------------------------------------------------------- 11. runs leave the model alone
+
+
+class Observed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.observer = torch.ao.quantization.FakeQuantize()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.observer(self.bn(self.conv(x)))
+
+
+def test_example_runs_leave_the_callers_model_bit_identical():
+    model = prepared(Observed())
+    model.observer.train()  # observing, as in QAT calibration
+    before = state(model)
+    x = torch.randn(2, 3, 8, 8)
+    fused = fusedconv.fuse(model, (x,))
+    assert_unchanged(model, before)
+    fusedconv.verify(model, fused, (x,))
+    assert_unchanged(model, before)
+
+
+def test_verify_refuses_a_model_in_training_mode():
+    model = prepared(ConvBN()).train()
+    before = state(model)
+    with pytest.raises(fusedconv.FoldError, match="training mode"):
+        fusedconv.verify(model, model, (torch.randn(2, 3, 8, 8),))
+    assert_unchanged(model, before)
+
+
+# --------------------------------------------------------------------------- 12-13. nothing silent
+
+
+def test_torchscript_is_refused_and_its_batchnorms_counted():
+    scripted = torch.jit.script(prepared(ConvBN()))
+    assert fusedconv.count_batchnorms(scripted) == 1
+    with pytest.raises(fusedconv.FoldError, match="TorchScript"):
+        fusedconv.fuse(scripted)
+
+
+def test_data_parallel_folds_the_network_it_wraps():
+    model = prepared(ConvBN())
+    wrapped = nn.DataParallel(model)
+    x = torch.randn(2, 3, 8, 8)
+    expected = float64_reference(model, (x,))
+    copied = fusedconv.fuse(wrapped)
+    assert isinstance(copied, nn.DataParallel) and copied.module is not model
+    assert fusedconv.count_batchnorms(copied) == 0 and fusedconv.count_batchnorms(wrapped) == 1
+    assert relative_error(copied(x), expected) < 1e-5
+    assert fusedconv.fuse(wrapped, inplace=True) is wrapped and fusedconv.count_batchnorms(wrapped) == 0
+    assert relative_error(wrapped(x), expected) < 1e-5
+
+
+def test_compiled_model_folds_the_network_it_wraps():
+    model = prepared(ConvBN())
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 3, 8, 8)
+    expected = float64_reference(model, (x,))
+    copied = fusedconv.fuse(compiled)
+    assert type(copied) is type(compiled) and fusedconv.count_batchnorms(copied._orig_mod) == 0
+    assert relative_error(copied(x), expected) < 1e-5
+    assert fusedconv.fuse(compiled, inplace=True) is compiled and fusedconv.count_batchnorms(model) == 0
+    assert relative_error(compiled(x), expected) < 1e-5
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group for DistributedDataParallel, destroyed afterwards."""
+    distributed = torch.distributed
+    if not distributed.is_available() or distributed.is_initialized():
+        pytest.skip("torch.distributed unavailable, or a process group already exists")
+    distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    distributed.destroy_process_group()
+
+
+def test_distributed_data_parallel_is_refused_with_the_call_to_use(process_group):
+    model = prepared(ConvBN())
+    ddp = nn.parallel.DistributedDataParallel(model)
+    before = state(model)
+    with pytest.raises(fusedconv.FoldError, match=r"fusedconv\.fuse\(ddp\.module\)"):
+        fusedconv.fuse(ddp)
+    with pytest.raises(fusedconv.FoldError, match="live DistributedDataParallel"):
+        fusedconv.fuse(ddp.module, inplace=True)
+    assert_unchanged(model, before)
+    x = torch.randn(2, 3, 8, 8)
+    assert relative_error(fusedconv.fuse(ddp.module)(x), float64_reference(model, (x,))) < 1e-5
+    ddp(x)  # still runs
+
+
+class FunctionalBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mean, self.var)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_functional_batch_norms_are_reported_as_left(mode, monkeypatch):
+    if mode == "fx":
+        trace_only(monkeypatch)
+    model = FunctionalBN().eval()
+    plan = fusedconv.plan(model, (torch.randn(2, 3, 8, 8),) if mode == "run" else None)
+    assert len(plan.skipped) == 1 and "function call" in plan.skipped[0].reason
+
+
+def test_exported_graph_module_reports_its_batch_norms():
+    model = prepared(ConvBN())
+    graph_module = torch.export.export(model, (torch.randn(2, 3, 8, 8),)).module()
+    plan = fusedconv.plan(graph_module)
+    assert plan.num_folded == 0 and len(plan.skipped) == 1
+
+
+def test_global_module_hooks_leave_every_bn(monkeypatch):
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    try:
+        plan = fusedconv.plan(prepared(ConvBN()))
+    finally:
+        handle.remove()
+    assert not plan.folds and "global module hooks" in reason(plan, "bn")
+
+
+# --------------------------------------------------------------------------- 14. the layer's dtype
+
+
+def test_a_fold_beyond_float16_is_refused_before_any_write():
+    model = ConvBN(bias=True, dtype=torch.float16).eval()
+    with torch.no_grad():
+        model.bn.weight.fill_(1000.0)
+        model.bn.running_var.fill_(1e-9)
+        model.bn.bias.zero_()
+        model.bn.running_mean.zero_()
+        model.conv.bias.zero_()
+    model.bn.eps = 1e-6
+    before = state(model)
+    with pytest.raises(fusedconv.FoldError, match=r"conv.*float16"):
+        fusedconv.fuse(model, inplace=True)
+    assert_unchanged(model, before)
+
+
+def test_subnormal_weights_warn_and_can_be_flushed():
+    model = prepared(ConvBN())
+    with torch.no_grad():
+        model.bn.weight[1] = 5e-40  # gamma near 0 (itself subnormal): that channel's weights land below normal
+    with pytest.warns(fusedconv.FoldWarning, match="subnormal"):
+        fused = fusedconv.fuse(model)
+    tiny = torch.finfo(torch.float32).tiny
+    assert ((fused.conv.weight[1].abs() < tiny) & (fused.conv.weight[1] != 0)).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fusedconv.FoldWarning)
+        flushed = fusedconv.fuse(model, flush_subnormals=True)
+    row = flushed.conv.weight[1]
+    assert not ((row.abs() < tiny) & (row != 0)).any()
+    assert torch.equal(flushed.conv.weight[0], fused.conv.weight[0])
+
+
+# --------------------------------------------------------------------------- 15-17. what the code proves
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.sum() > 0:  # data-dependent: torch.fx cannot trace this block
+            y = y * 2
+        return y
+
+
+class RootUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.bn2 = Block(), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.block(x)
+        if y.mean() > 100:  # the root cannot be traced either
+            return y
+        return self.bn2(y + 1)
+
+
+class RootTraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block, self.bn2 = nn.Conv2d(3, 4, 1), Block(), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.block(self.stem(x)) + 1)
+
+
+def test_proven_pairs_fold_when_torch_fx_cannot_trace(monkeypatch):
+    plan = fold_and_compare(RootUntraceable, (2, 4, 6, 6), mode="source", inplace=True, folded={"block.bn"},
+                            monkeypatch=monkeypatch)
+    assert "torch.fx cannot trace" in reason(plan, "bn2")
+
+
+def test_pairs_proven_by_the_code_survive_a_trace_that_boxes_their_block(monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fusedconv.FoldWarning)  # fx cannot trace the block
+        plan = fold_and_compare(RootTraceable, (2, 3, 6, 6), mode="source", inplace=False, folded={"block.bn"},
+                                monkeypatch=monkeypatch)
+    assert plan.source == "source+torch.fx"
+
+
+class ShapeBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        batch, channels, height, width = y.shape
+        z = self.bn(y)
+        return z.reshape(batch, channels * height * width) * y.size(1) * y.dim()
+
+
+@pytest.mark.parametrize("mode", ["fx", "run"])
+def test_metadata_reads_between_conv_and_bn_are_not_readers(mode, monkeypatch):
+    fold_and_compare(ShapeBetween, (2, 3, 8, 8), mode=mode, inplace=False, folded={"bn"}, monkeypatch=monkeypatch)
