@@ -30,6 +30,7 @@ from .memory import sharing_memory, storage_key
 from .writing import Rollback, check_folded_range, check_writable, subnormal_weights
 from .dataflow import Dataflow, Node, combine
 from .dataflow.fx import Untraceable, from_fx
+from .dataflow.references import modules_held_elsewhere
 from .dataflow.source import from_source, functional_batchnorm_calls
 from .dataflow.guard import UnchangedState
 from .dataflow.run import RunFailed, from_run
@@ -150,6 +151,7 @@ class _ModelIndex:
                 self.kinds[name] = batchnorm_kind(m)
         self.tracked = {id(m): name for name, m in (*self.layers.items(), *self.batchnorms.items())}
         self.global_hooks = _global_hooks_problem()
+        self.held_elsewhere = modules_held_elsewhere(model, self.paths)
         # Modules holding a tensor that shares memory with another tensor of the
         # model (tied weights, ``.data`` assigned across modules, views), over
         # every module (those inside blocks too).
@@ -237,6 +239,16 @@ class _Planner:
             self._layer_problems[name] = self._usage_problem(name) or why_layer_cannot_change(self.index.layers[name])
         return self._layer_problems[name]
 
+    def _held_elsewhere(self, bn: nn.Module) -> str | None:
+        """A folded BN is replaced in the module tree only: a reference kept
+        elsewhere would go on calling it."""
+        if self.index.held_elsewhere is None:
+            return "something in the model holds an object whose references fusedconv cannot follow"
+        if id(bn) in self.index.held_elsewhere:
+            return (f"it is also reachable through {self.index.held_elsewhere[id(bn)][1]}, which would go on "
+                    "calling it once the module tree no longer does")
+        return None
+
     def bn_problem(self, name: str) -> str | None:
         if name not in self._bn_problems:
             bn = self.index.batchnorms[name]
@@ -245,7 +257,7 @@ class _Planner:
                 problem = (f"{type(bn).__name__} is not a standard BatchNorm: {why}" if why else
                            f"{type(bn).__name__} overrides forward, so fusedconv cannot tell what it computes")
             else:
-                problem = why_batchnorm_cannot_fold(bn) or self._usage_problem(name)
+                problem = why_batchnorm_cannot_fold(bn) or self._held_elsewhere(bn) or self._usage_problem(name)
             self._bn_problems[name] = problem
         return self._bn_problems[name]
 
@@ -401,7 +413,8 @@ def _warn_about(plan: FusionPlan, flow: Dataflow) -> None:
 def _dataflow(model: nn.Module, index: _ModelIndex, example_inputs: tuple | None) -> Dataflow:
     if example_inputs is None:
         try:
-            return from_fx(model, index.tracked, {id(block) for block in index.blocks.values()})
+            with UnchangedState(model, "tracing with torch.fx"):  # tracing runs the forward's Python code
+                return from_fx(model, index.tracked, {id(block) for block in index.blocks.values()})
         except Untraceable as exc:
             raise FoldError(
                 f"torch.fx cannot trace {type(model).__name__}.forward ({exc}); pass example_inputs=... so "
@@ -446,7 +459,7 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
     elif example_inputs is None:
         # Reading the forward code is cheap; a trace is needed only where it
         # cannot vouch for every BatchNorm, and then the two are combined.
-        flow = from_source(model, index.tracked, index.paths)
+        flow = from_source(model, index.tracked, index.paths, index.held_elsewhere)
         plan = _Planner(index, flow).plan()
         if plan.skipped and not index.global_hooks:
             try:

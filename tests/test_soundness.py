@@ -790,3 +790,88 @@ class ShapeBetween(nn.Module):
 @pytest.mark.parametrize("mode", ["fx", "run"])
 def test_metadata_reads_between_conv_and_bn_are_not_readers(mode, monkeypatch):
     fold_and_compare(ShapeBetween, (2, 3, 8, 8), mode=mode, inplace=False, folded={"bn"}, monkeypatch=monkeypatch)
+
+
+# --------------------------------------------------------------------------- found by the fuzzer
+
+
+class CountingObserver(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+class ObservedLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.observer = CountingObserver()
+        self.layers = nn.ModuleList([nn.Linear(2, 12), nn.BatchNorm1d(12)])
+
+    def forward(self, x):
+        x = self.observer(x)
+        for layer in self.layers:  # iterating children: the code reading defers to torch.fx
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("call", ["plan", "fuse"])
+def test_tracing_leaves_the_models_own_buffer_updates_undone(call):
+    model = prepared(ObservedLoop())
+    before = state(model)
+    getattr(fusedconv, call)(model)
+    assert_unchanged(model, before)
+
+
+class BNReachedThroughNamespace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.namespace = types.SimpleNamespace(module=self.bn)
+
+    def forward(self, x):
+        return self.namespace.module(self.conv(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_bn_reached_outside_the_module_tree_is_not_replaced(mode, inplace, monkeypatch):
+    plan = fold_and_compare(BNReachedThroughNamespace, (2, 3, 8, 8), mode=mode, inplace=inplace, folded=set(),
+                            monkeypatch=monkeypatch)
+    assert "reachable through" in reason(plan, "bn")
+
+
+class ChangedAfterTheBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(6, 4, 2, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.bn(y)
+        y += 1  # the folded model's z would be this y
+        return z
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_layer_output_changed_in_place_after_the_bn(mode, inplace, monkeypatch):
+    fold_and_compare(ChangedAfterTheBN, (2, 6, 5, 5), mode=mode, inplace=inplace, folded=set(),
+                     monkeypatch=monkeypatch)
+
+
+class OnlyALinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_model_without_batch_norms(mode, monkeypatch):
+    fold_and_compare(OnlyALinear, (4, 2), mode=mode, inplace=True, folded=set(), monkeypatch=monkeypatch)

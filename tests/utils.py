@@ -84,7 +84,7 @@ def float64_reference(model: nn.Module, inputs: tuple):
         return ref_model(*ref_inputs)
 
 
-def _nothing_readable(model, tracked, paths):
+def _nothing_readable(model, tracked, paths, held_elsewhere=None):
     return Dataflow({name: Node(name) for name in tracked.values()}, "source",
                     dict.fromkeys(tracked.values(), "hidden by the test"))
 

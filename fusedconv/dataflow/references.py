@@ -27,6 +27,8 @@ import weakref
 import torch
 from torch import nn
 
+from ..layers import MODULE_STATE
+
 UNKNOWN = None
 """Returned when the walk cannot tell what an object reaches."""
 
@@ -125,3 +127,39 @@ def reachable_modules(obj: object) -> list[nn.Module] | None:
             return UNKNOWN
         stack.extend(held)
     return found
+
+
+_PLAIN = frozenset({int, float, bool, str, type(None)})  # most attributes: a layer's configuration
+
+
+def _plain_tuple(value: object) -> bool:
+    return type(value) is tuple and all(type(item) in _PLAIN for item in value)
+
+
+def modules_held_elsewhere(model: nn.Module, paths: dict[int, list[str]]) -> dict[int, tuple[nn.Module, str]] | None:
+    """The modules that something besides the module tree can reach: id(module) ->
+    (module, what holds it), or None when some holder cannot be followed.
+
+    A module kept in an instance attribute (a bound method, a partial, a
+    lambda, a list, a namespace...) or in a hook of any module of the model can
+    be called by code that neither the code reading nor the module tree shows,
+    and it keeps being called after the tree's reference to it is replaced.
+    """
+    held_elsewhere: dict[int, tuple[nn.Module, str]] = {}
+    for module in model.modules():
+        attributes = vars(module)
+        held = [attributes[key] for key in attributes.keys() - MODULE_STATE
+                if type(attributes[key]) not in _PLAIN and not _plain_tuple(attributes[key])]
+        held.extend(module._forward_hooks.values())
+        held.extend(module._forward_pre_hooks.values())
+        if not held:
+            continue
+        reached = reachable_modules(held)
+        if reached is UNKNOWN:
+            return None
+        path = paths[id(module)][0]
+        where = f"an attribute or hook of {path} ({type(module).__name__})" if path else \
+            f"an attribute or hook of the model ({type(module).__name__})"
+        for other in reached:
+            held_elsewhere.setdefault(id(other), (other, where))
+    return held_elsewhere

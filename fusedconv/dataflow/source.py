@@ -44,7 +44,7 @@ from torch import fx, nn
 
 from ..layers import MODULE_STATE, why_not_standard
 from . import Dataflow, Node
-from .references import UNKNOWN, reachable_modules
+from .references import UNKNOWN, modules_held_elsewhere, reachable_modules
 
 _MODULE_ATTRIBUTES = frozenset(dir(nn.Module)) - {"training", "forward"}
 _MODULE_INTERNALS = MODULE_STATE - {"training"}  # _modules, _parameters, hooks, ...: all reach the children
@@ -334,6 +334,9 @@ class _Reader:
         for n in ast.walk(function):
             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
                 loads[n.id] = loads.get(n.id, 0) + 1
+            elif isinstance(n, ast.AugAssign) and isinstance(n.target, ast.Name):
+                # ``v += 1`` changes a tensor in place: a read, and not a rebinding.
+                loads[n.target.id] = loads.get(n.target.id, 0) + 1
         for block in _straight_blocks(function.body):
             self._read_block(block, captured, loads)
 
@@ -379,7 +382,8 @@ class _Reader:
         ]
         if len(reads) != 1 or len(calls) != 1:
             return None
-        rebinds = any(isinstance(n.ctx, ast.Store) for n in uses)
+        augmented = {id(n.target) for n in ast.walk(statement) if isinstance(n, ast.AugAssign)}
+        rebinds = any(isinstance(n.ctx, ast.Store) and id(n) not in augmented for n in uses)
         return calls[0] if rebinds or loads[variable] == 1 else None
 
 
@@ -529,13 +533,18 @@ def _where(module: nn.Module, path: str) -> str:
     return f"{path} ({type(module).__name__})" if path else type(module).__name__
 
 
-def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list[str]]) -> Dataflow:
+def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list[str]],
+                held_elsewhere: dict[int, tuple[nn.Module, str]] | None | object = _MISSING) -> Dataflow:
     """Dataflow of ``model`` as its source code shows it (see the module docstring).
 
     ``tracked`` maps id(module) to its name, ``paths`` id(module) to every
-    path where it is registered. Tracked modules that the reading cannot vouch
+    path where it is registered, ``held_elsewhere`` the modules reachable from
+    outside the module tree (:func:`fusedconv.dataflow.references.modules_held_elsewhere`;
+    found here when not given). Tracked modules that the reading cannot vouch
     for are returned as unseen.
     """
+    if held_elsewhere is _MISSING:
+        held_elsewhere = modules_held_elsewhere(model, paths)
     nodes = {name: Node(name) for name in tracked.values()}
     unseen: dict[str, str] = {}
     holders: set[str] = set()  # paths of the modules that contain a tracked module
@@ -551,7 +560,11 @@ def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list
             if id(sub) in tracked:
                 unseen.setdefault(tracked[id(sub)], why)
 
-    _hide_modules_held_elsewhere(model, paths, hide)
+    if held_elsewhere is None:
+        hide(model, "something in the model holds an object whose references fusedconv cannot follow")
+    else:
+        for module, where in held_elsewhere.values():
+            hide(module, f"it is also reachable through {where}, so it may be called in ways the code does not show")
     free_problems: dict[type, str | None] = {}
     functional: list[str] = []
 
@@ -594,28 +607,6 @@ def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list
     else:
         visit(model, "")
     return Dataflow(nodes, "source", unseen, functional_batchnorms=functional)
-
-
-def _hide_modules_held_elsewhere(model: nn.Module, paths: dict[int, list[str]], hide) -> None:
-    """Hide every module that something other than the module tree can reach.
-
-    A module kept in an instance attribute (a bound method, a partial, a
-    lambda, a list, a namespace...) or in a hook of any module of the model can
-    be called by code the reading does not follow, so neither its call count
-    nor its readers are proven.
-    """
-    for module in model.modules():
-        held = [value for key, value in vars(module).items() if key not in MODULE_STATE]
-        held.extend(module._forward_hooks.values())
-        held.extend(module._forward_pre_hooks.values())
-        if not held:
-            continue
-        reached = reachable_modules(held)
-        where = _where(module, paths[id(module)][0])
-        if reached is UNKNOWN:
-            return hide(model, f"{where} keeps an object whose references fusedconv cannot follow")
-        for other in reached:
-            hide(other, f"it is also reachable through an attribute or hook of {where}")
 
 
 def functional_batchnorm_calls(modules: Iterable[tuple[str, nn.Module]]) -> list[str]:
