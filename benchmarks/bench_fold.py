@@ -1,8 +1,13 @@
 """Fold time of fusedconv against the tools people use today, in one run.
 
 For each model, every tool gets a fresh deep copy of the same eval-mode model per
-repeat (copied outside the timed region) and the median over --repeats is
-reported, together with the BatchNorms before / left and the time per folded BN.
+repeat (copied outside the timed region), after one untimed warm-up call; the
+median over --repeats is the "warm" time. Warm means warm caches: fusedconv reads
+each module class's forward code once per process and caches it, fx and the zoo
+tools have their own first-call costs. So each (model, tool) is also timed once
+in a fresh Python process ("cold": the tool's packages and the model built and
+imported, nothing folded yet), which is what a script that folds one model once
+pays. --no-cold skips that.
 
 Tools:
   fusedconv            fusedconv.fuse(m)                      (returns a folded copy)
@@ -15,7 +20,14 @@ Tools:
                        here it is built (outside the timed region) from registration order: a conv
                        immediately followed by a BN among the children of one module. That
                        heuristic is right for these models, not in general.
-  ultralytics fuse     model.fuse(verbose=False) (yolov8n only; in place, also fuses the Detect head)
+  timm reparameterize  timm.utils.model.reparameterize_model(m, inplace=True): timm's own merge of
+                       its re-parameterizable models (repvgg_a0, mobileone_s0, fastvit_t8 only)
+  ultralytics fuse     model.fuse(verbose=False) (yolov8n, yolo11n only; in place, also fuses the
+                       Detect head)
+
+The zoo models (repvgg_a0, mobileone_s0, fastvit_t8 from timm; yolov8n, yolo11n
+from ultralytics) compare fusedconv.fuse(m, inplace=True), without inputs, with
+the zoo's own merge. A model whose package is not installed is listed as skipped.
 
 Run from the repository root:
   python benchmarks/bench_fold.py --models resnet50 yolov8n --repeats 11 --json fold.json
@@ -25,9 +37,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import importlib.util
 import json
 import os
+import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +57,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bn_stats import randomize_batchnorm_stats  # noqa: E402
 from _timing import format_ms, machine_info, measure, print_machine_info, print_table  # noqa: E402
 
 import fusedconv  # noqa: E402
@@ -53,7 +70,7 @@ class ModelSpec:
     name: str
     build: Callable[[], nn.Module]
     image_size: int
-    is_yolo: bool = False
+    zoo: str | None = None      # "timm" or "ultralytics": the package whose own merge is compared
 
 
 def _torchvision(arch: str) -> Callable[[], nn.Module]:
@@ -74,11 +91,14 @@ def _timm(arch: str) -> Callable[[], nn.Module]:
     return build
 
 
-def _yolov8n() -> nn.Module:
-    # Built from the yaml that ships inside the ultralytics package: no weights, no network.
-    from ultralytics.nn.tasks import DetectionModel
+def _yolo(name: str) -> Callable[[], nn.Module]:
+    def build():
+        # Built from the yaml that ships inside the ultralytics package: no weights, no network.
+        from ultralytics.nn.tasks import DetectionModel
 
-    return DetectionModel("yolov8n.yaml", verbose=False)
+        return DetectionModel(f"{name}.yaml", verbose=False)
+
+    return build
 
 
 def model_specs(image_size: int, yolo_size: int) -> dict[str, ModelSpec]:
@@ -89,7 +109,12 @@ def model_specs(image_size: int, yolo_size: int) -> dict[str, ModelSpec]:
         ModelSpec("densenet121", _torchvision("densenet121"), image_size),
         ModelSpec("efficientnet_b0", _torchvision("efficientnet_b0"), image_size),
         ModelSpec("timm_resnet50", _timm("resnet50"), image_size),
-        ModelSpec("yolov8n", _yolov8n, yolo_size, is_yolo=True),
+        ModelSpec("yolov8n", _yolo("yolov8n"), yolo_size, zoo="ultralytics"),
+        # re-parameterizable zoo models: fusedconv against the zoo's own merge
+        ModelSpec("repvgg_a0", _timm("repvgg_a0"), image_size, zoo="timm"),
+        ModelSpec("mobileone_s0", _timm("mobileone_s0"), image_size, zoo="timm"),
+        ModelSpec("fastvit_t8", _timm("fastvit_t8"), image_size, zoo="timm"),
+        ModelSpec("yolo11n", _yolo("yolo11n"), yolo_size, zoo="ultralytics"),
     ]
     return {s.name: s for s in specs}
 
@@ -130,8 +155,13 @@ class Tool:
     name: str
     # fold(model_copy, example_inputs, pairs) -> folded model
     fold: Callable[[nn.Module, tuple, list], nn.Module]
-    yolo_only: bool = False
+    zoo: str | None = None      # only for the models of this zoo (ModelSpec.zoo)
     uses_example_inputs: bool = False
+    # imported before the cold call is timed (importing a package is not folding)
+    imports: tuple[str, ...] = ()
+
+    def applies_to(self, spec: ModelSpec) -> bool:
+        return self.zoo is None or self.zoo == spec.zoo
 
 
 def _fx_fuse(model: nn.Module, inplace: bool) -> nn.Module:
@@ -140,16 +170,27 @@ def _fx_fuse(model: nn.Module, inplace: bool) -> nn.Module:
     return fuse(model, inplace=inplace)
 
 
+def _timm_reparameterize(model: nn.Module) -> nn.Module:
+    from timm.utils.model import reparameterize_model
+
+    return reparameterize_model(model, inplace=True)
+
+
+_FX = ("torch.fx.experimental.optimization",)
 TOOLS = [
     Tool("fusedconv", lambda m, x, p: fusedconv.fuse(m)),
     Tool("fusedconv inplace", lambda m, x, p: fusedconv.fuse(m, inplace=True)),
     Tool("fusedconv run", lambda m, x, p: fusedconv.fuse(m, example_inputs=x, inplace=True),
          uses_example_inputs=True),
-    Tool("fx fuse", lambda m, x, p: _fx_fuse(m, inplace=False)),
-    Tool("fx fuse inplace", lambda m, x, p: _fx_fuse(m, inplace=True)),
-    Tool("fuse_conv_bn_eval", lambda m, x, p: fold_pairs_with_fuse_conv_bn_eval(m, p)),
-    Tool("ultralytics fuse", lambda m, x, p: m.fuse(verbose=False), yolo_only=True),
+    Tool("fx fuse", lambda m, x, p: _fx_fuse(m, inplace=False), imports=_FX),
+    Tool("fx fuse inplace", lambda m, x, p: _fx_fuse(m, inplace=True), imports=_FX),
+    Tool("fuse_conv_bn_eval", lambda m, x, p: fold_pairs_with_fuse_conv_bn_eval(m, p),
+         imports=("torch.nn.utils.fusion",)),
+    Tool("timm reparameterize", lambda m, x, p: _timm_reparameterize(m), zoo="timm", imports=("timm.utils.model",)),
+    Tool("ultralytics fuse", lambda m, x, p: m.fuse(verbose=False), zoo="ultralytics"),
 ]
+# The zoo's own merge, per zoo: compared with fusedconv inplace in the ratios.
+ZOO_TOOL = {"timm": "timm reparameterize", "ultralytics": "ultralytics fuse"}
 
 
 # -------------------------------------------------------------------------- benchmark
@@ -162,6 +203,7 @@ class Result:
     bn_before: int
     bn_left: int | None = None
     timing: Any = None
+    cold: float | None = None       # seconds of the first call in a fresh process
     error: str | None = None
     verify_ratio: float | None = None
 
@@ -179,7 +221,8 @@ class Result:
         return {
             "model": self.model, "tool": self.tool, "example_input": self.example_input,
             "bn_before": self.bn_before, "bn_left": self.bn_left, "bn_folded": self.folded,
-            "per_bn_s": self.per_bn, "error": self.error, "verify_ratio": self.verify_ratio,
+            "per_bn_s": self.per_bn, "cold_first_call_s": self.cold, "error": self.error,
+            "verify_ratio": self.verify_ratio,
             **({"timing": self.timing.to_json()} if self.timing is not None else {}),
         }
 
@@ -189,22 +232,97 @@ def _short(exc: BaseException, limit: int = 70) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def bench_model(spec: ModelSpec, tools: list[Tool], args, device: torch.device) -> list[Result]:
+def _prepare(spec: ModelSpec, args, device: torch.device):
+    """The eval-mode model, its example input and its registration-order pairs."""
     model = spec.build().eval().to(device)
     if args.check:
         # Random BN statistics, so that a wrong fold shows in the error ratio.
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests.utils import randomize_batchnorm_stats
-
         randomize_batchnorm_stats(model, torch.Generator().manual_seed(0))
     example = (torch.randn(1, 3, spec.image_size, spec.image_size, device=device),)
+    return model, example, registration_order_pairs(model)
+
+
+def _missing_package(exc: ImportError) -> str | None:
+    """"skipped: ..." when ``exc`` says a package is not installed, else None."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    try:
+        installed = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        installed = False
+    return None if installed else f"skipped: {top} is not installed"
+
+
+def cold_first_call(spec: ModelSpec, tool: Tool, args) -> float | str:
+    """Seconds of ``tool``'s first call on ``spec`` in a fresh Python process, or
+    the reason it failed. The child builds and copies the model and imports the
+    tool's packages first, outside the timed region."""
+    command = [sys.executable, os.path.abspath(__file__), "--cold-call", spec.name, tool.name,
+               "--threads", str(args.threads), "--device", args.device,
+               "--image-size", str(args.image_size), "--yolo-size", str(args.yolo_size)]
+    if args.check:
+        command.append("--check")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.cold_timeout)
+    except subprocess.TimeoutExpired:
+        return f"cold call timed out after {args.cold_timeout} s"
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            answer = json.loads(line)
+            return answer["seconds"] if "seconds" in answer else answer["error"]
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"cold call failed (exit {done.returncode}): {tail[:70]}"
+
+
+def _cold_call_child(args) -> None:
+    """``--cold-call MODEL TOOL``: time one first call and print it as JSON."""
+    spec_name, tool_name = args.cold_call
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    spec = model_specs(args.image_size, args.yolo_size)[spec_name]
+    tool = next(t for t in TOOLS if t.name == tool_name)
+    try:
+        for module in tool.imports:
+            __import__(module)
+        model, example, pairs = _prepare(spec, args, device)
+        target = copy.deepcopy(model)
+        gc.collect()
+        gc.disable()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                start = time.perf_counter()
+                folded = tool.fold(target, example, pairs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - start
+        del folded
+        print(json.dumps({"seconds": seconds}), flush=True)
+    except Exception as exc:  # a missing package, or a baseline that cannot handle this model
+        missing = _missing_package(exc) if isinstance(exc, ImportError) else None
+        print(json.dumps({"error": missing or _short(exc)}), flush=True)
+    finally:
+        gc.enable()
+
+
+def bench_model(spec: ModelSpec, tools: list[Tool], args, device: torch.device) -> list[Result]:
+    try:
+        model, example, pairs = _prepare(spec, args, device)
+    except ImportError as exc:  # the model's package (e.g. ultralytics) is not installed
+        missing = _missing_package(exc)
+        if missing is None:
+            raise
+        print(f"  {spec.name:<16} {missing}", flush=True)
+        return [Result(spec.name, "-", "-", 0, error=missing)]
     shape = "x".join(map(str, example[0].shape))
-    pairs = registration_order_pairs(model)
     bn_before = fusedconv.count_batchnorms(model)
 
     results = []
     for tool in tools:
-        if tool.yolo_only and not spec.is_yolo:
+        if not tool.applies_to(spec):
             continue
         result = Result(spec.name, tool.name, shape if tool.uses_example_inputs else "-", bn_before)
         results.append(result)
@@ -212,7 +330,14 @@ def bench_model(spec: ModelSpec, tools: list[Tool], args, device: torch.device) 
         def run(m, tool=tool):
             return tool.fold(m, example, pairs)
 
-        # One untimed run: warms up (imports, fx caches) and gives the folded model to count.
+        if not args.no_cold:  # first, while nothing has been folded in this process either
+            cold = cold_first_call(spec, tool, args)
+            if isinstance(cold, str):
+                result.error = cold
+                continue
+            result.cold = cold
+
+        # One untimed run: warms up (imports, caches) and gives the folded model to count.
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -231,7 +356,9 @@ def bench_model(spec: ModelSpec, tools: list[Tool], args, device: torch.device) 
             with torch.no_grad():
                 result.timing = measure(run, repeats=args.repeats, setup=lambda: copy.deepcopy(model),
                                         device=device)
-        print(f"  {spec.name:<16} {tool.name:<18} median {format_ms(result.timing.median)} ms", flush=True)
+        cold_text = "" if result.cold is None else f", cold {format_ms(result.cold)} ms"
+        print(f"  {spec.name:<16} {tool.name:<20} warm median {format_ms(result.timing.median)} ms{cold_text}",
+              flush=True)
     return results
 
 
@@ -253,7 +380,20 @@ def print_ratios(results: list[Result]) -> list[dict]:
                 ratios.append({"model": model, "baseline": base, "fusedconv": ours, "time_ratio": ratio})
                 print(f"  {model:<16} {base} / {ours}: {ratio:.1f}x "
                       f"(BN left {b.bn_left} vs {o.bn_left} of {o.bn_before})")
-        # ultralytics fuse works in place: compare with each in-place fusedconv variant that ran.
+        # The zoo's own merge works in place: compare with fusedconv in place (no inputs),
+        # warm and cold; ultralytics also per BN, with each in-place fusedconv variant.
+        for zoo_tool in ZOO_TOOL.values():
+            b, o = _find(results, model, zoo_tool), _find(results, model, "fusedconv inplace")
+            if b and o:
+                entry = {"model": model, "baseline": zoo_tool, "fusedconv": "fusedconv inplace",
+                         "time_ratio": b.timing.median / o.timing.median}
+                text = f"warm {entry['time_ratio']:.2f}x"
+                if b.cold and o.cold:
+                    entry["cold_time_ratio"] = b.cold / o.cold
+                    text += f", cold {entry['cold_time_ratio']:.2f}x"
+                ratios.append(entry)
+                print(f"  {model:<16} {zoo_tool} / fusedconv inplace: {text} "
+                      f"(BN left {b.bn_left} vs {o.bn_left} of {o.bn_before})")
         b = _find(results, model, "ultralytics fuse")
         for ours in ("fusedconv inplace", "fusedconv run"):
             o = _find(results, model, ours)
@@ -294,8 +434,15 @@ def main(argv=None) -> None:
                              "on it, and a small one keeps the example run cheap)")
     parser.add_argument("--check", action="store_true",
                         help="randomize BN statistics and report fusedconv.verify's error ratio per tool")
+    parser.add_argument("--no-cold", action="store_true",
+                        help="skip the cold first call of each tool in a fresh process")
+    parser.add_argument("--cold-timeout", type=int, default=600, help="seconds allowed for one cold call")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--cold-call", nargs=2, metavar=("MODEL", "TOOL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cold_call:
+        _cold_call_child(args)
+        return
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -303,24 +450,31 @@ def main(argv=None) -> None:
     print_machine_info(info)
     specs = model_specs(args.image_size, args.yolo_size)
     tools = [t for t in TOOLS if t.name in args.tools]
-    print(f"# repeats={args.repeats}; fresh deepcopy per repeat, outside the timed region; times are medians")
+    print(f"# warm: median of {args.repeats} after one untimed call; fresh deepcopy per repeat, outside the "
+          f"timed region")
+    if not args.no_cold:
+        print("# cold: the first call in a fresh process (model built and copied, packages imported, "
+              "nothing folded yet), one sample")
 
     results: list[Result] = []
     for name in args.models:
         results.extend(bench_model(specs[name], tools, args, device))
 
-    headers = ["model", "tool", "example input", "BN before", "BN left", "median ms", "min ms", "us/BN"]
+    headers = ["model", "tool", "example input", "BN before", "BN left", "cold ms", "warm median ms",
+               "warm min ms", "us/BN"]
     if args.check:
         headers.append("err ratio")
     headers.append("note")
     rows = []
     for r in results:
-        row = [r.model, r.tool, r.example_input, str(r.bn_before), "-" if r.bn_left is None else str(r.bn_left),
-               format_ms(r.timing.median if r.timing else None), format_ms(r.timing.min if r.timing else None),
+        row = [r.model, r.tool, r.example_input, "-" if r.tool == "-" else str(r.bn_before),
+               "-" if r.bn_left is None else str(r.bn_left),
+               format_ms(r.cold), format_ms(r.timing.median if r.timing else None),
+               format_ms(r.timing.min if r.timing else None),
                "-" if r.per_bn is None else f"{r.per_bn * 1e6:.0f}"]
         if args.check:
             row.append("-" if r.verify_ratio is None else f"{r.verify_ratio:.2f}")
-        row.append("failed: " + r.error if r.error else "")
+        row.append("" if not r.error else r.error if r.error.startswith("skipped") else "failed: " + r.error)
         rows.append(row)
     print()
     print_table(headers, rows, left=(0, 1, 2, -1))

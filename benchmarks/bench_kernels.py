@@ -10,16 +10,20 @@ Rows, all in one run on the same weights:
 * ``copy``: one device-to-device (or memory-to-memory) copy of as many bytes as
   the weights hold, the floor for any pass that reads and writes every byte;
 * ``fuse_conv_bn_eval loop``: ``torch.nn.utils.fusion.fuse_conv_bn_eval`` once
-  per layer, what most tools do;
+  per layer, what most tools do (median of ``--loop-repeats``, by default as
+  many as ``--repeats``);
 * ``fusedconv <backend>``: one :func:`fusedconv.kernels.rescale_` call for all
   layers (the BN scales computed beforehand, as ``fuse`` does while planning);
-* ``fusedconv <backend>, into new weights``: the same call with ``sources=``,
-  writing a folded copy of every weight in one pass (what ``fuse`` does when it
-  returns a copy).
+* ``fusedconv <backend>, into new weights``: the new weights allocated
+  (``torch.empty_like``, as ``fuse`` does for a copy) and written from the old
+  ones by the same call with ``sources=``, in one pass; allocation and first
+  touch of the new memory are inside the timed region, as they are in ``fuse``.
 
-Bandwidth counts one read and one write of every weight byte. Peak extra
-memory is what the call allocated beyond the weights (CUDA: the allocator's
-peak; CPU: the process's peak resident memory, reset before each row).
+Every row is a median of the count its ``runs`` column gives, after one untimed
+call that measures the memory. Bandwidth counts one read and one write of every
+weight byte. Peak extra memory is what the call allocated beyond the weights
+(CUDA: the allocator's peak; CPU: the process's peak resident memory, reset
+before each row).
 """
 
 from __future__ import annotations
@@ -100,9 +104,12 @@ def main(argv=None) -> int:
     parser.add_argument("--in-channels", type=int, default=192)
     parser.add_argument("--out-channels", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--loop-repeats", type=int, default=1, help="repeats of the (slow) per-layer loop")
+    parser.add_argument("--loop-repeats", type=int, default=None,
+                        help="repeats of the (slow) per-layer loop (default: as many as --repeats)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.loop_repeats is None:
+        args.loop_repeats = args.repeats
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
         timing = measure(fn, repeats=repeats, device=device)
         seconds = timing.median
         reference = reference or seconds
-        rows.append([name, f"{seconds * 1e3:.1f}", f"{2 * nbytes / seconds / 1e9:.1f}",
+        rows.append([name, str(repeats), f"{seconds * 1e3:.1f}", f"{2 * nbytes / seconds / 1e9:.1f}",
                      f"{reference / seconds:.2f}", f"{peak.extra / 1e6:.1f}", f"{100 * peak.extra / nbytes:.2f}%"])
         return seconds
 
@@ -152,17 +159,20 @@ def main(argv=None) -> int:
                                                   backend=name),
             args.repeats,
         )
-    # What fuse does for a folded copy: the new weights written from the old in
-    # one pass (allocated and touched beforehand, like the copy's buffers).
-    outputs = [torch.full_like(w, 0.25) for w in weights]
+    # What fuse does for a folded copy: new weights allocated with empty_like
+    # and written from the old ones in one pass. The allocation and the first
+    # touch of the fresh memory (page faults on the CPU) are timed, as in fuse;
+    # the new weights are returned so that freeing them is not (measure drops
+    # the result outside the timed region).
+    def into_new_weights(name):
+        outputs = [torch.empty_like(w) for w in weights]
+        kernels.rescale_(outputs, scales, [None] * len(weights), [1] * len(weights), sources=weights, backend=name)
+        return outputs
+
     for name in backend_times:
-        row(f"fusedconv {name}, into new weights",
-            lambda _, name=name: kernels.rescale_(outputs, scales, [None] * len(weights), [1] * len(weights),
-                                                  sources=weights, backend=name),
-            args.repeats)
-    del outputs
+        row(f"fusedconv {name}, into new weights", lambda _, name=name: into_new_weights(name), args.repeats)
     print()
-    print_table(["", "ms", "GB/s", "vs copy", "extra MB", "extra / weights"], rows)
+    print_table(["", "runs", "ms", "GB/s", "vs copy", "extra MB", "extra / weights"], rows)
     print()
     for name, seconds in backend_times.items():
         print(f"fusedconv {name}: {loop / seconds:.1f}x faster than the per-layer loop")

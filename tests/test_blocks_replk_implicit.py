@@ -40,6 +40,7 @@ from block_checks import (
 from fusedconv.blocks.implicit import ImplicitA, ImplicitConv, ImplicitM, implicit_reparameterization
 from fusedconv.blocks.replknet import UNIREPLKNET_SMALL_KERNELS, DilatedReparamBlock, LargeKernelConv
 from fusedconv.errors import FoldError
+from fusedconv import registry
 from fusedconv.registry import register_block, reparameterize
 from fusedconv.reparam import check_reparameterization
 from utils import float64_reference
@@ -384,7 +385,6 @@ class IDetectLikeHead(nn.Module):
         return [im(m(ia(x))) for ia, m, im, x in zip(self.ia, self.m, self.im, features)]
 
 
-@register_block(IDetectLikeHead)
 def _merge_idetect_like_head(head: IDetectLikeHead, name: str):
     def install_level(i):
         def install(conv):
@@ -395,6 +395,15 @@ def _merge_idetect_like_head(head: IDetectLikeHead, name: str):
             for i in range(len(head.m))]
 
 
+@pytest.fixture
+def idetect_like_head_registered():
+    """The converter is registered for this test only (the registry is global)."""
+    register_block(IDetectLikeHead)(_merge_idetect_like_head)
+    yield
+    registry._CONVERTERS.pop(IDetectLikeHead)
+
+
+@pytest.mark.usefixtures("idetect_like_head_registered")
 def test_standalone_implicit_layers_merge_through_a_registered_converter():
     head = make_block(IDetectLikeHead, seed=12)
     generator = torch.Generator().manual_seed(13)

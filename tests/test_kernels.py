@@ -6,6 +6,8 @@ sets on machines without a GPU; cuda on a GPU) must then give the same bits as
 the torch backend, for every dtype, layout and layer kind.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -190,16 +192,23 @@ def test_rescale_of_many_large_weights_is_split_exactly(backend, from_sources):
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)
-def test_rescale_mixes_dtypes_in_one_call(backend):
+@pytest.mark.parametrize("dtypes", [DTYPES, tuple(dt for dt in DTYPES if dt != torch.bfloat16)],
+                         ids=["all_dtypes", "without_bfloat16"])
+def test_rescale_mixes_dtypes_in_one_call(backend, dtypes):
+    # The Triton interpreter's bfloat16 rounding is wrong (see the helper): with
+    # it, the all-dtypes case is a reported skip and the case without bfloat16
+    # still checks that a call mixing dtypes gives every tensor the torch bits.
+    if torch.bfloat16 in dtypes:
+        _skip_where_the_interpreter_rounds_wrongly(backend, torch.bfloat16)
     gen = torch.Generator().manual_seed(3)
-    weights = [torch.randn(4, 3, 3, generator=gen).to(DEVICE, dt) for dt in DTYPES]
-    scales = [_random_scale(4, gen).to(DEVICE) for _ in DTYPES]
+    weights = [torch.randn(4, 3, 3, generator=gen).to(DEVICE, dt) for dt in dtypes]
+    scales = [_random_scale(4, gen).to(DEVICE) for _ in dtypes]
+    n = len(dtypes)
     expected = [w.clone() for w in weights]
-    kernels.rescale_(expected, scales, [None] * 4, [1] * 4, backend="torch")
-    kernels.rescale_(weights, scales, [None] * 4, [1] * 4, backend=backend)
+    kernels.rescale_(expected, scales, [None] * n, [1] * n, backend="torch")
+    kernels.rescale_(weights, scales, [None] * n, [1] * n, backend=backend)
     for w, e in zip(weights, expected):
-        if not (backend == "triton" and w.dtype == torch.bfloat16 and DEVICE == "cpu"):
-            assert torch.equal(w, e)
+        assert torch.equal(w, e), w.dtype
 
 
 # (big shape, small shape, offsets, dilations): RepVGG 1x1 into 3x3, ACNet 1x3 and
@@ -264,10 +273,24 @@ def test_pad_add_backend_gives_the_torch_bits(backend, dtype, channels_last):
 
 @pytest.mark.parametrize("backend", ["torch", *RUNNABLE])
 def test_empty_calls_do_nothing(backend):
-    kernels.rescale_([], [], [], [], backend=backend)
-    kernels.pad_add_([], [], [], [], [], backend=backend)
-    empty = torch.empty(0, 3, 3, 3, device=DEVICE)
-    kernels.rescale_([empty], [torch.empty(0, dtype=torch.float64, device=DEVICE)], [None], [1], backend=backend)
+    assert kernels.rescale_([], [], [], [], backend=backend) is None
+    assert kernels.pad_add_([], [], [], [], [], backend=backend) is None
+    # Zero-element weights that are views into a live tensor (no rows; rows but
+    # no taps): a kernel that wrote from their data pointer anyway would change
+    # the tensor around them.
+    gen = torch.Generator().manual_seed(9)
+    buffer = torch.randn(5, 3, 3, 3, generator=gen).to(DEVICE)
+    before = buffer.clone()
+    no_rows, no_taps = buffer[2:2], buffer[:, :, :0]
+    assert no_rows.numel() == no_taps.numel() == 0
+    assert no_rows.untyped_storage().data_ptr() == no_taps.untyped_storage().data_ptr() == buffer.data_ptr()
+    kernels.rescale_([no_rows, no_taps],
+                     [torch.empty(0, dtype=torch.float64, device=DEVICE), _random_scale(5, gen).to(DEVICE)],
+                     [None, _random_scale(3, gen).to(DEVICE)], [1, 1], backend=backend)
+    kernels.pad_add_([buffer[1:1]], [torch.empty(0, 3, 1, 1, device=DEVICE)], [None], [1, 1], [1, 1],
+                     backend=backend)
+    assert torch.equal(buffer, before)
+    assert no_rows.shape == (0, 3, 3, 3) and no_taps.shape == (5, 3, 0, 3)
 
 
 @pytest.mark.parametrize(
@@ -305,11 +328,27 @@ def test_pad_add_rejects_bad_windows(small_shape, offsets, dilations, message):
         kernels.pad_add_([big], [torch.randn(small_shape)], [None], offsets, dilations)
 
 
+def _why_no_cuda_backend() -> str:
+    """What the cuda backend must say on a machine without a CUDA device: the
+    extension's own load error if it does not load at all, else that it has no
+    CUDA kernels (a CPU-only build) or that there is no device."""
+    from fusedconv.kernels import extension
+
+    try:
+        info = extension.build_info()
+    except BackendUnavailable as exc:
+        return str(exc)
+    if "cuda" not in info:
+        return f"the extension was built without CUDA kernels ({info}; no nvcc/CUDA_HOME then)"
+    return "no CUDA device is available"
+
+
 def test_backend_asked_for_by_name_must_run():
     with pytest.raises(BackendUnavailable, match="unknown backend 'fast'"):
         kernels.rescale_([torch.randn(2, 2)], [None], [None], [1], backend="fast")
     if not torch.cuda.is_available():
-        with pytest.raises(BackendUnavailable, match="cuda"):
+        expected = f"fusedconv backend 'cuda' is unavailable: {_why_no_cuda_backend()}"
+        with pytest.raises(BackendUnavailable, match="^" + re.escape(expected) + "$"):
             kernels.rescale_([torch.randn(2, 2)], [None], [None], [1], backend="cuda")
 
 
@@ -328,7 +367,7 @@ def test_report_names_every_backend_and_why():
     assert set(status) == {"cuda", "triton", "cpp", "torch"}
     assert status["torch"] is None
     if not torch.cuda.is_available():
-        assert "CUDA" in status["cuda"] or "cuda" in status["cuda"]
+        assert status["cuda"] == _why_no_cuda_backend(), status["cuda"]
     report = kernels.backend_report("cpu")
     assert all(name in report for name in status)
 

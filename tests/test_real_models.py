@@ -116,6 +116,33 @@ def _densenet_left_names(names):
 # The folded model as users run it, PyTorch's conv-with-bias kernel included.
 MODEL_RATIO_BOUND = 1.3
 
+# Thread counts: the exactness is measured at 1 thread and at the machine's own
+# count (torch's default, read when this module is imported, before any fixture
+# changes it). The conv kernels block and accumulate differently with more
+# threads, and the BN statistics calibrated through them differ slightly too.
+MACHINE_THREADS = torch.get_num_threads()
+THREADS = sorted({1, MACHINE_THREADS})
+# Measured on a 2-core CPU, torch 2.14.1, 2x3x224x224: at 1 thread every model
+# is at or under 1.07 (vgg11_bn; mobilenet_v2 0.98, mnasnet0_5 0.99) and the fold
+# control at or under 1.06. At 2 threads the bias-in-the-kernel effect above
+# grows: the folded mobilenet_v2 measures 1.34 and mnasnet0_5 1.26 (1.79 and
+# 1.64 were reported from another run), while the same folded weights with the
+# bias added after the conv measure 0.96 and 0.94. That is PyTorch's
+# conv-with-bias kernel at that thread count, not the fold: so above 1 thread the
+# model as users run it only gets a sanity bound (a wrong fold gives 1e3+), and
+# the fold itself is held to ``case.ratio_bound`` through the bias-after-conv
+# control, at every thread count.
+MODEL_RATIO_BOUND_THREADED = 3.0
+
+
+@pytest.fixture
+def threads(request):
+    """Runs the test at ``request.param`` torch threads and restores the count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
 
 class _BiasAfterConv2d(nn.Conv2d):
     def forward(self, x):
@@ -157,13 +184,16 @@ def _inputs(seed: int) -> tuple[torch.Tensor]:
 
 
 def _build(case: Case) -> nn.Module:
-    torch.manual_seed(0)
-    model = case.build()
-    if case.frozen:
-        randomize_batchnorm_stats(model, torch.Generator().manual_seed(0))
-        return model.eval()
-    seeds = iter(range(100, 100 + CALIBRATION_STEPS))
-    return calibrate_batchnorm(model, lambda: _inputs(next(seeds)), steps=CALIBRATION_STEPS)
+    # Seeded global RNG for the weights and for the calibration passes (train-mode
+    # dropout and stochastic depth draw from it), restored afterwards.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = case.build()
+        if case.frozen:
+            randomize_batchnorm_stats(model, torch.Generator().manual_seed(0))
+            return model.eval()
+        seeds = iter(range(100, 100 + CALIBRATION_STEPS))
+        return calibrate_batchnorm(model, lambda: _inputs(next(seeds)), steps=CALIBRATION_STEPS)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -226,7 +256,7 @@ def _storages(model: nn.Module) -> set[int]:
 
 
 def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BN as y = x * s + t per channel, in float64 (DESIGN.md section 2)."""
+    """Eval-mode BN as y = x * s + t per channel, in float64 (docs/DESIGN.md section 2.1)."""
     mean = bn.running_mean.detach().double()
     var = bn.running_var.detach().double()
     s = 1.0 / torch.sqrt(var + float(bn.eps))
@@ -275,8 +305,10 @@ def _assert_exact_folds(model: nn.Module, fused: nn.Module, plan) -> None:
 
 # --------------------------------------------------------------------------- test
 
+@pytest.mark.parametrize("threads", THREADS, indirect=True, ids=[f"{n}thr" for n in THREADS])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_real_model(case: Case):
+def test_real_model(case: Case, threads: int):
+    assert torch.get_num_threads() == threads
     start, cpu = time.perf_counter(), time.process_time()
     model = _build(case)
     names = bn_names(model)
@@ -355,16 +387,19 @@ def test_real_model(case: Case):
         assert report.original.rel == pytest.approx(unfused_rel, rel=1e-3), f"{what}: {report}"
         assert report.fused.rel == pytest.approx(fused_rel, rel=1e-3), f"{what}: {report}"
         assert report.ratio == pytest.approx(fused_rel / unfused_rel, rel=1e-3), f"{what}: {report}"
-        assert report.ratio <= MODEL_RATIO_BOUND, f"{what}: {report}"
+        model_bound = MODEL_RATIO_BOUND if threads == 1 else MODEL_RATIO_BOUND_THREADED
+        assert report.ratio <= model_bound, f"{what} at {threads} threads: {report}"
         # The fold itself, with PyTorch's conv-with-bias kernel taken out of the
         # measurement: the same folded weights, the bias added after the conv.
         with torch.no_grad():
             fold_rel = relative_error(_bias_after_conv(fused)(*check_inputs), reference)
-        assert fold_rel / unfused_rel <= case.ratio_bound, f"{what}: fold ratio {fold_rel / unfused_rel:.3f}"
+        assert fold_rel / unfused_rel <= case.ratio_bound, \
+            f"{what} at {threads} threads: fold ratio {fold_rel / unfused_rel:.3f}"
         row[source] = len(left)
-        row["ratio"] = report.ratio
+        row["ratio"] = round(report.ratio, 3)
+        row["fold_ratio"] = round(fold_rel / unfused_rel, 3)
         first = plan, fused
 
     row["seconds"] = round(time.perf_counter() - start, 2)
     row["cpu_seconds"] = round(time.process_time() - cpu, 2)
-    print(f"\n{case.name}: {row}")
+    print(f"\n{case.name} ({threads} threads): {row}")

@@ -168,9 +168,11 @@ class ZooCase:
     ratio_bound: float = 1.2
     # True where rounding the merged weights to float32 once already costs
     # more than ratio_bound (deep plain stacks: RepVGG). The bound is then
-    # ROUNDING_SLACK x the error of the package's own merge computed in float64
+    # rounding_slack x the error of the package's own merge computed in float64
     # and rounded once to float32: the best any float32 merged model can do.
     limited_by_weight_rounding: bool = False
+    # Allowed excess over that rounded-once error (the default 1.1 covers one rounding per branch at RepVGG's centre tap).
+    rounding_slack: float = 1.1
 
 
 def _timm_model(name: str, **kwargs) -> Callable[[], nn.Module]:
@@ -203,12 +205,16 @@ ZOO = [
     # Measured on this test's inputs (error / unfolded error): repvgg_a0 ours
     # 1.37x, timm 1.34x, float64 merge rounded once 1.44x; repvgg_b1 ours
     # 1.45x, timm 1.46x, rounded once 1.53x (other seeds: up to 1.64x, 1.59x
-    # and 1.56x; DESIGN.md section 6 measures timm at 1.50x at 224px).
+    # and 1.56x; docs/DESIGN.md section 6.2 gives timm at 1.50x at 224px).
     ZooCase("repvgg_a0", "timm", _timm_model("repvgg_a0"), _timm_reparameterize, limited_by_weight_rounding=True),
     ZooCase("repvgg_b1", "timm", _timm_model("repvgg_b1"), _timm_reparameterize, limited_by_weight_rounding=True),
     ZooCase("mobileone_s0", "timm", _timm_model("mobileone_s0"), _timm_reparameterize),
     ZooCase("fastvit_t8", "timm", _timm_model("fastvit_t8"), _timm_reparameterize),
-    ZooCase("repvit_m0_9", "timm", _timm_model("repvit_m0_9"), _timm_reparameterize),
+    # RepVggDw adds a 1x1 and an identity branch into a depthwise 3x3's centre
+    # tap, as RepVGG does, each rounded there: 1.135x the rounded-once merge
+    # (timm 1.0.31, at 1 and 2 threads alike).
+    ZooCase("repvit_m0_9", "timm", _timm_model("repvit_m0_9"), _timm_reparameterize,
+            limited_by_weight_rounding=True, rounding_slack=1.2),
     ZooCase("repghostnet_050", "timm", _timm_model("repghostnet_050"), _timm_reparameterize),
     # Attention biases are sized for the image: build them for 64x64.
     ZooCase("levit_128s", "timm", _timm_model("levit_128s", img_size=64), _timm_reparameterize),
@@ -222,11 +228,6 @@ ZOO = [
 # the same exact merge and differ by their weights' roundings carried through
 # the network (measured 7e-8 .. 1.5e-6); 1e-5 is ~100 float32 ulps.
 AGREEMENT = 1e-5
-# Our error over that of the float64 merge rounded once: we round a tap once
-# per branch that lands on it (three times at RepVGG's centre tap), the
-# floor once; measured 0.95x .. 1.05x.
-ROUNDING_SLACK = 1.1
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ZOO, ids=lambda case: case.name)
@@ -255,7 +256,7 @@ def test_model_matches_the_package_merge(case: ZooCase):
     bound = case.ratio_bound * unfolded_error
     if case.limited_by_weight_rounding:
         rounded_once = case.theirs(copy.deepcopy(model).double()).float()
-        bound = max(bound, ROUNDING_SLACK * relative_error(run(rounded_once, inputs), reference))
+        bound = max(bound, case.rounding_slack * relative_error(run(rounded_once, inputs), reference))
     assert relative_error(our_output, reference) <= bound
 
 
