@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import machine_info, measure, print_machine_info, print_table  # noqa: E402
+from fusedconv.timing import machine_info, measure, print_machine_info, print_table  # noqa: E402
 
 from fusedconv import kernels  # noqa: E402
 from fusedconv.affine import batchnorm_affines  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import Timing, format_ms, machine_info, measure, print_machine_info, print_table  # noqa: E402
+from fusedconv.timing import Timing, format_ms, machine_info, measure, print_machine_info, print_table  # noqa: E402
 
 import fusedconv  # noqa: E402
 

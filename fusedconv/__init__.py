@@ -11,7 +11,7 @@ from .api import fuse, plan
 from .errors import BackendUnavailable, FoldError, FoldWarning, MissingExtensionWarning
 from .fold import fold_bn_conv, fold_conv_bn, folded_weights
 from .layers import count_batchnorms
-from .planner import Fold, FusionPlan, Skip
+from .fusion_plan import Fold, FusionPlan, Skip
 from .registry import register_block, reparameterize
 from . import blocks
 from .verification import ErrorStats, VerificationReport, verify

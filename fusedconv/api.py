@@ -9,7 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .planner import FusionPlan, apply_plan, make_plan
+from .apply import apply_plan
+from .fusion_plan import FusionPlan
+from .model_index import ModelIndex
+from .rules import check_foldable, make_plan
 from .wrappers import unwrapped
 
 logger = logging.getLogger("fusedconv")
@@ -77,16 +80,21 @@ def fuse(
     """
     start = time.perf_counter()
     network, rewrap = unwrapped(model, inplace=inplace)
-    chosen = plan if plan is not None else make_plan(network, as_input_tuple(example_inputs), check_stats=False)
-    fused = apply_plan(network, chosen, inplace=inplace, backend=backend, flush_subnormals=flush_subnormals)
+    index = None
+    if plan is None:  # one walk of the module tree serves planning and applying
+        check_foldable(network)
+        index = ModelIndex(network)
+        plan = make_plan(network, as_input_tuple(example_inputs), check_stats=False, index=index)
+    fused = apply_plan(network, plan, inplace=inplace, backend=backend, flush_subnormals=flush_subnormals,
+                       index=index)
     if logger.isEnabledFor(logging.INFO):
         logger.info(
             "folded %d BatchNorms into %d layers in %.1f ms (dataflow from %s); %d BatchNorms left",
-            chosen.num_folded,
-            len(chosen.folds),
+            plan.num_folded,
+            len(plan.folds),
             (time.perf_counter() - start) * 1e3,
-            chosen.source,
-            len(chosen.skipped),
+            plan.source,
+            len(plan.skipped),
         )
     if rewrap is None or inplace:
         return model if inplace else fused

@@ -24,6 +24,9 @@ from operator import is_
 import torch
 from torch import nn
 
+from .errors import FoldError
+from .layers import batchnorm_kind
+
 __all__ = ["copy_module"]
 
 # The types copy.deepcopy returns as they are. The Python ones are its own
@@ -220,3 +223,31 @@ def _has_no_instance_copy_hooks(attributes: dict) -> bool:
             and "__deepcopy__" not in attributes.get("_parameters", ())
             and "__deepcopy__" not in attributes.get("_buffers", ())
             and "__deepcopy__" not in attributes.get("_modules", ()))
+
+
+def copy_for_folding(model: nn.Module, replaced_batchnorms: list[nn.Module],
+                     weights: list[torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` ready for a fold to be written into it.
+
+    The copy's memo is seeded with what it would otherwise copy only to
+    overwrite: each BN to be folded maps to its replacement (when that is the
+    identity), and each weight to be folded to an unwritten Parameter (as
+    ``Parameter.__deepcopy__`` would make it), which the fold's kernels then
+    write from the original in one pass. Raises :class:`FoldError` when the
+    model cannot be copied.
+    """
+    memo: dict[int, object] = {}
+    for bn in replaced_batchnorms:
+        kind = batchnorm_kind(bn)
+        if kind.passes_through:
+            memo[id(bn)] = kind.replacement(bn).train(bn.training)
+    for weight in weights:
+        if type(weight) is nn.Parameter:
+            memo[id(weight)] = nn.Parameter(torch.empty_like(weight), weight.requires_grad)
+    try:
+        return copy_module(model, memo)
+    except Exception as exc:  # e.g. pruning or legacy weight_norm keep non-leaf weight tensors
+        raise FoldError(
+            f"cannot copy {type(model).__name__} (deep-copying it failed: {exc}); fold it in place with "
+            "inplace=True, or make it copyable first (e.g. torch.nn.utils.prune.remove)"
+        ) from exc

@@ -64,6 +64,23 @@ def _trusted(klass: type) -> bool:
         f"{klass.__module__}.{klass.__qualname__}" in _TRUSTED_CLASS_NAMES)
 
 
+_TRUSTED_CLASSES: dict[type, tuple[frozenset[str], frozenset[str]]] = {}
+
+
+def _trusted_class_names(cls: type) -> tuple[frozenset[str], frozenset[str]] | None:
+    """For a class whose whole MRO is trusted (torch's own classes, which nobody
+    is expected to patch): every name its classes define, and those that are
+    callable; worked out once per class. None for any other class, which is
+    examined afresh every time (its code may change between two plans)."""
+    names = _TRUSTED_CLASSES.get(cls)
+    if names is None:
+        if not all(_trusted(klass) for klass in cls.__mro__):
+            return None
+        defined = frozenset(name for klass in cls.__mro__ for name in vars(klass))
+        names = _TRUSTED_CLASSES[cls] = (defined, frozenset(n for n in defined if callable(getattr(cls, n, None))))
+    return names
+
+
 def _forward_owner(module: nn.Module) -> str:
     """Qualified name of the class whose ``forward`` the module runs."""
     for klass in type(module).__mro__:
@@ -85,13 +102,21 @@ def why_not_standard(module: nn.Module) -> str | None:
     ordinary lookup fails), no untrusted class attribute shadows an instance
     attribute, and the instance replaces none of its class's methods.
     """
-    mro = type(module).__mro__
-    trusted = [klass for klass in mro if _trusted(klass)]
+    cls = type(module)
     registered = (module._parameters.keys() | module._buffers.keys() | module._modules.keys())
+    trusted_names = _trusted_class_names(cls)
+    if trusted_names is not None:  # every class is trusted: only the instance can differ
+        shadows = registered & trusted_names[0]
+        if shadows:  # e.g. a torch class that gained a class attribute: still shadowed
+            return f"{cls.__qualname__} defines {sorted(shadows)[0]} at class level, which hides the registered one"
+        replaced = (vars(module).keys() - MODULE_STATE) & trusted_names[1]
+        return f"its {sorted(replaced)[0]} is replaced on the instance" if replaced else None
+    mro = cls.__mro__
+    trusted = [klass for klass in mro if _trusted(klass)]
     for klass in mro:
         if _trusted(klass):
             shadows = registered & vars(klass).keys()
-            if shadows:  # e.g. a torch class that gained a class attribute: still shadowed
+            if shadows:
                 return f"{klass.__qualname__} defines {sorted(shadows)[0]} at class level, which hides the registered one"
             continue
         for name in vars(klass):

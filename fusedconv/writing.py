@@ -65,37 +65,64 @@ def check_writable(named: Iterable[tuple[str, torch.Tensor | None]], *, in_place
             raise FoldError(f"{name}: {problem}")
 
 
-def _row_factors(fold: LayerFold, rows: int, device: torch.device) -> torch.Tensor:
-    """Per row of the weight, the largest factor ``|row_scale| * |col_scale|`` can reach."""
-    factor = torch.ones(rows, dtype=torch.float64, device=device)
+def _factor_bounds(folds: Sequence[LayerFold]) -> tuple[list[float], list[float]]:
+    """For each fold, the largest and the smallest ``|row_scale[r] * col_scale[c]|``
+    any weight element gets (1.0 for no scale), from a few batched reductions."""
+    largest, smallest = [1.0] * len(folds), [1.0] * len(folds)
+    for part in ("row_scale", "col_scale"):
+        present = [(i, getattr(fold, part)) for i, fold in enumerate(folds) if getattr(fold, part) is not None]
+        for device in {scale.device for _, scale in present}:
+            members = [(i, scale) for i, scale in present if scale.device == device]
+            magnitudes = torch.cat([scale for _, scale in members]).abs()
+            lengths = torch.tensor([scale.numel() for _, scale in members], device=device)
+            maxima = torch.segment_reduce(magnitudes, "max", lengths=lengths).tolist()
+            minima = torch.segment_reduce(magnitudes, "min", lengths=lengths).tolist()
+            for (i, _), high, low in zip(members, maxima, minima):
+                largest[i] *= high
+                smallest[i] *= low
+    return largest, smallest
+
+
+def _row_factors(fold: LayerFold, weight: torch.Tensor, *, largest: bool) -> torch.Tensor:
+    """Per row of ``weight``, the largest (or smallest) factor ``|row_scale[r] *
+    col_scale[c]|`` that the fold multiplies one of its elements by."""
+    factors = torch.ones(weight.shape[0], dtype=torch.float64, device=weight.device)
     if fold.row_scale is not None:
-        factor = factor * fold.row_scale.abs()
+        factors = factors * fold.row_scale.abs()
     if fold.col_scale is not None:
-        factor = factor * fold.col_scale.abs().max()
-    return factor
+        columns = fold.col_scale.abs()
+        factors = factors * (columns.max() if largest else columns.min())
+    return factors
 
 
 def check_folded_range(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold], names: Sequence[str]) -> None:
     """Raise :class:`FoldError` if a folded weight or bias, rounded to its dtype,
     would not be finite (e.g. a float16 layer and a BN with a tiny variance)."""
-    for weight, fold, name in zip(weights, folds, names):
-        if not torch.isfinite(fold.bias).all():
-            raise FoldError(f"{name}: its folded bias does not fit {fold.bias.dtype} (it would be inf or NaN): "
-                            "convert the model to float32 first, or check the BatchNorm statistics")
+    if not folds:
+        return
+    for device in {fold.bias.device for fold in folds}:
+        members = [(name, fold.bias) for name, fold in zip(names, folds) if fold.bias.device == device]
+        finite = torch.isfinite(torch.cat([bias.float() for _, bias in members]))
+        if not finite.all():
+            name = next(name for name, bias in members if not torch.isfinite(bias).all())
+            raise FoldError(f"{name}: its folded bias would be inf or NaN in its dtype: convert the model to "
+                            "float32 first, or check the BatchNorm statistics")
+    largest, _ = _factor_bounds(folds)
+    for weight, fold, name, bound in zip(weights, folds, names, largest):
         finfo = torch.finfo(weight.dtype)
-        factors = _row_factors(fold, weight.shape[0], weight.device)
         limit = _CHECKED_SCALE if weight.dtype != torch.float16 else 1.0
-        if weight.numel() == 0 or float(factors.max()) <= limit:
+        if weight.numel() == 0 or bound <= limit:
             continue
+        factors = _row_factors(fold, weight, largest=True)
         dims = tuple(range(1, weight.dim()))
         magnitude = torch.maximum(weight.detach().amax(dim=dims).abs(), weight.detach().amin(dim=dims).abs())
-        largest = float((magnitude.double() * factors).max())
-        if largest > finfo.max:  # the bound says it may: round each candidate row to be sure
+        reach = float((magnitude.double() * factors).max())
+        if reach > finfo.max:  # the bound says it may: round each candidate row to be sure
             rows = (magnitude.double() * factors > finfo.max).nonzero().flatten()
             values = weight.detach()[rows].double() * factors[rows].view(-1, *[1] * len(dims))
             if not torch.isfinite(values.to(weight.dtype)).all():
                 raise FoldError(
-                    f"{name}: its folded weights reach {largest:.3g}, beyond {weight.dtype}'s largest value "
+                    f"{name}: its folded weights reach {reach:.3g}, beyond {weight.dtype}'s largest value "
                     f"{finfo.max:.6g}: convert the model to a wider dtype first, or check the BatchNorm statistics")
 
 
@@ -109,17 +136,12 @@ def subnormal_weights(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold
     already within 2**16 of the subnormal range.
     """
     found = []
-    for weight, fold, name in zip(weights, folds, names):
-        if weight.numel() == 0 or fold.row_scale is None and fold.col_scale is None:
+    _, smallest = _factor_bounds(folds)
+    for weight, fold, name, low in zip(weights, folds, names, smallest):
+        if weight.numel() == 0 or low >= _SHRINKING_SCALE:
             continue
-        factors = torch.ones(weight.shape[0], dtype=torch.float64, device=weight.device)
-        if fold.row_scale is not None:
-            factors = factors * fold.row_scale.abs()
-        if fold.col_scale is not None:  # the smallest factor a row can see
-            factors = factors * fold.col_scale.abs().min()
+        factors = _row_factors(fold, weight, largest=False)
         rows = (factors < _SHRINKING_SCALE).nonzero().flatten()
-        if rows.numel() == 0:
-            continue
         with torch.no_grad():
             values = weight[rows]
             tiny = (values != 0) & (values.abs() < torch.finfo(weight.dtype).tiny)

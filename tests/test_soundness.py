@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedconv
+import fusedconv.apply
 from utils import float64_reference, randomize_batchnorm_stats, relative_error, trace_only
 
 # The folded model's error against float64 may be at most this many times the
@@ -521,13 +522,13 @@ def test_a_failing_write_is_undone(step, bias, monkeypatch):
     leaves the model as it was."""
     model = prepared(ConvBN(bias))
     before = state(model)
-    real = getattr(fusedconv.planner, step)
+    real = getattr(fusedconv.apply, step)
 
     def failing(*args, **kwargs):
         real(*args, **kwargs)
         raise RuntimeError(f"simulated failure after {step}")
 
-    monkeypatch.setattr(fusedconv.planner, step, failing)
+    monkeypatch.setattr(fusedconv.apply, step, failing)
     with pytest.raises(RuntimeError, match="simulated"):
         fusedconv.fuse(model, inplace=True)
     if step == "rescale_weights":  # the weights themselves were written: only their kernel's own checks guard them

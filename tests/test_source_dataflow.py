@@ -3,7 +3,7 @@
 Each model below is a small module whose forward either proves that a layer's
 output goes to its BatchNorm alone (the pair must be found) or does something
 that makes the pair unsafe or unknowable (the pair must not be reported; the
-planner then falls back to torch.fx). End-to-end folding of all of these runs
+rules then fall back to torch.fx). End-to-end folding of all of these runs
 through the trap tests (tests/test_traps.py, mode "source"); here the reader is
 checked on its own, so that a refusal cannot hide behind the fx fallback.
 """
@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import fusedconv
 from fusedconv.dataflow.source import from_source
-from fusedconv.planner import _ModelIndex, _Planner
+from fusedconv.model_index import ModelIndex
+from fusedconv.rules import Matcher
 from utils import randomize_batchnorm_stats, trace_only
 
 try:  # the helper timm's models call, and its re-export
@@ -33,7 +34,7 @@ needs_timm = pytest.mark.skipif(checkpoint_seq is None, reason="needs timm")
 
 
 def source_flow(model: nn.Module):
-    index = _ModelIndex(model, {})
+    index = ModelIndex(model, {})
     return from_source(model, index.tracked, index.paths)
 
 
@@ -605,13 +606,13 @@ class ConvCheckpointedThenBn(Base):
 
 def test_tracked_layer_run_by_checkpoint_is_counted_and_never_paired():
     model = ConvCheckpointedAndCalled().eval()
-    index = _ModelIndex(model, {})
+    index = ModelIndex(model, {})
     flow = from_source(model, index.tracked, index.paths)
     assert not flow.unseen and flow.nodes["conv"].calls == 2
-    planner = _Planner(index, flow)
-    plan = planner.plan()
+    matcher = Matcher(index, flow)
+    plan = matcher.plan()
     assert plan.folds == [] and [s.module for s in plan.skipped] == ["bn"]
-    assert "called 2 times" in planner.layer_problem("conv")
+    assert "called 2 times" in matcher.layer_problem("conv")
 
     model = ConvCheckpointedThenBn().eval()
     flow = source_flow(model)

@@ -8,7 +8,7 @@ import copy
 import torch
 from torch import nn
 
-import fusedconv.planner
+import fusedconv.dataflow.find
 from fusedconv.dataflow import Dataflow, Node
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -92,4 +92,4 @@ def _nothing_readable(model, tracked, paths, held_elsewhere=None):
 def trace_only(monkeypatch) -> None:
     """Switch off fusedconv's reading of forward code, so that a plan made
     without example inputs comes from torch.fx alone."""
-    monkeypatch.setattr(fusedconv.planner, "from_source", _nothing_readable)
+    monkeypatch.setattr(fusedconv.dataflow.find, "from_source", _nothing_readable)

@@ -9,7 +9,9 @@ Three extractors produce the same :class:`Dataflow`:
 * :func:`fusedconv.dataflow.run.from_run` follows one real run on example inputs
   (any Python control flow, with shapes).
 
-The planner only reads a :class:`Dataflow`, so both paths share one set of rules.
+The rules (:mod:`fusedconv.rules`) only read a :class:`Dataflow`, so every
+path shares one set of rules; :func:`fusedconv.dataflow.find.find_dataflow`
+chooses the extractors and returns the one dataflow they give.
 Only *tracked* modules (layers and BatchNorms) get a :class:`Node`; anything else
 that reads a tracked module's output is recorded as ``None`` ("something else").
 """
@@ -54,6 +56,9 @@ class Dataflow:
     functional_batchnorms: list[str] = field(default_factory=list)
     """Batch norms computed by a function call rather than a module (where the
     extractor can see them): fusedconv does not fold those, and says so."""
+    note: str | None = None
+    """Why this dataflow may prove less than a fuller one would (e.g. torch.fx
+    could not trace the model): added to the reason of every BN left."""
 
 
 def combine(read: Dataflow, traced: Dataflow) -> Dataflow:

@@ -13,7 +13,7 @@ this way and refers to its children only by calling them (or testing them
 against None). Anything else (``self.children()``, ``getattr(self, ...)``,
 ``self.conv.weight``, a child passed to a function, a try block, a loop that
 jumps out between the two calls, ...) makes the modules concerned *unseen*, and
-the planner then asks torch.fx instead.
+torch.fx is then asked instead (:mod:`fusedconv.dataflow.find`).
 
 The one kind of function a child may be passed to is a gradient-checkpointing
 helper, recognised by identity (the name, or a dotted chain of module

@@ -215,7 +215,7 @@ def expected_count(model: nn.Module, plan) -> int:
     that name no module, such as functional batch norms, do not count), plus
     ``_BatchNorm`` subclasses with a forward of their own that the plan does not
     name (count_batchnorms counts every _BatchNorm, but such a module may not
-    be BN-like to the planner)."""
+    be BN-like to the rules)."""
     paths = {}
     for path, m in model.named_modules():  # first path of each module, as fusedconv names them
         paths[path] = m

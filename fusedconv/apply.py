@@ -1,0 +1,113 @@
+"""Applying a checked plan to a model, all or nothing: prepare, materialize, write."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import kernels
+from .copying import copy_for_folding
+from .fold import LayerFold, plan_layer_folds, rescale_weights, set_biases
+from .fusion_plan import FusionPlan
+from .layers import batchnorm_kind
+from .model_index import ModelIndex
+from .registry import plan_blocks
+from .reparam import apply_reparameterizations
+from .rules import checked_affines, module_at
+from .writing import Rollback, check_folded_range, check_writable, subnormal_weights
+
+
+def _first_weight_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+@dataclass
+class _Prepared:
+    """What the prepare step worked out; nothing of the model has changed yet."""
+
+    modules: dict[str, nn.Module]  # the model's path -> module map
+    names: list[str]  # the folded layers' paths
+    layers: list[nn.Module]
+    layer_folds: list[LayerFold]
+    bn_paths: dict[str, list[str]]  # each folded BN -> every path where it is registered
+
+
+def _prepare(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], *, inplace: bool,
+             backend: str | None) -> _Prepared:
+    """Check every BN and tensor to be written and compute every new bias and
+    scale; raises :class:`FoldError` naming the module at fault."""
+    names = [fold.layer for fold in plan.folds]
+    layers = [module_at(modules, name) for name in names]
+    check_writable(((f"{name}.weight", layer.weight) for name, layer in zip(names, layers)), in_place=inplace)
+    check_writable(((f"{name}.bias", layer.bias) for name, layer in zip(names, layers)), in_place=inplace)
+    layer_folds = plan_layer_folds(layers, checked_affines(modules, plan.folds), names)
+    check_folded_range([layer.weight for layer in layers], layer_folds, names)
+    kernels.resolve(_first_weight_device(model), backend)  # a backend asked for by name must load
+    paths: dict[int, list[str]] = defaultdict(list)
+    for path, m in modules.items():
+        if path:
+            paths[id(m)].append(path)
+    bn_paths = {name: paths[id(module_at(modules, name))] for f in plan.folds for name in f.batchnorms}
+    return _Prepared(modules, names, layers, layer_folds, bn_paths)
+
+
+def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: list, *, backend: str | None,
+           sources: list[torch.Tensor] | None, flush_subnormals: bool) -> None:
+    """Swap the BNs out, store the biases, scale the weights (one batched call),
+    merge the blocks; a failure undoes what was written before it."""
+    targets = [module_at(target_modules, name) for name in prepared.names]
+    weights = [layer.weight for layer in targets]
+    with Rollback() as rollback:
+        for name, bn_paths_of_one in prepared.bn_paths.items():
+            bn = module_at(target_modules, name)
+            if isinstance(bn, nn.Identity):  # already replaced through the copy's memo
+                continue
+            replacement = batchnorm_kind(bn).replacement(bn).train(bn.training)
+            for path in bn_paths_of_one:
+                parent, _, attr = path.rpartition(".")
+                rollback.setattr(target_modules[parent], attr, replacement)
+        set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback)
+        # A copied weight that the memo did not leave unwritten (a Parameter
+        # subclass, cloned as usual) holds its source's values: writing it from
+        # the source gives the same bits.
+        rescale_weights(weights, prepared.layer_folds, backend, sources)
+    apply_reparameterizations(merges, backend)
+    subnormal_weights(weights, prepared.layer_folds, prepared.names, flush=flush_subnormals)
+
+
+def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: str | None = None,
+               flush_subnormals: bool = False, index: ModelIndex | None = None) -> nn.Module:
+    """Fold ``plan`` into ``model`` (or into a copy), all or nothing.
+
+    Three steps. *Prepare*: check every BN, block merge and tensor to be
+    written, and compute every new bias and scale; nothing is modified, and
+    any error leaves the caller's model as it was. *Materialize*: for a copy,
+    copy the model with the weights to fold left unwritten
+    (:func:`fusedconv.copying.copy_for_folding`). *Write*: swap the BNs out,
+    store the biases and scale the weights with one batched
+    :func:`fusedconv.kernels.rescale_` call (``backend`` picks the backend; by
+    default the fastest for the device), then merge the blocks; should a write
+    still fail, what was written before it is undone. ``index``: the model's
+    :class:`ModelIndex` when the caller has one (its walk is not repeated).
+    """
+    modules = (index.by_path if index is not None else dict(model.named_modules(remove_duplicate=False))) \
+        if plan.folds or plan.merges else {}
+    prepared = _prepare(model, plan, modules, inplace=inplace, backend=backend)
+    sources = None
+    if inplace:
+        target, target_modules = model, modules
+    else:
+        replaced = [module_at(modules, name) for name in prepared.bn_paths]
+        sources = [layer.weight for layer in prepared.layers]
+        target = copy_for_folding(model, replaced, sources)
+        target_modules = dict(target.named_modules(remove_duplicate=False)) if modules else {}
+    # Blocks are planned on the model that will change (nothing is modified yet).
+    merges = plan_blocks(target, plan.merges, modules=target_modules) if plan.merges else []
+    check_writable(((f"{merge.name}: {part}", getattr(merge.target, part)) for merge in merges
+                    for part in ("weight", "bias")), in_place=True)
+    _write(target_modules, prepared, merges, backend=backend, sources=sources, flush_subnormals=flush_subnormals)
+    return target
