@@ -24,7 +24,6 @@ from torch import nn
 from . import kernels
 from .affine import ChannelAffine, batchnorm_affines, compose
 from .errors import FoldError
-from .kernels import reference
 from .kernels.reference import column_factors
 from .layers import (
     LayerKind,
@@ -76,23 +75,8 @@ def rescale_weights(
     """Apply each fold's scales to its weight in place, all in one batched call;
     with ``sources``, write each weight from its source instead (one pass for a
     folded copy)."""
-    in_place = sources is None
-    sources = weights if in_place else sources
-    dense = [i for i, (w, src) in enumerate(zip(weights, sources))
-             if kernels.has_dense_rows(w) and src.stride() == w.stride()]
-    # The kernels walk a weight as one dense block; a weight that is a strided
-    # view of something else (e.g. a transposed tied weight, rare) takes the
-    # plain PyTorch reference, which reads through any strides.
-    odd = sorted(set(range(len(weights))) - set(dense))
-    with torch.no_grad():
-        if dense:
-            kernels.rescale_([weights[i] for i in dense], [folds[i].row_scale for i in dense],
-                             [folds[i].col_scale for i in dense], [folds[i].groups for i in dense],
-                             sources=None if in_place else [sources[i] for i in dense], backend=backend)
-        if odd:
-            reference.rescale_([weights[i] for i in odd], [folds[i].row_scale for i in odd],
-                               [folds[i].col_scale for i in odd], [folds[i].groups for i in odd],
-                               [sources[i] for i in odd])
+    kernels.rescale_(weights, [fold.row_scale for fold in folds], [fold.col_scale for fold in folds],
+                     [fold.groups for fold in folds], sources=sources, backend=backend)
 
 
 def _checked_kind(layer: nn.Module, before: ChannelAffine | None, after: ChannelAffine | None,

@@ -57,7 +57,7 @@ class ModelIndex:
                 self.kinds[name] = batchnorm_kind(m)
         self.tracked = {id(m): name for name, m in (*self.layers.items(), *self.batchnorms.items())}
         self.global_hooks = _global_hooks_problem()
-        self.held_elsewhere = modules_held_elsewhere(model, self.paths)
+        self.held_elsewhere = modules_held_elsewhere(modules)
         # Modules holding a tensor that shares memory with another tensor of the
         # model (tied weights, ``.data`` assigned across modules, views), over
         # every module (those inside blocks too).

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from . import kernels
-from .kernels import reference
 from .affine import ChannelAffine, batchnorm_affine, batchnorm_affines
 from .errors import FoldError
 from .fold import LayerFold, plan_layer_folds, rescale_weights, set_biases
@@ -271,15 +270,11 @@ def apply_reparameterizations(plans: Sequence[Reparameterization], backend: str 
     for plan in plans:
         for branch, (offset, dilation) in zip(plan.branches, plan.placements):
             bigs.append(plan.target.weight)
-            smalls.append(branch.weight.contiguous())
+            smalls.append(branch.weight)
             scales.append(None if branch.affine is None else branch.affine.scale.to(branch.weight.device))
             offsets.extend(offset)
             dilations.extend(dilation)
-    if all(kernels.has_dense_rows(b) for b in bigs):
-        kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend=backend)
-    else:  # a strided view of a weight: the PyTorch reference reads through any strides
-        with torch.no_grad():
-            reference.pad_add_(bigs, smalls, scales, offsets, dilations)
+    kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend=backend)
     set_biases([p.target for p in plans], [p.target_fold.bias for p in plans])
     for plan in plans:
         plan.install(plan.target)

@@ -299,7 +299,6 @@ def test_empty_calls_do_nothing(backend):
         (lambda: ([torch.randn(4, 3)], [torch.ones(4)], [None], [1]), "must be float64"),
         (lambda: ([torch.randn(4, 3)], [torch.ones(5, dtype=torch.float64)], [None], [1]), r"expected \(4,\)"),
         (lambda: ([torch.randn(4, 3)], [None], [None], [3]), "do not split into 3"),
-        (lambda: ([torch.randn(3, 4).t()], [torch.ones(4, dtype=torch.float64)], [None], [1]), "channels_last"),
         (lambda: ([torch.randn(4, 3).int()], [None], [None], [1]), "dtype torch.int32"),
         (lambda: ([torch.randn(4)], [None], [None], [1]), "at least 2"),
         (lambda: ([torch.randn(4, 3)], [None, None], [None], [1]), "one row scale"),
@@ -378,8 +377,23 @@ def test_ops_are_registered_with_torch_library():
     scale = _random_scale(4, torch.Generator().manual_seed(6))
     kernels.rescale_([expected], [scale], [None], [1], backend="torch")
     with torch.no_grad():
-        torch.ops.fusedconv.rescale_([w], [scale], [None], [1], None, "torch")
+        torch.ops.fusedconv.rescale_([w], [scale], [None], [1])  # no backend in the schema: the CPU kernel
     assert torch.equal(w, expected)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_a_strided_weight_is_scaled_through_the_reference(backend):
+    """A transposed (strided) view is neither contiguous nor channels_last: the op
+    sends it to the reference, which reads through any strides; the bits are
+    the same as for a contiguous copy."""
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(3, 4, generator=gen).to(DEVICE)
+    strided, dense = base.t(), base.t().contiguous()
+    scale = _random_scale(4, gen).to(DEVICE)
+    expected = (dense.double().cpu() * scale.cpu()[:, None]).float()
+    kernels.rescale_([strided, dense], [scale, scale], [None, None], [1, 1], backend=backend)
+    assert torch.equal(strided, dense)
+    assert torch.equal(dense.cpu(), expected)
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)

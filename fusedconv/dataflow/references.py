@@ -23,6 +23,7 @@ import numbers
 import sys
 import types
 import weakref
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -136,9 +137,10 @@ def _plain_tuple(value: object) -> bool:
     return type(value) is tuple and all(type(item) in _PLAIN for item in value)
 
 
-def modules_held_elsewhere(model: nn.Module, paths: dict[int, list[str]]) -> dict[int, tuple[nn.Module, str]] | None:
-    """The modules that something besides the module tree can reach: id(module) ->
-    (module, what holds it), or None when some holder cannot be followed.
+def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]]) -> dict[int, tuple[nn.Module, str]] | None:
+    """Among the modules of a model (``(path, module)``, each once), those that
+    something besides the module tree can reach: id(module) -> (module, what
+    holds it), or None when some holder cannot be followed.
 
     A module kept in an instance attribute (a bound method, a partial, a
     lambda, a list, a namespace...) or in a hook of any module of the model can
@@ -146,7 +148,7 @@ def modules_held_elsewhere(model: nn.Module, paths: dict[int, list[str]]) -> dic
     and it keeps being called after the tree's reference to it is replaced.
     """
     held_elsewhere: dict[int, tuple[nn.Module, str]] = {}
-    for module in model.modules():
+    for path, module in modules:
         attributes = vars(module)
         held = [attributes[key] for key in attributes.keys() - MODULE_STATE
                 if type(attributes[key]) not in _PLAIN and not _plain_tuple(attributes[key])]
@@ -157,7 +159,6 @@ def modules_held_elsewhere(model: nn.Module, paths: dict[int, list[str]]) -> dic
         reached = reachable_modules(held)
         if reached is UNKNOWN:
             return None
-        path = paths[id(module)][0]
         where = f"an attribute or hook of {path} ({type(module).__name__})" if path else \
             f"an attribute or hook of the model ({type(module).__name__})"
         for other in reached:

@@ -544,7 +544,7 @@ def from_source(model: nn.Module, tracked: dict[int, str], paths: dict[int, list
     for are returned as unseen.
     """
     if held_elsewhere is _MISSING:
-        held_elsewhere = modules_held_elsewhere(model, paths)
+        held_elsewhere = modules_held_elsewhere((paths[id(m)][0], m) for m in model.modules())
     nodes = {name: Node(name) for name in tracked.values()}
     unseen: dict[str, str] = {}
     holders: set[str] = set()  # paths of the modules that contain a tracked module

@@ -7,15 +7,30 @@
 
 Both take whole lists of tensors, so that a model is folded with one call (one
 kernel launch per dtype on a GPU). Each is a ``torch.library`` op
-(``torch.ops.fusedconv.rescale_`` and ``torch.ops.fusedconv.pad_add_``) whose
-``backend`` argument picks ``torch``, ``cpp``, ``cuda`` or ``triton``
-(:mod:`fusedconv.kernels.backends`); all compute in float64 and round each
-written value once, so every backend gives the same bits.
+(``torch.ops.fusedconv.rescale_`` and ``torch.ops.fusedconv.pad_add_``),
+defined once here with:
+
+* an implementation per dispatch key: CPU (the C++ extension's kernels, else
+  the PyTorch reference), CUDA (the extension's CUDA kernels, else Triton,
+  else the reference), and the reference for any other device;
+* a fake implementation (``torch.library.register_fake``), so that
+  torch.compile and torch.export can trace a call: it checks the arguments
+  that need no memory (dtypes, devices, shapes, groups) and writes nothing.
+
+The Python wrappers :func:`rescale_` and :func:`pad_add_` take ``backend=``
+(or ``FUSEDCONV_BACKEND``) to force one of ``torch``, ``cpp``, ``cuda`` or
+``triton`` (:mod:`fusedconv.kernels.backends`); that choice lives in the
+wrapper, not in the ops' schemas. All backends compute in float64 and round
+each written value once, so every backend gives the same bits. A weight that
+is a strided view (neither contiguous nor channels_last) goes through the
+reference, which reads through any strides.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -63,16 +78,24 @@ def _check_kernel_tensor(t: torch.Tensor, what: str, device: torch.device) -> No
     _check(t.dtype in _FLOAT_DTYPES, f"{what} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
     _check(t.dim() >= 2, f"{what} has {t.dim()} dims; a weight has at least 2")
     _check(t.device == device, f"{what} is on {t.device}, the first tensor on {device}")
-    _check(has_dense_rows(t), f"{what} is neither contiguous nor channels_last (strides {t.stride()})")
 
 
-def _check_scale(scale: torch.Tensor | None, numel: int, what: str, device: torch.device) -> None:
+def _check_scale(scale: torch.Tensor | None, length, what: str, device: torch.device) -> None:
     if scale is None:
         return
     _check(scale.dtype == torch.float64, f"{what} must be float64, got {scale.dtype}")
-    _check(scale.dim() == 1 and scale.numel() == numel, f"{what} has shape {tuple(scale.shape)}; expected ({numel},)")
+    # shape[0], not numel(): under torch.compile's dynamic shapes both sides may be symbolic
+    _check(scale.dim() == 1 and scale.shape[0] == length, f"{what} has shape {tuple(scale.shape)}; expected ({length},)")
     _check(scale.device == device, f"{what} is on {scale.device}, the weights on {device}")
-    _check(scale.is_contiguous(), f"{what} is not contiguous")
+
+
+def _has_memory(tensors) -> bool:
+    """Whether the tensors have real memory to compare (not fake or meta tensors,
+    as torch.compile and torch.export trace with)."""
+    for t in tensors:
+        if t.is_meta or type(t).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
+            return False
+    return True
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -85,13 +108,16 @@ def _check_written(weights, sources) -> None:
     order a backend works in: distinct weights may not overlap, and a separate
     source must match its weight's layout, may not overlap any weight written,
     and its weight may be listed only once."""
+    if sources is not None:
+        _check(len(sources) == len(weights), f"rescale_ needs one source per weight ({len(weights)} weights, "
+                                             f"{len(sources)} sources)")
+    if not _has_memory(weights) or (sources is not None and not _has_memory(sources)):
+        return  # no memory to compare: the real call checks overlaps
     spans = sorted({_span(w) for w in weights if w.numel()})
     for (_, end), (start, _) in zip(spans, spans[1:]):
         _check(start >= end, "rescale_ cannot write overlapping views of one tensor")
     if sources is None:
         return
-    _check(len(sources) == len(weights), f"rescale_ needs one source per weight ({len(weights)} weights, "
-                                         f"{len(sources)} sources)")
     _check(len(spans) == sum(1 for w in weights if w.numel()), "rescale_ with sources cannot write a weight twice")
     starts = [start for start, _ in spans]
     for i, (w, src) in enumerate(zip(weights, sources)):
@@ -150,14 +176,9 @@ def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def _rescale_impl(
-    weights: list[torch.Tensor],
-    row_scales: list[Optional[torch.Tensor]],
-    col_scales: list[Optional[torch.Tensor]],
-    groups: list[int],
-    sources: Optional[list[torch.Tensor]] = None,
-    backend: Optional[str] = None,
-) -> None:
+def _rescale(weights, row_scales, col_scales, groups, sources=None, backend: Optional[str] = None) -> None:
+    """Check, then scale with ``backend`` (None: the fastest for the device);
+    weights that are strided views go through the reference."""
     check_rescale_args(weights, row_scales, col_scales, groups, sources)
     if not weights:
         return
@@ -169,20 +190,31 @@ def _rescale_impl(
         for w, src, row, col in zip(weights, sources, row_scales, col_scales):
             if row is None and col is None and src is not w:
                 w.copy_(src)
-    resolve(_device_of(weights), backend).rescale_(weights, row_scales, col_scales, groups, sources)
+    dense = [i for i, (w, src) in enumerate(zip(weights, sources)) if has_dense_rows(w) and src.stride() == w.stride()]
+    strided = sorted(set(range(len(weights))) - set(dense))
+    for members, chosen in ((dense, resolve(_device_of(weights), backend)), (strided, resolve(_device_of(weights), "torch"))):
+        if members:
+            chosen.rescale_([weights[i] for i in members], [row_scales[i] for i in members],
+                            [col_scales[i] for i in members], [groups[i] for i in members],
+                            [sources[i] for i in members])
 
 
-def _pad_add_impl(
-    bigs: list[torch.Tensor],
-    smalls: list[torch.Tensor],
-    scales: list[Optional[torch.Tensor]],
-    offsets: list[int],
-    dilations: list[int],
-    backend: Optional[str] = None,
-) -> None:
+def _pad_add(bigs, smalls, scales, offsets, dilations, backend: Optional[str] = None) -> None:
     check_pad_add_args(bigs, smalls, scales, offsets, dilations)
-    if bigs:
-        resolve(_device_of(bigs), backend).pad_add_(bigs, smalls, scales, offsets, dilations)
+    if not bigs:
+        return
+    smalls = [small.contiguous() for small in smalls]
+    # One strided big kernel sends the call to the reference (which reads through any strides).
+    chosen = backend if all(has_dense_rows(big) for big in bigs) else "torch"
+    resolve(_device_of(bigs), chosen).pad_add_(bigs, smalls, scales, offsets, dilations)
+
+
+def _rescale_fake(weights, row_scales, col_scales, groups, sources=None) -> None:
+    check_rescale_args(weights, row_scales, col_scales, groups, sources)
+
+
+def _pad_add_fake(bigs, smalls, scales, offsets, dilations) -> None:
+    check_pad_add_args(bigs, smalls, scales, offsets, dilations)
 
 
 # Declared with torch.library.Library rather than the torch.library.custom_op
@@ -192,14 +224,20 @@ def _pad_add_impl(
 _LIBRARY = torch.library.Library("fusedconv", "DEF")
 _LIBRARY.define(
     "rescale_(Tensor(a!)[] weights, Tensor?[] row_scales, Tensor?[] col_scales, int[] groups, "
-    "Tensor[]? sources=None, str? backend=None) -> ()"
+    "Tensor[]? sources=None) -> ()"
 )
-_LIBRARY.define(
-    "pad_add_(Tensor(a!)[] bigs, Tensor[] smalls, Tensor?[] scales, int[] offsets, int[] dilations, "
-    "str? backend=None) -> ()"
-)
-_LIBRARY.impl("rescale_", _rescale_impl, "CompositeExplicitAutograd")
-_LIBRARY.impl("pad_add_", _pad_add_impl, "CompositeExplicitAutograd")
+_LIBRARY.define("pad_add_(Tensor(a!)[] bigs, Tensor[] smalls, Tensor?[] scales, int[] offsets, int[] dilations) -> ()")
+# Each device key runs the fastest backend that loads there; any other device the reference.
+for _key in ("CPU", "CUDA", "CompositeExplicitAutograd"):
+    _chosen = None if _key != "CompositeExplicitAutograd" else "torch"
+    _LIBRARY.impl("rescale_", functools.partial(_rescale, backend=_chosen), _key)
+    _LIBRARY.impl("pad_add_", functools.partial(_pad_add, backend=_chosen), _key)
+torch.library.register_fake("fusedconv::rescale_", _rescale_fake, lib=_LIBRARY)
+torch.library.register_fake("fusedconv::pad_add_", _pad_add_fake, lib=_LIBRARY)
+
+
+def _forced_backend(backend: str | None) -> str | None:
+    return backend if backend is not None else os.environ.get("FUSEDCONV_BACKEND") or None
 
 
 def rescale_(
@@ -218,8 +256,9 @@ def rescale_(
     after the layer as ``row_scale`` and a BN before it as ``col_scale``;
     ConvTranspose weights ``(in, out/groups, *k)`` the other way round; Linear
     with ``groups=1``. Scales are float64 vectors (None for 1); the product is
-    formed in float64 and each weight rounded once. Weights must be contiguous or
-    channels_last, all on one device; any floating dtype. ``backend`` (or the
+    formed in float64 and each weight rounded once. Weights are all on one
+    device, any floating dtype; contiguous or channels_last weights go to the
+    fast backends, others (strided views) to the reference. ``backend`` (or the
     ``FUSEDCONV_BACKEND`` variable) forces a backend; by default the fastest
     that loads for the device is used.
 
@@ -228,9 +267,14 @@ def rescale_(
     pass over the memory, instead of a copy followed by an in-place pass). The
     weights must then be distinct and must not overlap any other source.
     """
+    arguments = (list(weights), list(row_scales), list(col_scales), [int(g) for g in groups],
+                 None if sources is None else list(sources))
+    forced = _forced_backend(backend)
     with torch.no_grad():
-        torch.ops.fusedconv.rescale_(list(weights), list(row_scales), list(col_scales), [int(g) for g in groups],
-                                     None if sources is None else list(sources), backend)
+        if forced is None:
+            torch.ops.fusedconv.rescale_(*arguments)
+        else:  # a backend asked for by name is called directly: the op's schema knows no backends
+            _rescale(*arguments, backend=forced)
 
 
 def pad_add_(
@@ -250,6 +294,10 @@ def pad_add_(
     formed in float64 and rounded once. Big and small kernels of a pair share
     their dtype and first two dims.
     """
+    arguments = (list(bigs), list(smalls), list(scales), [int(o) for o in offsets], [int(d) for d in dilations])
+    forced = _forced_backend(backend)
     with torch.no_grad():
-        torch.ops.fusedconv.pad_add_(list(bigs), list(smalls), list(scales), [int(o) for o in offsets],
-                                     [int(d) for d in dilations], backend)
+        if forced is None:
+            torch.ops.fusedconv.pad_add_(*arguments)
+        else:
+            _pad_add(*arguments, backend=forced)
