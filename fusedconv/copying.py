@@ -239,7 +239,7 @@ def copy_for_folding(model: nn.Module, replaced_batchnorms: list[nn.Module],
     memo: dict[int, object] = {}
     for bn in replaced_batchnorms:
         kind = batchnorm_kind(bn)
-        if kind.passes_through:
+        if kind.passes(bn):
             memo[id(bn)] = kind.replacement(bn).train(bn.training)
     for weight in weights:
         if type(weight) is nn.Parameter:

@@ -29,6 +29,7 @@ from .layers import (
     LayerKind,
     bn_statistics,
     check_not_training,
+    has_own_forward,
     layer_groups,
     layer_in_channels,
     layer_kind,
@@ -41,6 +42,8 @@ from .layers import (
 def why_not_exact_before(layer: nn.Module) -> str | None:
     """Why a BatchNorm *before* this layer cannot be folded into it exactly, or None."""
     kind = layer_kind(layer)
+    if has_own_forward(layer):
+        return "it has a forward of its own (a padding computed on the fly, ...), which may transform its input"
     if kind is LayerKind.CONV_TRANSPOSE:
         return (
             "a BatchNorm before a ConvTranspose does not fold exactly: output positions near the borders "

@@ -89,7 +89,7 @@ def _forward_owner(module: nn.Module) -> str:
     return ""
 
 
-def why_not_standard(module: nn.Module) -> str | None:
+def why_not_standard(module: nn.Module, proven: frozenset[str] = frozenset()) -> str | None:
     """Why ``module`` may not compute what its trusted base class's code computes, or None.
 
     The trusted forward (torch's ``Conv2d.forward``, ``_BatchNorm.forward``,
@@ -101,6 +101,8 @@ def why_not_standard(module: nn.Module) -> str | None:
     registered parameter, buffer or submodule (nn.Module finds those only when
     ordinary lookup fails), no untrusted class attribute shadows an instance
     attribute, and the instance replaces none of its class's methods.
+    ``proven`` names overrides shown harmless by other means (a forward that is
+    provably a plain conv, :mod:`fusedconv.dataflow.layer_forward`).
     """
     cls = type(module)
     registered = (module._parameters.keys() | module._buffers.keys() | module._modules.keys())
@@ -120,7 +122,7 @@ def why_not_standard(module: nn.Module) -> str | None:
                 return f"{klass.__qualname__} defines {sorted(shadows)[0]} at class level, which hides the registered one"
             continue
         for name in vars(klass):
-            if name in _HARMLESS_OVERRIDES:
+            if name in _HARMLESS_OVERRIDES or name in proven:
                 continue
             base = next((t for t in trusted if name in vars(t)), None)
             if base is not None:
@@ -203,16 +205,28 @@ def _tensor_of(module: nn.Module, name: str) -> object:
     return getattr(module, name, None)
 
 
+def has_own_forward(module: nn.Module) -> bool:
+    """Whether the layer runs a forward other than torch's own (even one proven a plain conv)."""
+    return _forward_owner(module) not in _STANDARD_LAYER_FORWARDS
+
+
 def why_layer_cannot_change(module: nn.Module) -> str | None:
     """Why folding into this layer could change what it computes, or None if it can be folded."""
     owner = _forward_owner(module)
+    proven: frozenset[str] = frozenset()
     if owner not in _STANDARD_LAYER_FORWARDS:
-        return f"{type(module).__name__} has its own forward ({owner}), which may not use its weight as is"
+        # The proof reads code with the dataflow's tools, which import this module.
+        from .dataflow.layer_forward import why_forward_is_not_a_plain_conv
+
+        unproven = why_forward_is_not_a_plain_conv(module)
+        if unproven:
+            return f"{type(module).__name__} has its own forward ({owner}), which may not use its weight as is: {unproven}"
+        proven = frozenset({"forward"})
     # parametrize registers its ModuleDict as a submodule; asking is_parametrized
     # only then spares a plain layer the AttributeError of a failed getattr.
     if "parametrizations" in module._modules and parametrize.is_parametrized(module):
         return "its weight is computed by a parametrization (torch.nn.utils.parametrize)"
-    problem = why_not_standard(module)
+    problem = why_not_standard(module, proven)
     if problem:
         return f"{type(module).__name__} is not a standard layer: {problem}"
     if module._forward_pre_hooks or module._forward_hooks:
@@ -243,6 +257,12 @@ class BatchNormKind:
     replacement: Callable[[nn.Module], nn.Module]
     passes_through: bool
     frozen: bool = False
+
+    def passes(self, bn: nn.Module) -> bool:
+        """Whether this BN, once folded, is the identity: always for plain BNs,
+        and for timm's BatchNormAct when its activation and drop are identities
+        (``apply_act=False``, e.g. MaxViT's ``pre_norm``)."""
+        return self.passes_through or isinstance(self.replacement(bn), nn.Identity)
 
 
 def _identity(_: nn.Module) -> nn.Module:

@@ -155,7 +155,7 @@ class Matcher:
                     f"of {layer_name}, which has {layer_out_channels(self.index.layers[layer_name])}"
                 )
             chain.append(bn_name)
-            if not self.index.kinds[bn_name].passes_through:
+            if not self.index.kinds[bn_name].passes(self.index.batchnorms[bn_name]):
                 break  # its activation now stands between this BN and the next
             current = bn_name
         return tuple(chain)
@@ -169,7 +169,7 @@ class Matcher:
             and source not in self.used
             and self.flow.nodes[source].consumers == [current]
             and not self.bn_problem(source)
-            and self.index.kinds[source].passes_through
+            and self.index.kinds[source].passes(self.index.batchnorms[source])
         ):
             if not self.flow.nodes[current].input_tight:
                 # Once folded, the BN passes its input on as it is: code running
