@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from .apply import apply_plan
+from .errors import FoldError
+from .exported import fuse_exported, fuse_graph_module, has_aten_batch_norms, plan_exported
 from .fusion_plan import FusionPlan
 from .model_index import ModelIndex
 from .rules import check_foldable, make_plan
@@ -47,6 +49,9 @@ def plan(model: nn.Module, example_inputs: Any = None) -> FusionPlan:
     model in training mode, a BatchNorm with NaN/inf/negative statistics or
     mismatched channels, or a failing example run.
     """
+    if isinstance(model, torch.export.ExportedProgram) or (
+            isinstance(model, torch.fx.GraphModule) and has_aten_batch_norms(model)):
+        return plan_exported(model)
     network, _ = unwrapped(model, inplace=False)
     return make_plan(network, as_input_tuple(example_inputs))
 
@@ -79,6 +84,13 @@ def fuse(
     instead (subnormal weights slow CPU inference several times over).
     """
     start = time.perf_counter()
+    if isinstance(model, torch.export.ExportedProgram):
+        if inplace or plan is not None:
+            raise FoldError("an ExportedProgram is folded into a new program: call fuse(program) without "
+                            "inplace=True or plan=")
+        return fuse_exported(model, backend=backend)
+    if isinstance(model, torch.fx.GraphModule) and has_aten_batch_norms(model):
+        return fuse_graph_module(model, inplace=inplace, backend=backend)
     network, rewrap = unwrapped(model, inplace=inplace)
     index = None
     if plan is None:  # one walk of the module tree serves planning and applying

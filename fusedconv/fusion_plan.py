@@ -38,7 +38,8 @@ class FusionPlan:
     """Where the dataflow came from: "source" (the forward code, read without
     running it), "torch.fx" (a trace), "source+torch.fx" (the reading, completed
     by a trace where it could not vouch for every BN), "run" (one run on the
-    example inputs), or "none" (no BatchNorm outside the merged blocks, so none
+    example inputs), "graph" (the nodes of a torch.export program or an
+    aten-level GraphModule, named by node), or "none" (no BatchNorm outside the merged blocks, so none
     was needed)."""
     merges: list[str] = field(default_factory=list)
     """Re-parameterizable blocks merged into one conv each (qualified names)."""
@@ -49,7 +50,7 @@ class FusionPlan:
 
     def __str__(self) -> str:
         source = {"source": "the forward code", "torch.fx": "a torch.fx graph", "none": "the blocks alone",
-                  "source+torch.fx": "the forward code and a torch.fx graph"}.get(
+                  "source+torch.fx": "the forward code and a torch.fx graph", "graph": "the exported graph"}.get(
             self.source, "a run on the example inputs")
         lines = [
             f"fusion plan from {source}: {len(self.merges)} blocks merge into one conv each, "

@@ -1,0 +1,188 @@
+"""Folding torch.export programs and aten-level GraphModules (issue 13, item 2).
+
+For real torchvision models, exported as they are and after
+``run_decompositions()``: every conv/linear -> batch norm pair folds, the new
+program runs within the module fold's error bound against float64, the
+caller's program is unchanged, and no batch norm node or state entry is left.
+The dataflow rules hold on graphs too (a second reader, a shared weight, a
+training batch norm, a BN before a conv all stay). PT2E's own conv-BN fold
+(torchao) is compared on the same programs: fusedconv folds at least as many.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fusedconv
+from utils import float64_reference, randomize_batchnorm_stats, relative_error
+
+FACTOR, FLOOR = 1.5, 4 * torch.finfo(torch.float32).eps
+MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0"]
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
+def _prepared(model: nn.Module) -> nn.Module:
+    return randomize_batchnorm_stats(model, torch.Generator().manual_seed(3)).eval()
+
+
+def _batch_norm_nodes(graph) -> int:
+    return sum(1 for node in graph.nodes if node.op == "call_function" and "batch_norm" in str(node.target))
+
+
+def _state(program) -> dict:
+    return {k: v.detach().clone() for k, v in program.state_dict.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decomposed", [False, True], ids=["exported", "decomposed"])
+@pytest.mark.parametrize("name", MODELS)
+def test_exported_torchvision_models_fold_completely(name, decomposed):
+    torchvision = pytest.importorskip("torchvision")
+    model = _prepared(getattr(torchvision.models, name)())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    reference = float64_reference(model, (x,))
+    with torch.no_grad():
+        unfolded = relative_error(model(x), reference)
+    program = torch.export.export(model, (x,))
+    if decomposed:
+        program = program.run_decompositions()
+    before = _state(program)
+    batch_norms = _batch_norm_nodes(program.graph)
+
+    plan = fusedconv.plan(program)
+    fused = fusedconv.fuse(program)
+
+    assert plan.num_folded == batch_norms and not plan.skipped
+    assert _batch_norm_nodes(fused.graph) == 0
+    assert not any(key.endswith(("running_mean", "running_var", "num_batches_tracked")) for key in fused.state_dict)
+    assert relative_error(fused.module()(x), reference) <= FACTOR * unfolded + FLOOR
+    after = _state(program)  # the caller's program is as it was
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS[:2])
+def test_graph_module_from_an_exported_program(name):
+    torchvision = pytest.importorskip("torchvision")
+    model = _prepared(getattr(torchvision.models, name)())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    reference = float64_reference(model, (x,))
+    with torch.no_grad():
+        unfolded = relative_error(model(x), reference)
+    graph_module = torch.export.export(model, (x,)).module()
+    state = {k: v.clone() for k, v in graph_module.state_dict().items()}
+    fused = fusedconv.fuse(graph_module)
+    assert _batch_norm_nodes(fused.graph) == 0 and fused is not graph_module
+    assert relative_error(fused(x), reference) <= FACTOR * unfolded + FLOOR
+    assert all(torch.equal(state[k], v) for k, v in graph_module.state_dict().items())
+    assert fusedconv.fuse(graph_module, inplace=True) is graph_module
+    assert relative_error(graph_module(x), reference) <= FACTOR * unfolded + FLOOR
+
+
+# --------------------------------------------------------------------------- the rules on graphs
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+class BNBeforeConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+class TransposedThenBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.bn = nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), nn.BatchNorm2d(6)
+        self.fc, self.bn1 = nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn1(self.fc(self.bn(self.up(x)).mean((2, 3))))
+
+
+@pytest.mark.parametrize("make, folded, why", [
+    (Residual, 0, "also read elsewhere"),
+    (SharedConv, 0, "read by 2 nodes"),
+    (BNBeforeConv, 0, "not the output of a conv"),
+    (TransposedThenBN, 2, None),
+])
+def test_graph_rules(make, folded, why):
+    model = _prepared(make())
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(7))
+    reference = float64_reference(model, (x,))
+    with torch.no_grad():
+        unfolded = relative_error(model(x), reference)
+    program = torch.export.export(model, (x,))
+    plan = fusedconv.plan(program)
+    assert plan.num_folded == folded, str(plan)
+    if why is not None:
+        assert why in plan.skipped[0].reason, plan.skipped[0].reason
+    assert relative_error(fusedconv.fuse(program).module()(x), reference) <= FACTOR * unfolded + FLOOR
+
+
+def test_a_training_batch_norm_is_left():
+    model = Residual().train()
+    program = torch.export.export(model, (torch.randn(2, 4, 6, 6),))
+    plan = fusedconv.plan(program)
+    assert plan.num_folded == 0 and "training" in plan.skipped[0].reason
+
+
+def test_a_decomposed_linear_is_left_with_the_reason():
+    model = _prepared(TransposedThenBN())
+    program = torch.export.export(model, (torch.randn(2, 4, 6, 6),)).run_decompositions()
+    plan = fusedconv.plan(program)
+    assert plan.num_folded == 1 and "addmm" in plan.skipped[0].reason
+
+
+def test_an_exported_program_is_never_folded_in_place():
+    program = torch.export.export(_prepared(Residual()), (torch.randn(1, 4, 6, 6),))
+    with pytest.raises(fusedconv.FoldError, match="new program"):
+        fusedconv.fuse(program, inplace=True)
+
+
+# --------------------------------------------------------------------------- PT2E's fold
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_at_least_as_many_folds_as_pt2e(name):
+    torchvision = pytest.importorskip("torchvision")
+    utils = pytest.importorskip("torchao.quantization.pt2e.utils")
+    model = _prepared(getattr(torchvision.models, name)())
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    reference = float64_reference(model, (x,))
+    theirs = torch.export.export(model, (x,)).module()
+    utils._fuse_conv_bn_(theirs)
+    ours = fusedconv.fuse(torch.export.export(model, (x,)).module())
+    assert _batch_norm_nodes(ours.graph) <= _batch_norm_nodes(theirs.graph)
+    with torch.no_grad():
+        unfolded = relative_error(model(x), reference)
+    assert relative_error(ours(x), reference) <= FACTOR * unfolded + FLOOR
