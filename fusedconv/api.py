@@ -90,7 +90,10 @@ def fuse(
                             "inplace=True or plan=")
         return fuse_exported(model, backend=backend)
     if isinstance(model, torch.fx.GraphModule) and has_aten_batch_norms(model):
-        return fuse_graph_module(model, inplace=inplace, backend=backend)
+        if inplace or plan is not None:
+            raise FoldError("an aten-level GraphModule is folded into a copy: call fuse(graph_module) without "
+                            "inplace=True or plan=")
+        return fuse_graph_module(model, backend=backend)
     network, rewrap = unwrapped(model, inplace=inplace)
     index = None
     if plan is None:  # one walk of the module tree serves planning and applying

@@ -15,7 +15,7 @@ from .fusion_plan import FusionPlan
 from .layers import batchnorm_kind
 from .model_index import ModelIndex
 from .registry import plan_blocks
-from .reparam import apply_reparameterizations
+from .reparam import write_merged_weights
 from .rules import checked_affines, module_at
 from .writing import Rollback, check_folded_range, check_writable, subnormal_weights
 
@@ -62,6 +62,8 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
     targets = [module_at(target_modules, name) for name in prepared.names]
     weights = [layer.weight for layer in targets]
     with Rollback() as rollback:
+        if merges:  # a converter's install may fail: every module swap before the weights are written is undone
+            rollback.keep_modules(target_modules[""])
         for name, bn_paths_of_one in prepared.bn_paths.items():
             bn = module_at(target_modules, name)
             if isinstance(bn, nn.Identity):  # already replaced through the copy's memo
@@ -71,11 +73,13 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
                 parent, _, attr = path.rpartition(".")
                 rollback.setattr(target_modules[parent], attr, replacement)
         set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback)
+        for merge in merges:  # module swaps only, before any weight is written
+            merge.install(merge.target)
         # A copied weight that the memo did not leave unwritten (a Parameter
         # subclass, cloned as usual) holds its source's values: writing it from
         # the source gives the same bits.
         rescale_weights(weights, prepared.layer_folds, backend, sources)
-    apply_reparameterizations(merges, backend)
+    write_merged_weights(merges, backend)
     subnormal_weights(weights, prepared.layer_folds, prepared.names, flush=flush_subnormals)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
 
 import torch
 from torch import fx
@@ -103,6 +104,8 @@ class _Attributes:
         self.module = module
         self.shared = sharing_memory([*module.named_parameters(remove_duplicate=False),
                                       *module.named_buffers(remove_duplicate=False)])
+        # Several get_attr nodes may read one tensor: each is a reader.
+        self.readers = Counter(node.target for node in module.graph.nodes if node.op == "get_attr")
 
     def value(self, node) -> torch.Tensor | None:
         if not isinstance(node, fx.Node) or node.op != "get_attr":
@@ -115,7 +118,7 @@ class _Attributes:
         return value if isinstance(value, torch.Tensor) else None
 
     def is_shared(self, node: fx.Node) -> bool:
-        return node.target in self.shared
+        return node.target in self.shared or self.readers[node.target] > 1
 
 
 def _batch_norm_parts(node: fx.Node):
@@ -162,7 +165,7 @@ class _Matcher:
             if len(tensor.users) != 1:
                 return f"{tensor.name} is read by {len(tensor.users)} nodes: a fold would change the others"
             if self.state.is_shared(tensor):
-                return f"{tensor.name} shares memory with another tensor of the program"
+                return f"{tensor.name} shares memory with, or is read through, another node of the program"
         return None
 
     def explain_or_pair(self, bn: fx.Node) -> tuple[fx.Node | None, str | None]:
@@ -190,10 +193,15 @@ class _Matcher:
                           "folded in exported programs)")
         if list(input_.users) != [bn] or any(a is input_ for a in bn.args[1:]):
             return None, f"the output of {input_.name} is also read elsewhere"
-        if input_.target == aten.linear.default:
-            shape = input_.meta.get("val")
-            if shape is None or shape.dim() != 2:
-                return None, f"it normalises dim 1 of the output of {input_.name}, whose rank is not 2"
+        # A BN normalises dim 1: the layer's channels only for a batched output
+        # (rank 2 for a Linear, spatial dims + 2 for a conv), which the node's
+        # recorded value shows.
+        value = input_.meta.get("val", input_.meta.get("tensor_meta"))  # export's, or ShapeProp's
+        weight = self.state.value(input_.args[1])
+        batched = 2 if input_.target == aten.linear.default else (weight.dim() if weight is not None else -1)
+        if value is None or len(value.shape) != batched:
+            return None, (f"it normalises dim 1 of the output of {input_.name}, which is not a batched "
+                          f"rank-{batched} tensor")
         problem = self.layer_problem(input_)
         if problem:
             return None, f"the layer before it, {input_.name}, cannot change: {problem}"
@@ -257,6 +265,14 @@ def _folded_tensors(state, pairs, backend: str | None):
     return folds, new_weights
 
 
+def _has_attribute(module: torch.nn.Module, path: str) -> bool:
+    owner, _, name = path.rpartition(".")
+    try:
+        return hasattr(module.get_submodule(owner), name)
+    except AttributeError:
+        return False
+
+
 def _remove_batch_norm(graph: fx.Graph, layer: fx.Node, bn: fx.Node) -> list[fx.Node]:
     """Send the BN's readers to the layer and erase the BN; its tensor inputs come back."""
     for reader in _bn_output_users(bn):
@@ -274,16 +290,17 @@ def _with_bias_argument(layer: fx.Node, bias: fx.Node) -> None:
     layer.args = tuple(arguments)
 
 
-def fuse_graph_module(module: fx.GraphModule, *, inplace: bool = False, backend: str | None = None) -> fx.GraphModule:
-    """Fold every foldable conv/linear -> batch norm pair of an aten-level
-    GraphModule whose tensors are ``get_attr`` nodes (``ExportedProgram.module()``);
-    a copy unless ``inplace``."""
+def fuse_graph_module(module: fx.GraphModule, *, backend: str | None = None) -> fx.GraphModule:
+    """A copy of an aten-level GraphModule whose tensors are ``get_attr`` nodes
+    (``ExportedProgram.module()``) with every foldable conv/linear -> batch norm
+    pair folded; ``module`` is left as it was (the graph and its attributes are
+    changed together, in the copy, so that nothing is ever half-written)."""
     matcher = _Matcher(module)
     _, pairs = matcher.plan()
     if not pairs:
         return module
     folds, new_weights = _folded_tensors(matcher.state, pairs, backend)
-    target = module if inplace else copy.deepcopy(module)
+    target = copy.deepcopy(module)
     by_name = {node.name: node for node in target.graph.nodes}
     graph = target.graph
 
@@ -299,8 +316,10 @@ def fuse_graph_module(module: fx.GraphModule, *, inplace: bool = False, backend:
             assign(bias.target, fold.bias)
         else:
             owner = layer.args[1].target.rpartition(".")[0]
-            free = getattr(target.get_submodule(owner), "bias", None) is None
-            path = f"{owner}.bias" if free else f"{owner}.folded_bias"
+            name = "bias" if getattr(target.get_submodule(owner), "bias", None) is None else "folded_bias"
+            path = f"{owner}.{name}" if owner else name
+            while _has_attribute(target, path):  # a name nothing else uses
+                path += "_"
             assign(path, fold.bias)
             with graph.inserting_after(layer.args[1]):
                 _with_bias_argument(layer, graph.get_attr(path))

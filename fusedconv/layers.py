@@ -210,11 +210,18 @@ def has_own_forward(module: nn.Module) -> bool:
     return _forward_owner(module) not in _STANDARD_LAYER_FORWARDS
 
 
-def why_layer_cannot_change(module: nn.Module) -> str | None:
-    """Why folding into this layer could change what it computes, or None if it can be folded."""
+def why_layer_cannot_change(module: nn.Module, *, own_forward: bool = False) -> str | None:
+    """Why folding into this layer could change what it computes, or None if it can be folded.
+
+    With ``own_forward``, a layer whose own forward is provably a plain conv or
+    linear (:mod:`fusedconv.dataflow.layer_forward`) qualifies too: right for a
+    BN folded *after* it, not for merging branches into it (a "same" padding
+    computed on the fly is not the fixed padding the branches line up with)."""
     owner = _forward_owner(module)
     proven: frozenset[str] = frozenset()
     if owner not in _STANDARD_LAYER_FORWARDS:
+        if not own_forward:
+            return f"{type(module).__name__} has its own forward ({owner}), which may not use its weight as is"
         # The proof reads code with the dataflow's tools, which import this module.
         from .dataflow.layer_forward import why_forward_is_not_a_plain_conv
 

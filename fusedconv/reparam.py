@@ -262,9 +262,20 @@ def check_reparameterization(plan: Reparameterization) -> Reparameterization:
 
 
 def apply_reparameterizations(plans: Sequence[Reparameterization], backend: str | None = None) -> None:
-    """Merge every checked plan in place: the targets' weights are scaled in one
-    batched call, the branches added in another, then each block installs its target."""
+    """Merge every checked plan in place: each block installs its target first
+    (module swaps only: the plans hold the branches' tensors), then the targets'
+    weights are scaled in one batched call, the branches added in another and
+    the biases stored. Callers that must undo a failing install take a
+    :class:`fusedconv.writing.Rollback` snapshot of the modules first."""
     check_reparameterizations([p for p in plans if p.target_fold is None])
+    for plan in plans:
+        plan.install(plan.target)
+    write_merged_weights(plans, backend)
+
+
+def write_merged_weights(plans: Sequence[Reparameterization], backend: str | None = None) -> None:
+    """The writes of checked merges: the targets' weights scaled in one batched
+    call, the branches added in another, the new biases stored together."""
     rescale_weights([p.target.weight for p in plans], [p.target_fold for p in plans], backend)
     bigs, smalls, scales, offsets, dilations = [], [], [], [], []
     for plan in plans:
@@ -276,5 +287,3 @@ def apply_reparameterizations(plans: Sequence[Reparameterization], backend: str 
             dilations.extend(dilation)
     kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend=backend)
     set_biases([p.target for p in plans], [p.target_fold.bias for p in plans])
-    for plan in plans:
-        plan.install(plan.target)

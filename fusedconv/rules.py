@@ -80,7 +80,8 @@ class Matcher:
 
     def layer_problem(self, name: str) -> str | None:
         if name not in self._layer_problems:
-            self._layer_problems[name] = self._usage_problem(name) or why_layer_cannot_change(self.index.layers[name])
+            self._layer_problems[name] = self._usage_problem(name) or why_layer_cannot_change(
+                self.index.layers[name], own_forward=True)  # BNs before it are refused by why_not_exact_before
         return self._layer_problems[name]
 
     def _held_elsewhere(self, bn: nn.Module) -> str | None:

@@ -102,7 +102,7 @@ def check_folded_range(weights: Sequence[torch.Tensor], folds: Sequence[LayerFol
         return
     for device in {fold.bias.device for fold in folds}:
         members = [(name, fold.bias) for name, fold in zip(names, folds) if fold.bias.device == device]
-        finite = torch.isfinite(torch.cat([bias.float() for _, bias in members]))
+        finite = torch.cat([torch.isfinite(bias).flatten() for _, bias in members])  # each in its own dtype
         if not finite.all():
             name = next(name for name, bias in members if not torch.isfinite(bias).all())
             raise FoldError(f"{name}: its folded bias would be inf or NaN in its dtype: convert the model to "
@@ -171,6 +171,23 @@ class Rollback:
         previous = owner._modules[attr] if attr in owner._modules else getattr(owner, attr)
         setattr(owner, attr, value)
         self._undo.append(lambda: setattr(owner, attr, previous))
+
+    def keep_modules(self, model: nn.Module) -> None:
+        """Remember every module's registered children, parameters, buffers and
+        attributes (not tensor values), so that module swaps made by code
+        fusedconv does not control (a block converter's ``install``) can be undone."""
+        saved = [(m, dict(vars(m)), dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+
+        def restore() -> None:
+            for module, attributes, children, parameters, buffers in saved:
+                vars(module).clear()
+                vars(module).update(attributes)
+                for registry, before in ((module._modules, children), (module._parameters, parameters),
+                                         (module._buffers, buffers)):
+                    registry.clear()
+                    registry.update(before)
+
+        self._undo.append(restore)
 
     def keep(self, tensor: torch.Tensor) -> None:
         """Remember ``tensor``'s values (small tensors only: biases) before it is written."""

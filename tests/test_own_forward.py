@@ -180,6 +180,18 @@ class ReadsAProperty(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.step)
 
 
+class NoConvAtAll(nn.Conv2d):
+    def forward(self, x):
+        return torch.relu(x)
+
+
+class EarlyReturn(nn.Conv2d):
+    def forward(self, x):
+        if x.shape[0] > 1:
+            return torch.relu(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 def scaled_twice(x, weight, bias):
     return F.conv2d(x, weight, bias) * 2
 
@@ -195,13 +207,15 @@ class HelperChangesOutput(nn.Conv2d):
     (TransposedWeight, "weight and bias"),
     (NoBias, "weight and bias"),
     (WeightReadElsewhere, "one call"),
-    (ThroughAMethod, "standard torch module"),
+    (ThroughAMethod, "is not the conv"),
+    (NoConvAtAll, "is not the conv"),
+    (EarlyReturn, "before its last line"),
     (ReadsAProperty, "computes"),
     (HelperChangesOutput, "return"),
 ])
 @pytest.mark.parametrize("mode", ["source", "run"])
 def test_own_forwards_that_are_not_a_plain_conv_stay_refused(cls, why, mode):
-    plan = folds_exactly(ConvThenBN(cls(3, 6, 3)), torch.randn(2, 3, 8, 8), set(), mode)
+    plan = folds_exactly(ConvThenBN(cls(6, 6, 3, padding=1)), torch.randn(2, 6, 8, 8), set(), mode)
     assert "own forward" in plan.skipped[0].reason and why in plan.skipped[0].reason, plan.skipped[0].reason
 
 
@@ -216,6 +230,25 @@ def test_a_changed_forward_is_proved_again(monkeypatch):
     model = randomize_batchnorm_stats(ConvThenBN(DynamicSameConv(3, 6, 3)), torch.Generator().manual_seed(1)).eval()
     assert fusedconv.plan(model).num_folded == 1
     monkeypatch.setattr(DynamicSameConv.forward, "__code__", ScaledOutput.forward.__code__)
+    assert fusedconv.plan(model).num_folded == 0
+
+
+CONV_OPERATION = F.conv2d
+
+
+def _ignores_weight(x, weight, bias, *args):
+    return x[:, : weight.shape[0]]
+
+
+class ThroughAGlobal(nn.Conv2d):
+    def forward(self, x):
+        return CONV_OPERATION(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_a_rebound_global_is_proved_again(monkeypatch):
+    model = randomize_batchnorm_stats(ConvThenBN(ThroughAGlobal(6, 6, 1)), torch.Generator().manual_seed(2)).eval()
+    assert fusedconv.plan(model).num_folded == 1
+    monkeypatch.setitem(globals(), "CONV_OPERATION", _ignores_weight)
     assert fusedconv.plan(model).num_folded == 0
 
 

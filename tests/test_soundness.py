@@ -22,6 +22,7 @@ from torch import nn
 
 import fusedconv
 import fusedconv.apply
+import fusedconv.registry
 from utils import float64_reference, randomize_batchnorm_stats, relative_error, trace_only
 
 # The folded model's error against float64 may be at most this many times the
@@ -676,11 +677,25 @@ def test_functional_batch_norms_are_reported_as_left(mode, monkeypatch):
     assert len(plan.skipped) == 1 and "function call" in plan.skipped[0].reason
 
 
-def test_exported_graph_module_reports_its_batch_norms():
+def test_exported_graph_module_folds_or_reports_its_batch_norms():
+    """A batch norm node is never silently ignored: folded (tests/test_exported.py),
+    or listed as left with its reason."""
     model = prepared(ConvBN())
     graph_module = torch.export.export(model, (torch.randn(2, 3, 8, 8),)).module()
-    plan = fusedconv.plan(graph_module)
-    assert plan.num_folded == 0 and len(plan.skipped) == 1
+    assert fusedconv.plan(graph_module).num_folded == 1
+    residual = torch.export.export(prepared(Residual()), (torch.randn(2, 4, 6, 6),)).module()
+    plan = fusedconv.plan(residual)
+    assert plan.num_folded == 0 and len(plan.skipped) == 1 and "also read elsewhere" in plan.skipped[0].reason
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
 
 
 def test_global_module_hooks_leave_every_bn(monkeypatch):
@@ -876,3 +891,103 @@ class OnlyALinear(nn.Module):
 @pytest.mark.parametrize("mode", MODES)
 def test_a_model_without_batch_norms(mode, monkeypatch):
     fold_and_compare(OnlyALinear, (4, 2), mode=mode, inplace=True, folded=set(), monkeypatch=monkeypatch)
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def _checkpoint_runner(sequence, segments, x, **kwargs):
+    return torch.utils.checkpoint.checkpoint_sequential(sequence, segments, x, **kwargs)
+
+
+RUN = _checkpoint_runner
+
+
+def _reads_twice(sequence, segments, x, **kwargs):
+    y = sequence[0](x)
+    return sequence[1](y) + y
+
+
+class RunsThroughAGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return RUN(self.seq, 1, x, use_reentrant=False)
+
+
+def test_a_rebound_checkpoint_helper_is_read_again(monkeypatch):
+    monkeypatch.setitem(globals(), "RUN", torch.utils.checkpoint.checkpoint_sequential)
+    assert fusedconv.plan(prepared(RunsThroughAGlobal())).num_folded == 1  # fills the cache
+    monkeypatch.setitem(globals(), "RUN", _reads_twice)
+    fold_and_compare(RunsThroughAGlobal, (2, 4, 5, 5), mode="source", inplace=True, folded=set(),
+                     monkeypatch=monkeypatch)
+
+
+class SwapsItsBuffer(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("count", torch.zeros(()))
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "data":
+            self.count.data = self.count.data + 1  # repoints the buffer: no version bump
+        else:
+            self.count = self.count + 1  # registers a new tensor
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("how", ["data", "replace"])
+def test_runs_put_back_replaced_and_repointed_tensors(how):
+    model = prepared(SwapsItsBuffer(how))
+    before = state(model)
+    count = model.count
+    x = torch.randn(2, 3, 8, 8)
+    fused = fusedconv.fuse(model, (x,))
+    fusedconv.verify(model, fused, (x,))
+    assert_unchanged(model, before)
+    assert model.count is count
+
+
+class TwoBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv3x3, self.bn3x3 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv1x1, self.bn1x1 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn3x3(self.conv3x3(x)) + self.bn1x1(self.conv1x1(x))
+
+
+class BlockAfterAFold(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.block = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), TwoBranches()
+
+    def forward(self, x):
+        return self.block(self.bn(self.conv(x)))
+
+
+def test_a_failing_block_install_is_undone():
+    from fusedconv.reparam import Reparameterization, bn_affine, conv_branch
+
+    def convert(block, name):
+        def install(conv):
+            del block.conv1x1  # a partial change, then a failure
+            raise RuntimeError("simulated failure in a converter's install")
+
+        return Reparameterization(name, block.conv3x3, install, after=bn_affine(block.bn3x3),
+                                  branches=[conv_branch(block.conv1x1, block.bn1x1)])
+
+    fusedconv.register_block(TwoBranches, convert)
+    try:
+        model = prepared(BlockAfterAFold())
+        before = state(model)
+        with pytest.raises(RuntimeError, match="simulated"):
+            fusedconv.fuse(model, inplace=True)
+        assert_unchanged(model, before)
+    finally:
+        fusedconv.registry._CONVERTERS.pop(TwoBranches, None)

@@ -8,7 +8,8 @@ watches the run: before any torch call that may write a tensor in place
 (``copy_``, ``add_``, ``x[...] = ...``, ``out=``, a batch norm that updates
 its statistics), it keeps a copy of each of the model's tensors among the
 arguments, the first time only; when the run ends, whatever changed is
-written back. A tensor that changed although no call seen from Python wrote
+written back. A tensor replaced in its module (``self.count = self.count +
+1``) or repointed (``p.data = ...``) is put back as well. A tensor that changed although no call seen from Python wrote
 it (inside TorchScript or C++ code) cannot be restored: that raises.
 """
 
@@ -57,6 +58,12 @@ class UnchangedState(TorchFunctionMode):
         self.named = {id(t): (name, t) for name, t in (*model.named_parameters(), *model.named_buffers())}
         self.versions = {key: _version(t) for key, (_, t) in self.named.items()}
         self.saved: dict[int, torch.Tensor] = {}
+        # Which tensor each module registers, and the memory each tensor views:
+        # ``self.count = self.count + 1`` swaps the registered tensor, and
+        # ``p.data = ...`` repoints it, neither of which bumps a version counter.
+        self.registered = [(registry, dict(registry)) for m in model.modules()
+                           for registry in (m._parameters, m._buffers) if registry]
+        self.views = {key: t.data for key, (_, t) in self.named.items()}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -74,6 +81,15 @@ class UnchangedState(TorchFunctionMode):
         return result
 
     def restore(self) -> None:
+        for registry, before in self.registered:  # tensors swapped or added: the old ones back
+            if registry != before or any(registry[k] is not v for k, v in before.items()):
+                registry.clear()
+                registry.update(before)
+        for key, (_, tensor) in self.named.items():  # ``.data`` repointed: the old memory back
+            view = self.views[key]
+            if tensor.data_ptr() != view.data_ptr() or tensor.shape != view.shape or \
+                    tensor.stride() != view.stride() or tensor.dtype != view.dtype:
+                tensor.data = view
         lost = []
         with torch.no_grad():
             for key, (name, tensor) in self.named.items():

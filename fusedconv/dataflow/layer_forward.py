@@ -43,7 +43,15 @@ class _NotPlain(Exception):
     """The code does something the proof does not follow."""
 
 
+_PARSED: dict[types.CodeType, ast.FunctionDef] = {}
+
+
 def _parsed(function: types.FunctionType) -> ast.FunctionDef:
+    """The function's syntax tree, parsed once per code object. The proof itself
+    runs again for every plan: what the names it resolves hold may have changed."""
+    definition = _PARSED.get(function.__code__)
+    if definition is not None:
+        return definition
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError) as exc:
@@ -51,6 +59,9 @@ def _parsed(function: types.FunctionType) -> ast.FunctionDef:
     definition = tree.body[0]
     if not isinstance(definition, ast.FunctionDef):
         raise _NotPlain(f"{function.__qualname__} is not a plain function")
+    if len(_PARSED) > 512:  # generated classes would otherwise pile up
+        _PARSED.clear()
+    _PARSED[function.__code__] = definition
     return definition
 
 
@@ -61,7 +72,6 @@ class _Proof:
         self.layer_dims = layer_dims  # spatial dims of a conv, None for a Linear
         self.children: set[str] = set()  # children of the layer that the forward calls
         self.attributes: set[str] = set()  # other attributes of the layer that it reads
-        self.functions: list[tuple[types.FunctionType, types.CodeType]] = []
         self.outside = _ClassReading()  # the globals and closure variables read, checked per plan
 
     def prove(self, function: types.FunctionType, weight: str, bias: str, self_name: str | None, depth: int) -> None:
@@ -69,7 +79,6 @@ class _Proof:
         parameter name) that hold the layer's weight and bias in ``function``."""
         if depth > _DEPTH:
             raise _NotPlain("the weight is passed through too many functions")
-        self.functions.append((function, function.__code__))
         definition = _parsed(function)
         bound = _bound_names(definition)
         for node in ast.walk(definition):  # the names the code reads from outside, checked per plan
@@ -77,7 +86,12 @@ class _Proof:
                 self.outside.free_names.append((function, node.id, ()))
         returned = self._returned_call(definition)
         parents = {child: node for node in ast.walk(definition) for child in ast.iter_child_nodes(node)}
+        last = definition.body[-1]
+        for node in _own_scope(definition):
+            if isinstance(node, (ast.Yield, ast.YieldFrom, ast.Await)) or (isinstance(node, ast.Return) and node is not last):
+                raise _NotPlain("the forward may return or yield something else before its last line")
         handled: set[int] = set()
+        proven_return = False
         for call in (n for n in ast.walk(definition) if isinstance(n, ast.Call)):
             passes = [a for a in (*call.args, *(k.value for k in call.keywords)) if _spelled(a) in (weight, bias)]
             if not passes:
@@ -91,7 +105,10 @@ class _Proof:
                 self._follow(call, target, weight, bias, depth)
             else:
                 raise _NotPlain(f"the weight or bias is passed to {ast.unparse(call.func)}")
+            proven_return = proven_return or call is returned
             handled.update(id(a) for a in passes)
+        if not proven_return:
+            raise _NotPlain("what the forward returns is not the conv of the layer's weight and bias")
         for node in ast.walk(definition):
             spelled = _spelled(node)
             if spelled not in (weight, bias) or id(node) in handled:
@@ -164,6 +181,16 @@ class _Proof:
                 self.attributes.add(attribute.attr)
 
 
+def _own_scope(definition: ast.FunctionDef):
+    """The nodes of a function outside the functions, lambdas and classes nested in it."""
+    stack = list(definition.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack.extend(ast.iter_child_nodes(node))
+
+
 def _spelled(node: ast.AST | None) -> str | None:
     if isinstance(node, ast.Name):
         return node.id
@@ -177,18 +204,7 @@ def _measures(node: ast.AST, parent: ast.AST | None) -> bool:
     return isinstance(parent, ast.Attribute) and parent.value is node and parent.attr in _METADATA
 
 
-_PROOFS: dict[type, tuple[_Proof | None, str | None]] = {}
-
-
-def _still_holds(proof: _Proof) -> bool:
-    return all(function.__code__ is code for function, code in proof.functions)
-
-
-def _proof_for(cls: type, forward: types.FunctionType, layer_dims: int | None) -> tuple[_Proof | None, str | None]:
-    cached = _PROOFS.get(cls)
-    if cached is not None and cached[0] is not None and cached[0].functions[0][0] is forward \
-            and _still_holds(cached[0]):
-        return cached
+def _proof_for(forward: types.FunctionType, layer_dims: int | None) -> tuple[_Proof | None, str | None]:
     proof = _Proof(layer_dims)
     try:
         arguments = inspect.signature(forward).parameters
@@ -196,13 +212,9 @@ def _proof_for(cls: type, forward: types.FunctionType, layer_dims: int | None) -
         if self_name is None or len(arguments) != 2:
             raise _NotPlain("the forward does not take (self, input)")
         proof.prove(forward, f"{self_name}.weight", f"{self_name}.bias", self_name, 0)
-        result = (proof, None)
     except _NotPlain as exc:
-        result = (None, str(exc))
-    if len(_PROOFS) > 512:  # generated classes would otherwise pile up
-        _PROOFS.clear()
-    _PROOFS[cls] = result
-    return result
+        return None, str(exc)
+    return proof, None
 
 
 def why_forward_is_not_a_plain_conv(module: nn.Module) -> str | None:
@@ -219,7 +231,7 @@ def why_forward_is_not_a_plain_conv(module: nn.Module) -> str | None:
     forward = next((vars(klass)["forward"] for klass in type(module).__mro__ if "forward" in vars(klass)), None)
     if not isinstance(forward, types.FunctionType):
         return "its forward is not a plain function"
-    proof, problem = _proof_for(type(module), forward, layer_dims)
+    proof, problem = _proof_for(forward, layer_dims)
     if proof is None:
         return problem
     problem = _free_names_problem(proof.outside)
@@ -234,8 +246,3 @@ def why_forward_is_not_a_plain_conv(module: nn.Module) -> str | None:
                 not type(child).__module__.startswith("torch.nn.modules."):
             return f"its forward calls self.{name}, which is not a standard torch module"
     return None
-
-
-def proven_plain(module: nn.Module) -> bool:
-    """Whether :func:`why_forward_is_not_a_plain_conv` proves ``module``."""
-    return why_forward_is_not_a_plain_conv(module) is None

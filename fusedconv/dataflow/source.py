@@ -84,6 +84,10 @@ class _ClassReading:
     """Globals and closure variables the code loads: (function, name, attribute chain)."""
     functional_batchnorms: list[str] = field(default_factory=list)
     """Calls of a functional batch norm (``F.batch_norm(...)``), as written."""
+    resolved: list[tuple[types.FunctionType, ast.AST, set[str], object]] = field(default_factory=list)
+    """(function, expression, its bound names, what it resolved to) for each
+    global looked up while reading (checkpoint helpers): the reading holds while
+    each still resolves to the same object."""
 
     @functools.cached_property
     def pairs(self) -> list[tuple[str, str, bool]]:
@@ -287,8 +291,7 @@ class _Reader:
                       and all(isinstance(c, ast.Constant) and c.value is None for c in parent.comparators)):
                 self.reading.other_uses.add(attr)
 
-    @staticmethod
-    def _run_by_helper(node: ast.AST, parents: dict[ast.AST, ast.AST], function: ast.FunctionDef,
+    def _run_by_helper(self, node: ast.AST, parents: dict[ast.AST, ast.AST], function: ast.FunctionDef,
                        code: types.FunctionType, bound: list[set[str]]) -> str | None:
         """How a checkpoint helper runs ``node`` (``self.attr``, not called here):
         "call" when it calls it, "sequence" when it runs its children in order
@@ -301,7 +304,9 @@ class _Reader:
             return None
         if not bound:
             bound.append(_bound_names(function))
-        helper = _checkpoint_helper(_resolve(call.func, code, bound[0]))
+        resolved = _resolve(call.func, code, bound[0])
+        self.reading.resolved.append((code, call.func, bound[0], resolved))  # the reading holds while it does
+        helper = _checkpoint_helper(resolved)
         if helper == "checkpoint":  # checkpoint(function, *args): function(*args)
             return None if listed else "call"
         if helper == "checkpoint_sequential":  # a list is called item by item, a Sequential's children run
@@ -419,10 +424,12 @@ _CACHED_CLASSES = 1024  # generated classes (fx GraphModules, tests) would other
 
 
 def _still_holds(cls: type, reading: _ClassReading) -> bool:
-    """Whether every method and class attribute the reading relied on is still the
-    one it read (a monkeypatched helper, or a replaced ``__code__``, reads again)."""
+    """Whether every method, class attribute and global the reading relied on is
+    still the one it read (a monkeypatched helper, a replaced ``__code__`` or a
+    rebound checkpoint helper reads again)."""
     return (all(_class_attribute(cls, name) is value for name, value in reading.lookups.items())
-            and all(function.__code__ is code for function, code in reading.codes))
+            and all(function.__code__ is code for function, code in reading.codes)
+            and all(_resolve(node, function, bound) is value for function, node, bound, value in reading.resolved))
 
 
 def read_class(cls: type) -> _ClassReading:
@@ -513,7 +520,7 @@ def _reading_of(module: nn.Module, free_problems: dict[type, str | None]) -> _Cl
         owner = _class_defines(cls, name)
         if owner is not None:
             return _ClassReading(opaque=f"{owner.__qualname__}.{name}, a class attribute, hides its submodule {name}")
-    if isinstance(module, nn.Sequential) and why_not_standard(module) is None:
+    if _plain_sequential(module):
         return _sequential_reading(module)
     reading = read_class(cls)
     if reading.opaque:
