@@ -283,3 +283,17 @@ def test_batchnorm_act_without_activation_folds_like_a_batchnorm(before):
     del timm
     plan = folds_exactly(PreNorm(), torch.randn(2, 4, 6, 6), {"pre_norm", "post_norm"}, "run" if before else "source")
     assert plan.folds[0].before == ("pre_norm",)
+
+
+@pytest.mark.slow
+def test_smp_unet_with_an_efficientnet_encoder_folds_every_batch_norm_that_runs():
+    """segmentation_models_pytorch's Unet on efficientnet-pytorch's encoder, whose
+    convs are Conv2dStaticSamePadding (a ZeroPad2d child, then F.conv2d)."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    pytest.importorskip("efficientnet_pytorch")
+    model = smp.Unet("efficientnet-b0", encoder_weights=None, classes=2)
+    plan = folds_exactly(model, torch.randn(1, 3, 64, 64), {
+        n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)} - {"encoder._bn1"},
+        "source")
+    # efficientnet-pytorch's classifier-head BN, which the Unet's encoder never runs
+    assert [(s.module, s.reason) for s in plan.skipped] == [("encoder._bn1", "never called by forward")]
