@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bn_stats import randomize_batchnorm_stats  # noqa: E402
+from fusedconv.examples import randomize_batchnorm_stats  # noqa: E402
 from fusedconv.timing import format_ms, machine_info, measure, print_machine_info, print_table  # noqa: E402
 
 import fusedconv  # noqa: E402

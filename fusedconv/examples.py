@@ -1,4 +1,5 @@
-"""A small built-in network for demos and smoke tests.
+"""A small built-in network for demos and smoke tests, and random BatchNorm
+statistics (:func:`randomize_batchnorm_stats`) for checking folds on any model.
 
 :func:`build_demo_network` returns a CNN of about fifty thousand parameters that
 runs in a few milliseconds on a CPU and contains one instance of each fold
@@ -107,6 +108,36 @@ class DemoNet(nn.Module):
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         x = F.relu(self.fc_bn(self.fc(x)))
         return self.classifier(x)
+
+
+def randomize_batchnorm_stats(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give every BatchNorm-like module random statistics and affine parameters.
+
+    Never zeros or ones: those hide a wrong axis or a forgotten term. Works for
+    torch BatchNorm*d/SyncBatchNorm, FrozenBatchNorm2d and timm's BatchNormAct2d,
+    which all keep ``running_mean``/``running_var`` (and optionally ``weight``/``bias``).
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            mean = getattr(module, "running_mean", None)
+            var = getattr(module, "running_var", None)
+            if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+                continue
+            n = mean.numel()
+
+            def draw(low, high):
+                return (torch.rand(n, generator=generator, dtype=torch.float64) * (high - low) + low)
+
+            mean.copy_(torch.randn(n, generator=generator, dtype=torch.float64) * 0.5)
+            var.copy_(draw(0.3, 2.0))
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                sign = torch.where(torch.rand(n, generator=generator) < 0.15, -1.0, 1.0).double()
+                weight.copy_(draw(0.5, 1.5) * sign)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(torch.randn(n, generator=generator, dtype=torch.float64) * 0.3)
+    return model
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
