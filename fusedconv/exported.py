@@ -12,15 +12,19 @@ the program's state. A BN folds into the layer node before it (``aten.conv1d``
 * the BN is in inference form (a training batch norm is left, saying so);
 * the layer's weight (and bias) are placeholders read by this layer alone and
   sharing no memory with another tensor of the program;
-* a BN after a Linear sees ``(N, C)`` (the node's recorded shape says so).
+* the layer's output is batched (rank 2 for a Linear, spatial dims + 2 for a
+  conv: the node's recorded shape says so);
+* a BN *before* a layer folds where that is exact: its output is read by the
+  layer alone, as its input; the conv does not pad with zeros and is not
+  transposed; no in-place op runs between the two.
 
 The folded weight and bias are computed with the same float64 arithmetic and
 checks as :func:`fusedconv.fuse` (one rounding, range checks) into new
 tensors: the caller's program is left as it was, and a new program comes back
 whose graph has the BN nodes removed, the layer reading the folded tensors (a
 new bias placeholder where the layer had none), and the BN's placeholders and
-state entries gone. A BN before a layer, and a Linear decomposed into
-``aten.addmm``, are left with the reason.
+state entries gone. One BN folds per layer node; a Linear decomposed into
+``aten.addmm``/``mm`` is left with the reason.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from . import kernels
 from .affine import BatchNormStats, batchnorm_affines
 from .errors import FoldError
 from .fold import LayerFold
+from .kernels.reference import column_factors
 from .fusion_plan import Fold, FusionPlan, Skip
 from .memory import sharing_memory
 from .writing import check_folded_range
@@ -185,12 +190,16 @@ class _Matcher:
                 return None, "its affine parameters are computed in the graph"
         if _bn_output_users(bn) is None:
             return None, "its batch statistics outputs are read"
+        reader = self._layer_reading(bn)
+        if (not isinstance(input_, fx.Node) or not _is_layer(input_)) and reader is not None:
+            problem = self.before_problem(bn, reader)
+            return (reader, None) if problem is None else (None, f"before {reader.name}, but {problem}")
         if not isinstance(input_, fx.Node) or not _is_layer(input_):
             if isinstance(input_, fx.Node) and input_.target in (aten.addmm.default, aten.mm.default):
                 return None, ("its input is a Linear decomposed into addmm/mm: fold before run_decompositions() "
                               "to fold it")
-            return None, ("its input is not the output of a conv or linear node (a BN before a layer is not "
-                          "folded in exported programs)")
+            return None, ("its input is not the output of a conv or linear node, and no such node alone "
+                          "reads its output")
         if list(input_.users) != [bn] or any(a is input_ for a in bn.args[1:]):
             return None, f"the output of {input_.name} is also read elsewhere"
         # A BN normalises dim 1: the layer's channels only for a batched output
@@ -207,17 +216,54 @@ class _Matcher:
             return None, f"the layer before it, {input_.name}, cannot change: {problem}"
         return input_, None
 
-    def plan(self) -> tuple[FusionPlan, list[tuple[fx.Node, fx.Node]]]:
-        pairs, skipped = [], []
+    def _layer_reading(self, bn: fx.Node) -> fx.Node | None:
+        """The conv or linear node that alone reads ``bn``'s output, as its input."""
+        readers = _bn_output_users(bn)
+        if readers is None or len(readers) != 1 or len(readers[0].users) != 1:
+            return None
+        (layer,) = readers[0].users
+        if not _is_layer(layer) or layer.args[0] is not readers[0] or any(a is readers[0] for a in layer.args[1:]):
+            return None
+        return layer
+
+    def before_problem(self, bn: fx.Node, layer: fx.Node) -> str | None:
+        """Why ``bn`` does not fold exactly into ``layer``, which reads its output
+        alone (docs/DESIGN.md section 2.4), or None."""
+        if layer.target in _TRANSPOSED or (layer.target == aten.convolution.default and
+                                           _argument(layer, 6, "transposed")):
+            return "a batch norm before a transposed convolution does not fold exactly"
+        if layer.target != aten.linear.default:
+            padding = _argument(layer, 4, "padding", 0)
+            if isinstance(padding, str) or any(p != 0 for p in ([padding] if isinstance(padding, int) else padding)):
+                return "the conv pads its input with zeros, and zero-padding BN(x) is not BN of the padded x"
+        value = bn.args[0].meta.get("val", bn.args[0].meta.get("tensor_meta"))
+        weight = self.state.value(layer.args[1])
+        batched = 2 if layer.target == aten.linear.default else (weight.dim() if weight is not None else -1)
+        if value is None or len(value.shape) != batched:
+            return f"its input is not a batched rank-{batched} tensor, so dim 1 may not be {layer.name}'s channels"
+        nodes = list(self.graph.nodes)
+        between = nodes[nodes.index(bn) + 1:nodes.index(layer)]
+        if any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in between):
+            return "an in-place op runs between the two (the folded graph passes the BN's input on as it is)"
+        return self.layer_problem(layer)
+
+    def plan(self) -> tuple[FusionPlan, list[tuple[fx.Node, fx.Node, bool]]]:
+        """The plan, and (layer, bn, bn_is_before_layer) for each fold."""
+        pairs, skipped, taken = [], [], set()
         for node in self.graph.nodes:
             if not _is_batch_norm(node):
                 continue
             layer, why = self.explain_or_pair(node)
+            before = layer is not None and node.args[0] is not layer
+            if layer is not None and layer in taken:  # one fold per layer node
+                layer, why = None, f"{layer.name} already takes another batch norm"
             if layer is None:
                 skipped.append(Skip(node.name, why))
             else:
-                pairs.append((layer, node))
-        folds = [Fold(layer.name, after=(bn.name,)) for layer, bn in pairs]
+                taken.add(layer)
+                pairs.append((layer, node, before))
+        folds = [Fold(layer.name, before=(bn.name,)) if before else Fold(layer.name, after=(bn.name,))
+                 for layer, bn, before in pairs]
         return FusionPlan(folds, skipped, "graph"), pairs
 
 
@@ -249,16 +295,32 @@ def _layer_fold(state: _Program, layer: fx.Node, bn: fx.Node, affine) -> tuple[L
     return LayerFold(scale, None, 1, new_bias), weight
 
 
+def _layer_fold_before(state: _Program, layer: fx.Node, affine) -> tuple[LayerFold, torch.Tensor]:
+    """W'[o, c] = W[o, c] * s[c], b' = b + sum_{c,k} W[o, c, k] * t[c] (channels within the group)."""
+    weight = state.value(layer.args[1])
+    bias_node = _argument(layer, 2, "bias")
+    bias = state.value(bias_node) if bias_node is not None else None
+    groups = 1 if layer.target == aten.linear.default else int(
+        _argument(layer, 8 if layer.target == aten.convolution.default else 6, "groups", 1))
+    w = weight.detach()
+    taps = w.sum(dim=tuple(range(2, w.dim())), dtype=torch.float64) if w.dim() > 2 else w.double()
+    shifts = column_factors(affine.shift.to(w.device), taps.shape[0], taps.shape[1], groups)
+    old = torch.zeros(taps.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.detach().double()
+    new_bias = (old + (taps * shifts).sum(dim=1)).to(weight.dtype if bias is None else bias.dtype)
+    return LayerFold(None, affine.scale.to(w.device), groups, new_bias), weight
+
+
 def _folded_tensors(state, pairs, backend: str | None):
     """Each pair's LayerFold and new weight (float64, one rounding, range-checked)."""
     stats = []
-    for layer, bn in pairs:
+    for layer, bn, _ in pairs:
         _, weight, bias, mean, var, eps, _ = _batch_norm_parts(bn)
         values = [state.value(t) if t is not None else None for t in (mean, var, weight, bias)]
         stats.append(BatchNormStats(values[0], values[1], values[2], values[3], float(eps), bn.name))
     affines = batchnorm_affines(stats)
-    folds, weights = zip(*(_layer_fold(state, layer, bn, affine) for (layer, bn), affine in zip(pairs, affines)))
-    check_folded_range(weights, folds, [layer.name for layer, _ in pairs])
+    folds, weights = zip(*(_layer_fold_before(state, layer, affine) if before else _layer_fold(state, layer, bn, affine)
+                           for (layer, bn, before), affine in zip(pairs, affines)))
+    check_folded_range(weights, folds, [layer.name for layer, _, _ in pairs])
     new_weights = [torch.empty_like(w) for w in weights]
     kernels.rescale_(new_weights, [f.row_scale for f in folds], [f.col_scale for f in folds],
                      [f.groups for f in folds], sources=list(weights), backend=backend)
@@ -273,13 +335,15 @@ def _has_attribute(module: torch.nn.Module, path: str) -> bool:
         return False
 
 
-def _remove_batch_norm(graph: fx.Graph, layer: fx.Node, bn: fx.Node) -> list[fx.Node]:
-    """Send the BN's readers to the layer and erase the BN; its tensor inputs come back."""
+def _remove_batch_norm(graph: fx.Graph, layer: fx.Node, bn: fx.Node, before: bool) -> list[fx.Node]:
+    """Send the BN's readers to the layer (a BN after it) or to the BN's own input
+    (a BN before it), and erase the BN; its parameter and statistics nodes come back."""
+    replacement = bn.args[0] if before else layer
     for reader in _bn_output_users(bn):
-        reader.replace_all_uses_with(layer)
+        reader.replace_all_uses_with(replacement)
         if reader is not bn:
             graph.erase_node(reader)
-    inputs = [a for a in bn.args if isinstance(a, fx.Node) and a is not layer]
+    inputs = [a for a in bn.args[1:] if isinstance(a, fx.Node)]
     graph.erase_node(bn)
     return inputs
 
@@ -308,7 +372,7 @@ def fuse_graph_module(module: fx.GraphModule, *, backend: str | None = None) -> 
         owner, _, name = path.rpartition(".")
         setattr(target.get_submodule(owner), name, torch.nn.Parameter(tensor, requires_grad=False))
 
-    for (old_layer, old_bn), fold, new_weight in zip(pairs, folds, new_weights):
+    for (old_layer, old_bn, before), fold, new_weight in zip(pairs, folds, new_weights):
         layer, bn = by_name[old_layer.name], by_name[old_bn.name]
         assign(layer.args[1].target, new_weight)
         bias = _argument(layer, 2, "bias")
@@ -323,7 +387,7 @@ def fuse_graph_module(module: fx.GraphModule, *, backend: str | None = None) -> 
             assign(path, fold.bias)
             with graph.inserting_after(layer.args[1]):
                 _with_bias_argument(layer, graph.get_attr(path))
-        for node in _remove_batch_norm(graph, layer, bn):
+        for node in _remove_batch_norm(graph, layer, bn, before):
             if node.op == "get_attr" and not node.users:
                 graph.erase_node(node)
                 owner, _, name = node.target.rpartition(".")
@@ -358,7 +422,7 @@ def fuse_exported(program: ExportedProgram, *, backend: str | None = None) -> Ex
             if spec.kind == InputKind.PARAMETER else tensor
 
     renamed: dict[str, str] = {}  # a BN output the program returned -> the layer now returned
-    for (old_layer, old_bn), fold, new_weight in zip(pairs, folds, new_weights):
+    for (old_layer, old_bn, before), fold, new_weight in zip(pairs, folds, new_weights):
         layer, bn = by_name[old_layer.name], by_name[old_bn.name]
         renamed.update({reader.name: layer.name for reader in _bn_output_users(bn)})
         weight_node = layer.args[1]
@@ -378,7 +442,7 @@ def fuse_exported(program: ExportedProgram, *, backend: str | None = None) -> Ex
             spec_of[bias_node.name] = spec
             state_dict[target] = torch.nn.Parameter(fold.bias, requires_grad=False)
             _with_bias_argument(layer, bias_node)
-        bn_inputs = _remove_batch_norm(graph, layer, bn)
+        bn_inputs = _remove_batch_norm(graph, layer, bn, before)
         prefix = spec_of[bn_inputs[-1].name].target.rpartition(".")[0]  # the BN module's path
         for node in list(graph.nodes):  # its placeholders (num_batches_tracked included), now unread
             spec = spec_of.get(node.name)

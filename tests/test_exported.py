@@ -119,6 +119,25 @@ class BNBeforeConv(nn.Module):
         return self.conv(self.bn(x))
 
 
+class BNBeforePaddedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, groups=2)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+class BNBeforeLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 6, 2, groups=2, bias=False)
+        self.bn1, self.fc = nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn1(self.conv(self.bn(x)).mean((2, 3))))
+
+
 class TransposedThenBN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -132,7 +151,9 @@ class TransposedThenBN(nn.Module):
 @pytest.mark.parametrize("make, folded, why", [
     (Residual, 0, "also read elsewhere"),
     (SharedConv, 0, "read by 2 nodes"),
-    (BNBeforeConv, 0, "not the output of a conv"),
+    (BNBeforeConv, 1, None),
+    (BNBeforePaddedConv, 0, "pads its input with zeros"),
+    (BNBeforeLinear, 2, None),
     (TransposedThenBN, 2, None),
 ])
 def test_graph_rules(make, folded, why):
