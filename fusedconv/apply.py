@@ -34,6 +34,7 @@ class _Prepared:
     layers: list[nn.Module]
     layer_folds: list[LayerFold]
     bn_paths: dict[str, list[str]]  # each folded BN -> every path where it is registered
+    smallest_factors: list[float]  # each fold's, for the search for subnormal weights
 
 
 def _prepare(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], *, inplace: bool,
@@ -45,14 +46,14 @@ def _prepare(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], 
     check_writable(((f"{name}.weight", layer.weight) for name, layer in zip(names, layers)), in_place=inplace)
     check_writable(((f"{name}.bias", layer.bias) for name, layer in zip(names, layers)), in_place=inplace)
     layer_folds = plan_layer_folds(layers, checked_affines(modules, plan.folds), names)
-    check_folded_range([layer.weight for layer in layers], layer_folds, names)
+    _, smallest = check_folded_range([layer.weight for layer in layers], layer_folds, names)
     kernels.resolve(_first_weight_device(model), backend)  # a backend asked for by name must load
     paths: dict[int, list[str]] = defaultdict(list)
     for path, m in modules.items():
         if path:
             paths[id(m)].append(path)
     bn_paths = {name: paths[id(module_at(modules, name))] for f in plan.folds for name in f.batchnorms}
-    return _Prepared(modules, names, layers, layer_folds, bn_paths)
+    return _Prepared(modules, names, layers, layer_folds, bn_paths, smallest)
 
 
 def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: list, *, backend: str | None,
@@ -79,8 +80,10 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
         # subclass, cloned as usual) holds its source's values: writing it from
         # the source gives the same bits.
         rescale_weights(weights, prepared.layer_folds, backend, sources)
-    write_merged_weights(merges, backend)
-    subnormal_weights(weights, prepared.layer_folds, prepared.names, flush=flush_subnormals)
+    if merges:
+        write_merged_weights(merges, backend)
+    subnormal_weights(weights, prepared.layer_folds, prepared.names, flush=flush_subnormals,
+                      smallest=prepared.smallest_factors)
 
 
 def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: str | None = None,

@@ -16,18 +16,23 @@ import torch
 def memory_span(tensor: torch.Tensor) -> tuple[int, int] | None:
     """The bytes ``[start, end)`` that ``tensor`` can read, or None when it has no
     memory of its own to compare (meta, fake or distributed tensors, no elements)."""
-    if type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
+    if type(tensor) not in _PLAIN_TENSORS and type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
         return None  # a wrapper subclass (DTensor, FakeTensor, ...): its data lives elsewhere
-    if tensor.is_meta or tensor.numel() == 0 or tensor.layout != torch.strided:
+    if tensor.layout != torch.strided:
         return None
     try:
         start = tensor.data_ptr()
     except RuntimeError:  # no storage (e.g. created under a fake mode)
         return None
-    if start == 0:
+    if start == 0 or tensor.numel() == 0:  # meta tensors have no address
         return None
+    if tensor.is_contiguous():  # most parameters: one call instead of a walk over the strides
+        return start, start + tensor.nbytes
     extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
     return start, start + extent * tensor.element_size()
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def storage_key(tensor: torch.Tensor) -> int | None:

@@ -82,10 +82,8 @@ def _tensors(module: nn.Module, attributes: bool = False) -> list[torch.Tensor]:
     ``attributes``, also tensors kept in plain attributes (``self.w = conv.weight``)."""
     tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
     if attributes:
-        attributes_of = vars(module)
-        for key in attributes_of.keys() - MODULE_STATE:
-            value = attributes_of[key]
-            if type(value) in _PLAIN:  # most attributes: a layer's configuration
+        for key, value in vars(module).items():
+            if type(value) in _PLAIN or key in MODULE_STATE:  # most attributes: a layer's configuration
                 continue
             values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
             tensors.extend(v for v in values if isinstance(v, torch.Tensor))

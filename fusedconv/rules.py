@@ -266,8 +266,16 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
     index = index if index is not None else ModelIndex(model)
     for name, bn in index.batchnorms.items():
         check_not_training(bn, name)
-    flow = find_dataflow(model, index, example_inputs, lambda read: not Matcher(index, read).plan().skipped)
-    plan = Matcher(index, flow).plan()
+    planned: dict[int, tuple[Dataflow, FusionPlan]] = {}  # the plan of the reading, if that is what stands
+
+    def settled(read: Dataflow) -> bool:
+        planned[id(read)] = (read, Matcher(index, read).plan())
+        return not planned[id(read)][1].skipped
+
+    flow = find_dataflow(model, index, example_inputs, settled)
+    earlier = planned.get(id(flow))
+    reuse = earlier is not None and earlier[0] is flow and flow.note is None  # a note changes the reasons
+    plan = earlier[1] if reuse else Matcher(index, flow).plan()
     plan.merges = list(index.blocks)
     if check_stats:
         checked_affines(index.batchnorms, plan.folds)

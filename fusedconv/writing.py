@@ -95,19 +95,23 @@ def _row_factors(fold: LayerFold, weight: torch.Tensor, *, largest: bool) -> tor
     return factors
 
 
-def check_folded_range(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold], names: Sequence[str]) -> None:
+def check_folded_range(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold],
+                       names: Sequence[str]) -> tuple[list[float], list[float]]:
     """Raise :class:`FoldError` if a folded weight or bias, rounded to its dtype,
-    would not be finite (e.g. a float16 layer and a BN with a tiny variance)."""
+    would not be finite (e.g. a float16 layer and a BN with a tiny variance).
+    Returns each fold's largest and smallest factor, for :func:`subnormal_weights`."""
     if not folds:
-        return
+        return [], []
     for device in {fold.bias.device for fold in folds}:
         members = [(name, fold.bias) for name, fold in zip(names, folds) if fold.bias.device == device]
-        finite = torch.cat([torch.isfinite(bias).flatten() for _, bias in members])  # each in its own dtype
+        # Each bias is already rounded to its dtype; concatenating only widens, so
+        # what is finite stays finite and inf stays inf.
+        finite = torch.isfinite(torch.cat([bias.flatten() for _, bias in members]))
         if not finite.all():
             name = next(name for name, bias in members if not torch.isfinite(bias).all())
             raise FoldError(f"{name}: its folded bias would be inf or NaN in its dtype: convert the model to "
                             "float32 first, or check the BatchNorm statistics")
-    largest, _ = _factor_bounds(folds)
+    largest, smallest = _factor_bounds(folds)
     for weight, fold, name, bound in zip(weights, folds, names, largest):
         finfo = torch.finfo(weight.dtype)
         limit = _CHECKED_SCALE if weight.dtype != torch.float16 else 1.0
@@ -124,19 +128,22 @@ def check_folded_range(weights: Sequence[torch.Tensor], folds: Sequence[LayerFol
                 raise FoldError(
                     f"{name}: its folded weights reach {reach:.3g}, beyond {weight.dtype}'s largest value "
                     f"{finfo.max:.6g}: convert the model to a wider dtype first, or check the BatchNorm statistics")
+    return largest, smallest
 
 
 def subnormal_weights(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold], names: Sequence[str],
-                      *, flush: bool) -> list[str]:
+                      *, flush: bool, smallest: Sequence[float] | None = None) -> list[str]:
     """After a fold, the layers in which it made nonzero weights subnormal (on a
     CPU those slow inference several times over); with ``flush``, set them to zero.
 
     Only rows that the fold scaled by less than 2**-16 are searched: a row
     scaled by more turns a normal weight subnormal only if that weight was
-    already within 2**16 of the subnormal range.
+    already within 2**16 of the subnormal range. ``smallest``: each fold's
+    smallest factor, when :func:`check_folded_range` has worked it out.
     """
     found = []
-    _, smallest = _factor_bounds(folds)
+    if smallest is None:
+        _, smallest = _factor_bounds(folds)
     for weight, fold, name, low in zip(weights, folds, names, smallest):
         if weight.numel() == 0 or low >= _SHRINKING_SCALE:
             continue

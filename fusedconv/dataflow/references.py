@@ -149,11 +149,10 @@ def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]]) -> dict[int
     """
     held_elsewhere: dict[int, tuple[nn.Module, str]] = {}
     for path, module in modules:
-        attributes = vars(module)
-        held = [attributes[key] for key in attributes.keys() - MODULE_STATE
-                if type(attributes[key]) not in _PLAIN and not _plain_tuple(attributes[key])]
-        held.extend(module._forward_hooks.values())
-        held.extend(module._forward_pre_hooks.values())
+        held = [value for key, value in vars(module).items()
+                if type(value) not in _PLAIN and key not in MODULE_STATE and not _plain_tuple(value)]
+        if module._forward_hooks or module._forward_pre_hooks:
+            held.extend((*module._forward_hooks.values(), *module._forward_pre_hooks.values()))
         if not held:
             continue
         reached = reachable_modules(held)
