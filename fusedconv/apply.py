@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -12,7 +13,8 @@ from . import kernels
 from .copying import copy_for_folding
 from .fold import LayerFold, plan_layer_folds, rescale_weights, set_biases
 from .fusion_plan import FusionPlan
-from .layers import batchnorm_kind
+from .errors import FoldError
+from .layers import batchnorm_kind, layer_out_channels
 from .model_index import ModelIndex
 from .registry import plan_blocks
 from .reparam import write_merged_weights
@@ -86,6 +88,38 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
                       smallest=prepared.smallest_factors)
 
 
+def _fold_structure(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], *,
+                    inplace: bool) -> nn.Module:
+    """On the meta device: the folded *structure* alone (BNs replaced, a bias where
+    a fold needs one), so that a folded state dict loads into it with
+    ``load_state_dict(..., assign=True)``. Folding values needs values."""
+    layers = [module_at(modules, fold.layer) for fold in plan.folds]
+    if not all(t.is_meta for layer in layers for t in (layer.weight, layer.bias) if t is not None):
+        raise FoldError("some of the layers to fold are on the meta device and some are not: load the weights "
+                        "first, or fold the structure with every tensor on meta")
+    if plan.merges:
+        raise FoldError(f"merging blocks ({plan.merges[0]}, ...) on the meta device is not supported: a merge's "
+                        "structure depends on its branches' values; load the weights first")
+    target = model if inplace else copy.deepcopy(model)
+    target_modules = modules if inplace else dict(target.named_modules(remove_duplicate=False))
+    paths: dict[int, list[str]] = defaultdict(list)
+    for path, m in target_modules.items():
+        if path:
+            paths[id(m)].append(path)
+    for fold in plan.folds:
+        layer = module_at(target_modules, fold.layer)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.empty(layer_out_channels(layer), device="meta", dtype=layer.weight.dtype),
+                                      requires_grad=layer.weight.requires_grad)
+        for name in fold.batchnorms:
+            bn = module_at(target_modules, name)
+            replacement = batchnorm_kind(bn).replacement(bn).train(bn.training)
+            for path in paths[id(bn)]:
+                parent, _, attr = path.rpartition(".")
+                setattr(target_modules[parent], attr, replacement)
+    return target
+
+
 def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: str | None = None,
                flush_subnormals: bool = False, index: ModelIndex | None = None) -> nn.Module:
     """Fold ``plan`` into ``model`` (or into a copy), all or nothing.
@@ -103,6 +137,9 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
     """
     modules = (index.by_path if index is not None else dict(model.named_modules(remove_duplicate=False))) \
         if plan.folds or plan.merges else {}
+    if _first_weight_device(model).type == "meta" or any(
+            module_at(modules, fold.layer).weight.is_meta for fold in plan.folds):
+        return _fold_structure(model, plan, modules, inplace=inplace)
     prepared = _prepare(model, plan, modules, inplace=inplace, backend=backend)
     sources = None
     if inplace:

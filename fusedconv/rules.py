@@ -277,11 +277,16 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
     reuse = earlier is not None and earlier[0] is flow and flow.note is None  # a note changes the reasons
     plan = earlier[1] if reuse else Matcher(index, flow).plan()
     plan.merges = list(index.blocks)
-    if check_stats:
+    if check_stats and not _on_meta(model):  # on the meta device there are no values to check yet
         checked_affines(index.batchnorms, plan.folds)
         plan_blocks(model)
     _warn_about(plan, flow)
     return plan
+
+
+def _on_meta(model: nn.Module) -> bool:
+    """Whether the model holds no values yet (built under ``torch.device("meta")``)."""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 def check_foldable(model: object) -> None:

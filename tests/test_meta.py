@@ -1,0 +1,67 @@
+"""Planning and folding structure on the meta device (issue 12, item 1).
+
+A model built under ``torch.device("meta")`` has no values: ``plan`` works from
+its structure, and ``fuse`` returns the folded *structure* (BNs replaced, a
+bias where a fold needs one), into which the state dict of the same model
+folded with real weights loads with ``assign=True`` and computes the same bits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fusedconv
+from fusedconv.blocks import RepVGGBlock
+from utils import randomize_batchnorm_stats
+
+MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0"]
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("name", MODELS)
+def test_meta_structure_loads_the_real_fold(name, inplace):
+    torchvision = pytest.importorskip("torchvision")
+    build = getattr(torchvision.models, name)
+    with torch.device("meta"):
+        skeleton = build().eval()
+    real = randomize_batchnorm_stats(build(), torch.Generator().manual_seed(1)).eval()
+
+    meta_plan, real_plan = fusedconv.plan(skeleton), fusedconv.plan(real)
+    assert meta_plan.folds == real_plan.folds and not meta_plan.skipped
+
+    structure = fusedconv.fuse(skeleton, inplace=inplace)
+    assert (structure is skeleton) == inplace
+    assert all(t.is_meta for t in structure.state_dict().values())
+    folded = fusedconv.fuse(real)
+    assert set(structure.state_dict()) == set(folded.state_dict())
+    structure.load_state_dict(folded.state_dict(), assign=True)  # strict: every key matches
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(structure(x), folded(x))
+
+
+def test_mixed_meta_and_real_layers_are_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    model[0].to("meta")
+    with pytest.raises(fusedconv.FoldError, match="meta device and some are not"):
+        fusedconv.fuse(model)
+
+
+@pytest.mark.parametrize("with_a_fold", [False, True])
+def test_merging_blocks_on_meta_needs_values(with_a_fold):
+    with torch.device("meta"):
+        layers = [RepVGGBlock(4, 4, 3)] + ([nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)] if with_a_fold else [])
+        model = nn.Sequential(*layers).eval()
+    plan = fusedconv.plan(model)  # the structure plans without values
+    assert plan.merges == ["0"] and plan.num_folded == (1 if with_a_fold else 0)
+    with pytest.raises(fusedconv.FoldError, match="meta device"):
+        fusedconv.fuse(model)
