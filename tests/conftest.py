@@ -22,6 +22,15 @@ def pytest_configure(config):
 
 
 @pytest.fixture
+def fixed_seed():
+    """The global RNG seeded with 0 for the test (module constructors draw from
+    it), and its state restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
+@pytest.fixture
 def one_thread():
     """Tiny tensors: one thread is faster than waking a pool for each op.
 

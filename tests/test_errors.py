@@ -18,15 +18,8 @@ INPLACE = [False, True]
 SHAPE = (2, 3, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _deterministic():
-    """One thread and a seeded global RNG per test; both restored afterwards."""
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        yield
-    torch.set_num_threads(threads)
+# One thread and a seeded global RNG per test, both restored afterwards (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread", "fixed_seed")
 
 
 class Block(nn.Module):

@@ -17,17 +17,13 @@ import torch.fx.passes.shape_prop
 from torch import nn
 
 import fusedconv
-from utils import float64_reference, randomize_batchnorm_stats, relative_error
+from utils import Residual, float64_reference, randomize_batchnorm_stats, relative_error
 
 FACTOR, FLOOR = 1.5, 4 * torch.finfo(torch.float32).eps
 MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0"]
 
 
-@pytest.fixture(autouse=True)
-def _seeded():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("fixed_seed")  # tests/conftest.py
 
 
 def _prepared(model: nn.Module) -> nn.Module:
@@ -89,16 +85,6 @@ def test_graph_module_from_an_exported_program(name):
 
 
 # --------------------------------------------------------------------------- the rules on graphs
-
-
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        y = self.conv(x)
-        return self.bn(y) + y
 
 
 class SharedConv(nn.Module):

@@ -19,11 +19,7 @@ from utils import randomize_batchnorm_stats
 MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0"]
 
 
-@pytest.fixture(autouse=True)
-def _seeded():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("fixed_seed")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("inplace", [False, True])

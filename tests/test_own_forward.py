@@ -22,11 +22,7 @@ from utils import float64_reference, randomize_batchnorm_stats, relative_error
 FACTOR, FLOOR = 1.5, 4 * torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True)
-def _seeded():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("fixed_seed")  # tests/conftest.py
 
 
 def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:

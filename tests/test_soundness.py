@@ -23,19 +23,14 @@ from torch import nn
 import fusedconv
 import fusedconv.apply
 import fusedconv.registry
-from utils import float64_reference, randomize_batchnorm_stats, relative_error, trace_only
+from utils import Residual, float64_reference, randomize_batchnorm_stats, relative_error, trace_only
 
 # The folded model's error against float64 may be at most this many times the
 # unfolded model's (plus a floor of a few ulps for one-layer models).
 FACTOR, FLOOR = 1.5, 4 * torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True)
-def _seeded():
-    """A fixed global seed for the module constructors, restored afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("fixed_seed")  # tests/conftest.py
 
 
 def prepared(model: nn.Module, seed: int = 3) -> nn.Module:
@@ -686,16 +681,6 @@ def test_exported_graph_module_folds_or_reports_its_batch_norms():
     residual = torch.export.export(prepared(Residual()), (torch.randn(2, 4, 6, 6),)).module()
     plan = fusedconv.plan(residual)
     assert plan.num_folded == 0 and len(plan.skipped) == 1 and "also read elsewhere" in plan.skipped[0].reason
-
-
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        y = self.conv(x)
-        return self.bn(y) + y
 
 
 def test_global_module_hooks_leave_every_bn(monkeypatch):

@@ -45,18 +45,15 @@ FLOOR = {torch.float32: 2 * torch.finfo(torch.float32).eps,
 MODES = ["source", "fx", "run"]
 
 
+# One thread and a seeded global RNG per test, both restored afterwards (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread", "fixed_seed")
+
+
 @pytest.fixture(autouse=True)
-def _deterministic(request, monkeypatch):
-    """One thread and a seeded global RNG per test, both restored afterwards
-    (the code reading's switch-off in "fx" mode is undone by monkeypatch)."""
+def _fx_mode(request, monkeypatch):
+    """In "fx" mode, the code reading is switched off (undone by monkeypatch)."""
     if getattr(request.node, "callspec", None) and request.node.callspec.params.get("mode") == "fx":
         trace_only(monkeypatch)
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        yield
-    torch.set_num_threads(threads)
 
 
 def _gen(seed: int = 1) -> torch.Generator:

@@ -64,3 +64,15 @@ def trace_only(monkeypatch) -> None:
     """Switch off fusedconv's reading of forward code, so that a plan made
     without example inputs comes from torch.fx alone."""
     monkeypatch.setattr(fusedconv.dataflow.find, "from_source", _nothing_readable)
+
+
+class Residual(nn.Module):
+    """conv -> BN, and the conv's output also added to the BN's: the BN must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
