@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from .dataflow.references import modules_held_elsewhere
-from .layers import MODULE_STATE, BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
+from .dataflow.references import attribute_values, modules_held_elsewhere
+from .layers import BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
 from .memory import sharing_memory, storage_key
 from .registry import blocks_among
 
@@ -30,7 +31,7 @@ class ModelIndex:
         self.paths: dict[int, list[str]] = {}
         self.by_path: dict[str, nn.Module] = {}  # every path, duplicates included
         modules: list[tuple[str, nn.Module]] = []  # first path of each module, as named_modules() gives
-        for path, m in model.named_modules(remove_duplicate=False):
+        for path, m in _every_path(model):
             self.by_path[path] = m
             known = self.paths.get(id(m))
             if known is None:
@@ -57,11 +58,13 @@ class ModelIndex:
                 self.kinds[name] = batchnorm_kind(m)
         self.tracked = {id(m): name for name, m in (*self.layers.items(), *self.batchnorms.items())}
         self.global_hooks = _global_hooks_problem()
-        self.held_elsewhere = modules_held_elsewhere(modules)
+        values = {id(m): attribute_values(m) for _, m in modules}  # one look at each module's attributes
+        self.held_elsewhere = modules_held_elsewhere(modules, values_of=lambda m: values[id(m)])
         # Modules holding a tensor that shares memory with another tensor of the
         # model (tied weights, ``.data`` assigned across modules, views), over
         # every module (those inside blocks too).
-        holders = sharing_memory((name, t) for name, m in modules for t in _tensors(m, attributes=True))
+        holders = sharing_memory((name, t) for name, m in modules
+                                 for t in (*_tensors(m), *_tensors_among(values[id(m)])))
         self.shared: set[str] = {name for name in holders if name in self.layers or name in self.batchnorms}
 
     @functools.cached_property
@@ -77,20 +80,32 @@ class ModelIndex:
         return owners
 
 
-def _tensors(module: nn.Module, attributes: bool = False) -> list[torch.Tensor]:
-    """The module's own parameters and buffers, None entries left out; with
-    ``attributes``, also tensors kept in plain attributes (``self.w = conv.weight``)."""
-    tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
-    if attributes:
-        for key, value in vars(module).items():
-            if type(value) in _PLAIN or key in MODULE_STATE:  # most attributes: a layer's configuration
-                continue
-            values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
-            tensors.extend(v for v in values if isinstance(v, torch.Tensor))
+def _every_path(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules(remove_duplicate=False)``, in the same order, without
+    a generator per level of nesting (deep models pay for those at every module)."""
+    stack = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        yield path, module
+        if module._modules:
+            prefix = f"{path}." if path else ""
+            stack.extend((prefix + name, child) for name, child in reversed(module._modules.items())
+                         if child is not None)
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The module's own parameters and buffers, None entries left out."""
+    return [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+
+
+def _tensors_among(values: list[object]) -> list[torch.Tensor]:
+    """The tensors among attribute values, and in the dicts, lists and tuples
+    among them (``self.w = conv.weight``, ``self.cache = [t]``)."""
+    tensors = []
+    for value in values:
+        inner = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+        tensors.extend(v for v in inner if isinstance(v, torch.Tensor))
     return tensors
-
-
-_PLAIN = frozenset({int, float, bool, str, type(None)})
 
 
 def _global_hooks_problem() -> str | None:

@@ -23,7 +23,7 @@ import numbers
 import sys
 import types
 import weakref
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -137,10 +137,25 @@ def _plain_tuple(value: object) -> bool:
     return type(value) is tuple and all(type(item) in _PLAIN for item in value)
 
 
-def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]]) -> dict[int, tuple[nn.Module, str]] | None:
+def attribute_values(module: nn.Module) -> list[object]:
+    """The values of ``module``'s instance attributes that can hold a module or a
+    tensor: nn.Module's own bookkeeping and plain configuration (numbers,
+    strings, tuples of them) left out; the forward hooks added."""
+    attributes = vars(module)
+    values = [value for key in attributes.keys() - MODULE_STATE
+              if type(value := attributes[key]) not in _PLAIN and not _plain_tuple(value)]
+    if module._forward_hooks or module._forward_pre_hooks:
+        values.extend((*module._forward_hooks.values(), *module._forward_pre_hooks.values()))
+    return values
+
+
+def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
+                           values_of: Callable[[nn.Module], list[object]] = attribute_values,
+                           ) -> dict[int, tuple[nn.Module, str]] | None:
     """Among the modules of a model (``(path, module)``, each once), those that
     something besides the module tree can reach: id(module) -> (module, what
-    holds it), or None when some holder cannot be followed.
+    holds it), or None when some holder cannot be followed. ``values_of``: each
+    module's :func:`attribute_values`, when the caller has them already.
 
     A module kept in an instance attribute (a bound method, a partial, a
     lambda, a list, a namespace...) or in a hook of any module of the model can
@@ -149,10 +164,7 @@ def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]]) -> dict[int
     """
     held_elsewhere: dict[int, tuple[nn.Module, str]] = {}
     for path, module in modules:
-        held = [value for key, value in vars(module).items()
-                if type(value) not in _PLAIN and key not in MODULE_STATE and not _plain_tuple(value)]
-        if module._forward_hooks or module._forward_pre_hooks:
-            held.extend((*module._forward_hooks.values(), *module._forward_pre_hooks.values()))
+        held = values_of(module)
         if not held:
             continue
         reached = reachable_modules(held)
