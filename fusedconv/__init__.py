@@ -8,6 +8,7 @@
 import logging
 
 from .api import fuse, plan
+from .checkpoint import CheckpointReport, fold_checkpoint, fold_state_dict, load_folded
 from .errors import BackendUnavailable, FoldError, FoldWarning, MissingExtensionWarning
 from .fold import fold_bn_conv, fold_conv_bn, folded_weights
 from .layers import count_batchnorms
@@ -23,6 +24,7 @@ logging.getLogger("fusedconv").addHandler(logging.NullHandler())
 
 __all__ = [
     "BackendUnavailable",
+    "CheckpointReport",
     "ErrorStats",
     "Fold",
     "FoldError",
@@ -35,8 +37,11 @@ __all__ = [
     "count_batchnorms",
     "fold_bn_conv",
     "fold_conv_bn",
+    "fold_checkpoint",
+    "fold_state_dict",
     "folded_weights",
     "fuse",
+    "load_folded",
     "plan",
     "register_block",
     "reparameterize",

@@ -16,8 +16,8 @@ from .fusion_plan import FusionPlan
 from .errors import FoldError
 from .layers import batchnorm_kind, layer_out_channels
 from .model_index import ModelIndex
-from .registry import plan_blocks
-from .reparam import write_merged_weights
+from .registry import converter_for, plan_blocks, plan_found_blocks
+from .reparam import apply_reparameterizations, write_merged_weights
 from .rules import checked_affines, module_at
 from .writing import Rollback, check_folded_range, check_writable, subnormal_weights
 
@@ -91,15 +91,18 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
 def _fold_structure(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], *,
                     inplace: bool) -> nn.Module:
     """On the meta device: the folded *structure* alone (BNs replaced, a bias where
-    a fold needs one), so that a folded state dict loads into it with
-    ``load_state_dict(..., assign=True)``. Folding values needs values."""
+    a fold needs one, blocks merged), so that a folded state dict loads into it
+    with ``load_state_dict(..., assign=True)``. Folding values needs values."""
     layers = [module_at(modules, fold.layer) for fold in plan.folds]
     if not all(t.is_meta for layer in layers for t in (layer.weight, layer.bias) if t is not None):
         raise FoldError("some of the layers to fold are on the meta device and some are not: load the weights "
                         "first, or fold the structure with every tensor on meta")
-    if plan.merges:
-        raise FoldError(f"merging blocks ({plan.merges[0]}, ...) on the meta device is not supported: a merge's "
-                        "structure depends on its branches' values; load the weights first")
+    if "" in plan.merges and inplace:
+        raise FoldError(f"the model is itself a block ({type(model).__name__}): fold its structure into a copy "
+                        "(inplace=False)")
+    merged = {name: merged_structure(module_at(modules, name), name) for name in plan.merges}
+    if "" in merged:
+        return merged[""]
     target = model if inplace else copy.deepcopy(model)
     target_modules = modules if inplace else dict(target.named_modules(remove_duplicate=False))
     paths: dict[int, list[str]] = defaultdict(list)
@@ -117,7 +120,30 @@ def _fold_structure(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Mo
             for path in paths[id(bn)]:
                 parent, _, attr = path.rpartition(".")
                 setattr(target_modules[parent], attr, replacement)
+    for name, block in merged.items():
+        for path in paths[id(target_modules[name])]:
+            parent, _, attr = path.rpartition(".")
+            setattr(target_modules[parent], attr, block)
     return target
+
+
+def merged_structure(block: nn.Module, name: str) -> nn.Module:
+    """A merged copy of a block on the meta device, from its structure alone.
+
+    A merge's structure (which branches go, where the merged conv lives) does
+    not depend on the values, so the copy's tensors are placeholders, briefly
+    on the CPU (one block's worth), that every converter's checks accept: 1 in
+    every float tensor (a BN's variance included), 0 in the integer ones."""
+    stand_in = copy.deepcopy(block).to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in (*stand_in.parameters(), *stand_in.buffers()):
+            tensor.fill_(1) if tensor.is_floating_point() else tensor.zero_()
+    try:
+        apply_reparameterizations(plan_found_blocks([(name, stand_in, converter_for(stand_in))]), backend="torch")
+    except (RuntimeError, TypeError, ValueError) as error:  # a block holding meta tensors outside its state
+        raise FoldError(f"{name or type(block).__name__}: its merged structure cannot be worked out on the meta "
+                        f"device ({type(error).__name__}: {error}); load the weights first") from error
+    return stand_in.to("meta")
 
 
 def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: str | None = None,

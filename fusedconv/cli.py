@@ -1,9 +1,12 @@
-"""Command line interface: ``fusedconv demo``, ``fusedconv plan`` and ``fusedconv backends``.
+"""Command line interface: ``fusedconv demo``, ``fusedconv plan``, ``fusedconv fuse`` and ``fusedconv backends``.
 
 ``fusedconv demo`` builds the built-in demo network (:mod:`fusedconv.examples`),
 folds it, checks the folded model against a float64 reference and prints the
 numbers.  ``fusedconv plan MODULE:CALLABLE`` prints the fusion plan of any model
 that a no-argument callable builds, e.g. ``torchvision.models:resnet50``.
+``fusedconv fuse MODULE:CALLABLE --checkpoint IN -o OUT`` folds a checkpoint of
+that model into a folded checkpoint (:func:`fusedconv.fold_checkpoint`), building
+the architecture on the meta device where the callable allows it.
 ``fusedconv backends`` says which kernel backends can run here, and why not.
 
 ``python -m fusedconv ...`` is the same as the ``fusedconv`` console script.
@@ -395,6 +398,71 @@ def run_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def build_architecture(spec: str) -> nn.Module:
+    """The model of ``spec`` built on the meta device (no memory for its values),
+    or on the CPU when its constructor needs values (it reads or fills them)."""
+    try:
+        with torch.device("meta"):
+            return build_model(spec)
+    except CLIError as error:
+        logger.info("building %s on the meta device failed (%s); building it on the CPU", spec, error)
+        return build_model(spec)
+
+
+class _ByteProgress:
+    """Bytes of a checkpoint read so far, on stderr: a tqdm bar where tqdm is
+    installed, else a plain line at each tenth."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled, self.label, self._bar, self._tenths = enabled, label, None, 0
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(desc=label, file=sys.stderr, leave=False, unit="B", unit_scale=True)
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.update(done - self._bar.n)
+            return
+        tenths = 10 * done // max(total, 1)
+        if tenths > self._tenths:
+            self._tenths = tenths
+            print(f"{self.label}: {done / 1e6:.0f} of {total / 1e6:.0f} MB", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run_fuse(args: argparse.Namespace) -> int:
+    """``fusedconv fuse MODULE:CALLABLE --checkpoint IN -o OUT``: fold a checkpoint file."""
+    if args.checkpoint is None:  # the factory's own weights (e.g. a pretrained model)
+        model = build_model(args.spec)
+        source = model.state_dict()
+    else:
+        model = build_architecture(args.spec)
+        source = args.checkpoint
+    progress = _ByteProgress(_progress_enabled(args), "fusedconv fuse")
+    try:
+        report = fusedconv.fold_checkpoint(model, source, args.output, device=args.device, backend=args.backend,
+                                           progress=progress)
+    finally:
+        progress.close()
+    plan = report.plan
+    print(f"fusedconv fuse: {args.spec} -> {args.output}: {plan.num_folded} BatchNorms folded into "
+          f"{len(plan.folds)} layers, {len(plan.merges)} blocks merged, {len(plan.skipped)} left; "
+          f"{report.tensors} tensors, {report.bytes_read / 1e6:.1f} MB read in {report.seconds:.2f} s")
+    for skip in plan.skipped:
+        print(f"  left {skip.module}: {skip.reason}")
+    return EXIT_OK
+
+
 def run_backends(args: argparse.Namespace) -> int:
     """``fusedconv backends``: which kernel backends run here, and why the others don't."""
     print(kernels.backend_report(args.device))
@@ -494,6 +562,27 @@ def build_parser() -> argparse.ArgumentParser:
         "one real run instead of torch.fx",
     )
     plan.set_defaults(func=run_plan)
+
+    fuse = sub.add_parser(
+        "fuse",
+        parents=[common],
+        help="fold a checkpoint of the model built by MODULE:CALLABLE into a folded checkpoint",
+        description="Build the model of MODULE:CALLABLE (on the meta device where its constructor allows), "
+        "fold the checkpoint IN (a .pt/.pth state dict or a .safetensors file; without --checkpoint, the "
+        "model's own weights) and write the folded state dict to OUT (.pt or .safetensors by its name). "
+        "Load the result with fusedconv.load_folded(model, OUT).",
+    )
+    fuse.add_argument("spec", metavar="MODULE:CALLABLE", help="e.g. torchvision.models:resnet50")
+    fuse.add_argument("--checkpoint", metavar="IN", default=None,
+                      help="the checkpoint to fold (default: the weights the callable builds the model with)")
+    fuse.add_argument("-o", "--output", metavar="OUT", required=True, help="the folded checkpoint to write")
+    fuse.add_argument("--device", type=_device, default=None,
+                      help="where the arithmetic runs, e.g. cuda (default: where the tensors are)")
+    fuse.add_argument("--backend", choices=("torch", "cpp", "cuda", "triton"), default=None,
+                      help="kernel backend (default: the fastest that loads for the device)")
+    fuse.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="show progress on stderr (default: when stderr is a terminal)")
+    fuse.set_defaults(func=run_fuse)
     return parser
 
 

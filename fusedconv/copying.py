@@ -27,7 +27,7 @@ from torch import nn
 from .errors import FoldError
 from .layers import batchnorm_kind
 
-__all__ = ["copy_module"]
+__all__ = ["copy_module", "meta_copy"]
 
 # The types copy.deepcopy returns as they are. The Python ones are its own
 # atomic dispatch entries (copy._deepcopy_dispatch). torch.dtype and
@@ -251,3 +251,15 @@ def copy_for_folding(model: nn.Module, replaced_batchnorms: list[nn.Module],
             f"cannot copy {type(model).__name__} (deep-copying it failed: {exc}); fold it in place with "
             "inplace=True, or make it copyable first (e.g. torch.nn.utils.prune.remove)"
         ) from exc
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device
+    (same shapes, dtypes, strides and ``requires_grad``; ties kept): its
+    structure, at no memory cost, to plan and fold without touching ``model``."""
+    memo: dict[int, object] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        stand_in = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = (nn.Parameter(stand_in, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, nn.Parameter) else stand_in)
+    return copy_module(model, memo)

@@ -115,22 +115,27 @@ def plan_blocks(model: nn.Module, names: Sequence[str] | None = None, *,
     ``names``, as :func:`find_blocks` found them; ``modules``, the model's
     path -> module map when the caller has it, saves looking each one up).
     Nothing is modified; raises :class:`fusedconv.FoldError` naming the block at fault."""
-    plans: list[Reparameterization] = []
     if names is None:
-        found = find_blocks(model)
-    else:
-        modules = modules if modules is not None else dict(model.named_modules(remove_duplicate=False))
-        found = []
-        for name in names:
-            if name not in modules:
-                raise FoldError(f"the plan names block {name!r}, which this model does not have")
-            found.append((name, modules[name], converter_for(modules[name])))
+        return plan_found_blocks(find_blocks(model))
+    modules = modules if modules is not None else dict(model.named_modules(remove_duplicate=False))
+    found = []
+    for name in names:
+        if name not in modules:
+            raise FoldError(f"the plan names block {name!r}, which this model does not have")
+        found.append((name, modules[name], converter_for(modules[name])))
+    return plan_found_blocks(found)
+
+
+def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]]) -> list[Reparameterization]:
+    """Checked merges of ``(name, block, converter)`` triples, the BNs'
+    statistics read together; errors name each block by ``name``."""
     for name, module, _ in found:
         if module.training:
             raise FoldError(
                 f"{name or type(module).__name__} ({type(module).__name__}) is in training mode, where its "
                 "BatchNorms use batch statistics: call model.eval() before merging"
             )
+    plans: list[Reparameterization] = []
     batchnorms = [m for _, block, _ in found for m in block.modules() if has_running_stats(m)]
     with prefetched_bn_affines(batchnorms):
         for name, module, converter in found:

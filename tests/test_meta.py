@@ -52,12 +52,34 @@ def test_mixed_meta_and_real_layers_are_refused():
         fusedconv.fuse(model)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("with_a_fold", [False, True])
-def test_merging_blocks_on_meta_needs_values(with_a_fold):
-    with torch.device("meta"):
+def test_blocks_merge_their_structure_on_meta(with_a_fold, inplace):
+    def build():
         layers = [RepVGGBlock(4, 4, 3)] + ([nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)] if with_a_fold else [])
-        model = nn.Sequential(*layers).eval()
+        return nn.Sequential(*layers).eval()
+
+    with torch.device("meta"):
+        model = build()
     plan = fusedconv.plan(model)  # the structure plans without values
     assert plan.merges == ["0"] and plan.num_folded == (1 if with_a_fold else 0)
-    with pytest.raises(fusedconv.FoldError, match="meta device"):
-        fusedconv.fuse(model)
+    structure = fusedconv.fuse(model, inplace=inplace)
+    assert (structure is model) == inplace
+    real = randomize_batchnorm_stats(build(), torch.Generator().manual_seed(2))
+    folded = fusedconv.fuse(real)
+    assert list(structure.state_dict()) == list(folded.state_dict())
+    assert all(t.is_meta for t in structure.state_dict().values())
+    structure.load_state_dict(folded.state_dict(), assign=True)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(structure(x), folded(x))
+
+
+def test_a_model_that_is_a_block_folds_its_structure_into_a_copy():
+    with torch.device("meta"):
+        block = RepVGGBlock(4, 4, 3).eval()
+    structure = fusedconv.fuse(block)
+    assert list(structure.state_dict()) == ["deployed_conv.weight", "deployed_conv.bias"]
+    assert fusedconv.count_batchnorms(block) == 3  # the caller's block is as it was
+    with pytest.raises(fusedconv.FoldError, match="itself a block.*inplace=False"):
+        fusedconv.fuse(block, inplace=True)

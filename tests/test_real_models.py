@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import fusedconv
+from fusedconv.copying import meta_copy
 from utils import calibrate_batchnorm, float64_reference, randomize_batchnorm_stats, relative_error, trace_only
 
 torchvision = pytest.importorskip("torchvision")
@@ -403,3 +404,22 @@ def test_real_model(case: Case, threads: int):
     row["seconds"] = round(time.perf_counter() - start, 2)
     row["cpu_seconds"] = round(time.process_time() - cpu, 2)
     print(f"\n{case.name} ({threads} threads): {row}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_real_model_checkpoint_and_meta_structure(case: Case):
+    """Issue 12: the model built on the meta device plans the same folds, its
+    folded structure has the folded model's keys, and fold_state_dict of the
+    model's state dict is fuse(model).state_dict() bit for bit."""
+    model = _build(case)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            skeleton = case.build().eval()
+    except (NotImplementedError, RuntimeError):  # a constructor that reads values (regnet's init)
+        skeleton = meta_copy(model)
+    assert fusedconv.plan(skeleton).folds == fusedconv.plan(model).folds
+    expected = fusedconv.fuse(model).state_dict()
+    assert list(fusedconv.fuse(skeleton).state_dict()) == list(expected)
+    folded = fusedconv.fold_state_dict(skeleton, model.state_dict())
+    assert list(folded) == list(expected)
+    assert all(torch.equal(folded[key], expected[key]) for key in expected)

@@ -1,0 +1,304 @@
+"""Folding checkpoints (issue 12, items 2, 3 and 5): ``fold_state_dict``,
+``fold_checkpoint``, ``load_folded`` and ``fusedconv fuse``.
+
+Every folded state dict is compared, bit for bit and key order included, with
+``fusedconv.fuse(model).state_dict()`` of the same model built with the same
+values: the checkpoint path must compute exactly what the model path computes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import fusedconv
+from fusedconv import cli
+from fusedconv.blocks import RepVGGBlock
+from fusedconv.examples import DemoNet, build_demo_network
+from utils import randomize_batchnorm_stats
+
+pytestmark = pytest.mark.usefixtures("fixed_seed")  # tests/conftest.py
+
+# (package, builder name): torchvision and timm models, blocks included (timm's
+# RepVGG and MobileOne merge through their converters).
+REAL_MODELS = [("torchvision", "resnet18"), ("torchvision", "mobilenet_v3_small"),
+               ("torchvision", "efficientnet_b0"), ("timm", "repvgg_a0"), ("timm", "mobileone_s0")]
+
+
+def _builder(package: str, name: str):
+    module = pytest.importorskip(package)
+    if package == "timm":
+        return lambda: module.create_model(name)
+    return getattr(module.models, name)
+
+
+def _real_and_meta(build, seed: int = 1):
+    real = randomize_batchnorm_stats(build(), torch.Generator().manual_seed(seed)).eval()
+    with torch.device("meta"):
+        architecture = build()
+    return real, architecture
+
+
+def assert_same_state(folded: dict, expected: dict) -> None:
+    assert list(folded) == list(expected)
+    different = [key for key in expected if not (folded[key].dtype == expected[key].dtype
+                                                 and torch.equal(folded[key], expected[key]))]
+    assert not different, different[:5]
+
+
+def _save(state_dict: dict, path) -> str:
+    if str(path).endswith(".safetensors"):
+        safetensors = pytest.importorskip("safetensors.torch")
+        safetensors.save_file(state_dict, str(path))
+    else:
+        torch.save(state_dict, path)
+    return str(path)
+
+
+def small_model() -> nn.Module:
+    """BN after convs, a BN before a conv, a merged block and a BN left unfolded."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        RepVGGBlock(8, 8, 3),
+        nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1),  # a 1x1 conv pads nothing: the BN before it folds
+        nn.ConvTranspose2d(6, 4, 2, stride=2, bias=False), nn.BatchNorm2d(4),
+        nn.ReLU(), nn.BatchNorm2d(4),  # after an activation: left
+    )
+
+
+# --------------------------------------------------------------------------- fold_state_dict
+
+
+@pytest.mark.parametrize("source", ["dict", ".pt", ".safetensors"])
+@pytest.mark.parametrize("package,name", REAL_MODELS)
+def test_fold_state_dict_is_the_fuse_of_the_model(package, name, source, tmp_path):
+    real, architecture = _real_and_meta(_builder(package, name))
+    expected = fusedconv.fuse(real).state_dict()
+    state_dict = real.state_dict()
+    given = state_dict if source == "dict" else _save(state_dict, tmp_path / f"model{source}")
+    assert_same_state(fusedconv.fold_state_dict(architecture, given), expected)
+    assert all(t.is_meta for t in architecture.state_dict().values())  # the architecture is not modified
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_the_checkpoint_dtype_is_folded_in_it(dtype):
+    """A float32 architecture and a checkpoint in another dtype: the fold is the one
+    of the model in the checkpoint's dtype."""
+    real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(2)).eval().to(dtype)
+    expected = fusedconv.fuse(real).state_dict()
+    folded = fusedconv.fold_state_dict(small_model(), real.state_dict())
+    assert_same_state(folded, expected)
+
+
+def test_inputs_are_left_as_they_were():
+    real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(3)).eval()
+    architecture = small_model().train()  # any device and mode: only the structure is used
+    before_arch = {k: v.clone() for k, v in architecture.state_dict().items()}
+    state_dict = real.state_dict()
+    before = {k: v.clone() for k, v in state_dict.items()}
+    folded = fusedconv.fold_state_dict(architecture, state_dict)
+    assert all(torch.equal(state_dict[k], before[k]) for k in before)
+    assert all(torch.equal(architecture.state_dict()[k], before_arch[k]) for k in before_arch)
+    assert architecture.training and fusedconv.count_batchnorms(architecture) == 7
+    assert_same_state(folded, fusedconv.fuse(real).state_dict())
+    # tensors the fold leaves alone are the input's own, not copies
+    assert folded["9.running_var"] is state_dict["9.running_var"]
+
+
+def test_several_batches_give_the_same_bits(monkeypatch):
+    from fusedconv import checkpoint
+
+    real = randomize_batchnorm_stats(DemoNet(), torch.Generator().manual_seed(4)).eval()
+    expected = fusedconv.fuse(real).state_dict()
+    monkeypatch.setattr(checkpoint, "_BATCH_BYTES", 1)  # one layer per batch
+    assert_same_state(fusedconv.fold_state_dict(DemoNet(), real.state_dict()), expected)
+
+
+def test_bad_statistics_raise_and_nothing_is_written(tmp_path):
+    real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(5)).eval()
+    state_dict = real.state_dict()
+    state_dict["7.running_var"][2] = -0.5  # the BN after the ConvTranspose
+    with pytest.raises(fusedconv.FoldError, match=r"7.*running_var.*negative|7: .*var"):
+        fusedconv.fold_state_dict(small_model(), state_dict)
+    source = _save(state_dict, tmp_path / "bad.pt")
+    with pytest.raises(fusedconv.FoldError, match="7"):
+        fusedconv.fold_checkpoint(small_model(), source, tmp_path / "out.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["bad.pt"]  # no output, no partial file
+
+
+def test_a_block_with_bad_statistics_names_the_block():
+    real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(6)).eval()
+    state_dict = real.state_dict()
+    state_dict["3.dense.0.bn.running_var"][0] = float("nan")
+    with pytest.raises(fusedconv.FoldError, match=r"^3"):
+        fusedconv.fold_state_dict(small_model(), state_dict)
+
+
+def test_keys_that_do_not_fit_are_named():
+    state_dict = small_model().eval().state_dict()
+    state_dict.pop("0.weight")
+    state_dict["extra"] = torch.ones(1)
+    state_dict["5.weight"] = torch.ones(6, 8, 3, 3)
+    with pytest.raises(fusedconv.FoldError) as error:
+        fusedconv.fold_state_dict(small_model(), state_dict)
+    message = str(error.value)
+    assert "1 missing keys (0.weight)" in message and "1 unexpected keys (extra)" in message
+    assert "5.weight (6, 8, 3, 3) instead of (6, 8, 1, 1)" in message
+
+
+def test_nested_checkpoints_are_found(tmp_path):
+    real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(7)).eval()
+    path = tmp_path / "train.pt"
+    torch.save({"epoch": 3, "state_dict": real.state_dict(), "lr": 0.1}, path)
+    assert_same_state(fusedconv.fold_state_dict(small_model(), path), fusedconv.fuse(real).state_dict())
+
+
+class _Pickled:
+    pass
+
+
+def test_pickles_are_never_loaded_with_weights_only_false(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"weight": _Pickled()}, path)
+    with pytest.raises(fusedconv.FoldError, match="weights_only=True.*refuses it.*_Pickled.*never"):
+        fusedconv.fold_state_dict(small_model(), path)
+    not_a_state_dict = tmp_path / "counter.pt"
+    torch.save(collections.Counter(a=1), not_a_state_dict)
+    with pytest.raises(fusedconv.FoldError, match="not a state dict"):
+        fusedconv.fold_state_dict(small_model(), not_a_state_dict)
+    with pytest.raises(fusedconv.FoldError, match="no such checkpoint"):
+        fusedconv.fold_state_dict(small_model(), tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------- files and round trips
+
+
+@pytest.mark.parametrize("source_suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_fold_checkpoint_round_trip(suffix, source_suffix, tmp_path):
+    real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(8)).eval()
+    fused = fusedconv.fuse(real)
+    source = _save(real.state_dict(), tmp_path / f"model{source_suffix}")
+    out = tmp_path / f"folded{suffix}"
+    report = fusedconv.fold_checkpoint(small_model(), source, out)
+    assert report.plan.num_folded == 3 and report.plan.merges == ["3"] and len(report.skipped) == 1
+    assert report.tensors == len(fused.state_dict())
+    if suffix == ".safetensors":  # a file the safetensors package reads
+        from safetensors.torch import load_file
+        assert_same_state(load_file(str(out)), fused.state_dict())
+    loaded = fusedconv.load_folded(small_model(), out)
+    assert not loaded.training
+    assert_same_state(loaded.state_dict(), fused.state_dict())
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x))
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_load_folded_of_a_saved_fuse(on_meta, tmp_path):
+    real = randomize_batchnorm_stats(DemoNet(), torch.Generator().manual_seed(9)).eval()
+    fused = fusedconv.fuse(real)
+    torch.save(fused.state_dict(), tmp_path / "fused.pt")
+    if on_meta:
+        with torch.device("meta"):
+            architecture = DemoNet()
+    else:
+        architecture = DemoNet()
+    loaded = fusedconv.load_folded(architecture, tmp_path / "fused.pt")
+    assert all(not t.is_meta for t in loaded.state_dict().values())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x))
+    with pytest.raises(fusedconv.FoldError, match="not a folded state dict.*missing keys"):
+        fusedconv.load_folded(DemoNet(), real.state_dict())  # the unfolded one
+
+
+def test_a_bad_destination_is_refused_before_any_work(tmp_path):
+    with pytest.raises(fusedconv.FoldError, match=r"\.safetensors, \.pt or \.pth"):
+        fusedconv.fold_checkpoint(small_model(), small_model().eval().state_dict(), tmp_path / "out.bin")
+
+
+def test_file_pages_of_a_mapped_checkpoint_are_let_go(tmp_path):
+    """Folding a .pt reads it through mmap; the pages of each tensor once used are
+    given back, so resident file pages stay far below the file's size."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux /proc")
+    layers = nn.Sequential(*[nn.Sequential(nn.Conv2d(128, 128, 3, bias=False), nn.BatchNorm2d(128))
+                             for _ in range(40)])  # 23.6 MB of weights
+    source = _save(layers.eval().state_dict(), tmp_path / "big.pt")
+    size = os.path.getsize(source)
+    peaks = []
+
+    def resident_file_bytes(done, total):
+        with open("/proc/self/status") as status:
+            peaks.append(next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssFile")))
+
+    start = []
+    resident_file_bytes(0, 0)
+    start.append(peaks.pop())
+    with torch.device("meta"):
+        architecture = nn.Sequential(*[nn.Sequential(nn.Conv2d(128, 128, 3, bias=False), nn.BatchNorm2d(128))
+                                       for _ in range(40)])
+    from fusedconv import checkpoint
+    old = checkpoint._BATCH_BYTES
+    checkpoint._BATCH_BYTES = 1 << 20
+    try:
+        fusedconv.fold_checkpoint(architecture, source, tmp_path / "out.safetensors", progress=resident_file_bytes)
+    finally:
+        checkpoint._BATCH_BYTES = old
+    assert max(peaks) - start[0] < size / 2, (max(peaks) - start[0], size)
+
+
+# --------------------------------------------------------------------------- meta structure of blocks
+
+
+def test_blocks_fold_their_structure_on_meta():
+    timm = pytest.importorskip("timm")
+    for name in ("repvgg_a0", "mobileone_s0"):
+        real, architecture = _real_and_meta(lambda: timm.create_model(name))
+        structure = fusedconv.fuse(architecture.eval())
+        folded = fusedconv.fuse(real)
+        assert list(structure.state_dict()) == list(folded.state_dict())
+        assert all(t.is_meta for t in structure.state_dict().values())
+        structure.load_state_dict(folded.state_dict(), assign=True)
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(structure(x), folded(x))
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cli_fuse_folds_a_checkpoint(tmp_path, capsys):
+    real = build_demo_network(seed=3).eval()
+    source = _save(real.state_dict(), tmp_path / "demo.pt")
+    out = tmp_path / "demo_folded.safetensors"
+    code = cli.main(["fuse", "fusedconv.examples:DemoNet", "--checkpoint", source, "-o", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "9 BatchNorms folded into 8 layers, 0 blocks merged, 0 left" in printed
+    assert_same_state(fusedconv.load_folded(DemoNet(), out).state_dict(), fusedconv.fuse(real).state_dict())
+
+
+def test_cli_fuse_errors_are_one_line(tmp_path, capsys):
+    source = tmp_path / "pickled.pt"
+    torch.save({"weight": _Pickled()}, source)
+    code = cli.main(["fuse", "fusedconv.examples:DemoNet", "--checkpoint", str(source), "-o",
+                     str(tmp_path / "x.pt"), "--no-progress"])
+    error = capsys.readouterr().err
+    assert code == cli.EXIT_CHECK_FAILED and error.count("\n") == 1 and "weights_only" in error
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.gpu
+def test_fold_state_dict_on_the_gpu():
+    real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(10)).eval()
+    expected = fusedconv.fuse(real).state_dict()
+    folded = fusedconv.fold_state_dict(small_model(), real.state_dict(), device="cuda")
+    assert_same_state(folded, expected)
+    assert all(t.device.type == "cpu" for t in folded.values())
