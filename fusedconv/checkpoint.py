@@ -413,11 +413,12 @@ def fold_checkpoint(model: nn.Module, source: StateDictSource, destination: str 
                     flush_subnormals: bool = False,
                     progress: Callable[[int, int], None] | None = None) -> CheckpointReport:
     """Fold the checkpoint ``source`` (a state dict or a file, as for
-    :func:`fold_state_dict`) into the file ``destination``: ``.safetensors``
-    (written as it is computed: memory stays near one batch of layers) or
-    ``.pt``/``.pth`` (``torch.save`` of the folded state dict, which it must
-    hold whole). The file appears only when complete: on any error nothing is
-    written. ``progress(bytes_done, bytes_total)`` is called as the input is read.
+    :func:`fold_state_dict`) into the file ``destination``: ``.safetensors``,
+    or ``.pt``/``.pth`` (what ``torch.save`` of the folded state dict writes).
+    Either is written as it is computed, so memory stays near one batch of
+    layers, not the model. The file appears only when complete: on any error
+    nothing is written. ``progress(bytes_done, bytes_total)`` is called as the
+    input is read.
     """
     start = time.perf_counter()
     destination = Path(destination)
@@ -436,13 +437,12 @@ def fold_checkpoint(model: nn.Module, source: StateDictSource, destination: str 
 
     items = _folded_items(job, device, backend, flush_subnormals, advance)
     descriptor, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, "wb") as file:
-            if destination.suffix == ".safetensors":
-                _write_safetensors(file, job.structure, items)
-            else:
-                folded = dict(items)
-                torch.save({key: folded[key] for key in job.structure}, file)
+        if destination.suffix == ".safetensors":
+            _write_safetensors(temporary, job.structure, items)
+        else:
+            _write_pt(temporary, job.structure, items)
         os.replace(temporary, destination)
     except BaseException:
         os.unlink(temporary)
@@ -460,7 +460,15 @@ _SAFETENSORS_DTYPES = {
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
 
-def _write_safetensors(file, layout: dict[str, torch.Tensor], items: Iterator[tuple[str, torch.Tensor]]) -> None:
+def _checked(key: str, tensor: torch.Tensor, layout: dict[str, torch.Tensor]) -> torch.Tensor:
+    expected = layout[key]
+    if tensor.shape != expected.shape or tensor.dtype != expected.dtype:
+        raise FoldError(f"{key}: folded to {tuple(tensor.shape)} {tensor.dtype}, but the folded structure has "
+                        f"{tuple(expected.shape)} {expected.dtype} (a bug: please report it)")
+    return tensor
+
+
+def _write_safetensors(path: str, layout: dict[str, torch.Tensor], items: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Write a ``.safetensors`` file whose tensors have the shapes and dtypes of
     ``layout`` (meta tensors, in file order), each tensor written at its place
     as ``items`` produces it. The format is a little-endian u64 header length,
@@ -476,15 +484,39 @@ def _write_safetensors(file, layout: dict[str, torch.Tensor], items: Iterator[tu
         offset += tensor.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    file.write(len(encoded).to_bytes(8, "little"))
-    file.write(encoded)
-    data_start = 8 + len(encoded)
-    file.truncate(data_start + offset)
+    with open(path, "wb") as file:
+        file.write(len(encoded).to_bytes(8, "little"))
+        file.write(encoded)
+        data_start = 8 + len(encoded)
+        file.truncate(data_start + offset)
+        for key, tensor in items:
+            _checked(key, tensor, layout)
+            file.seek(data_start + header[key]["data_offsets"][0])
+            if tensor.numel():
+                file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _write_pt(path: str, layout: dict[str, torch.Tensor], items: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Write what ``torch.save`` writes for a state dict with the shapes, strides
+    and dtypes of ``layout``, each tensor filled in as ``items`` produces it.
+
+    ``torch.serialization.skip_data`` saves a dict of placeholders (empty
+    tensors) with room left for every tensor's bytes; the file is
+    then mapped shared (``torch.load(mmap=True)`` with ``MAP_SHARED``), each
+    folded tensor copied to its place, and its pages handed to the kernel's
+    page cache, which writes them back."""
+    # Never written nor read, the placeholders' pages are never made resident.
+    placeholders = {key: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype) for key, t in layout.items()}
+    with torch.serialization.skip_data():
+        torch.save(placeholders, path)
+    del placeholders
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        slots = torch.load(path, mmap=True, weights_only=True)
+    ranges = _mapped_ranges(Path(path))
     for key, tensor in items:
-        expected = layout[key]
-        if tensor.shape != expected.shape or tensor.dtype != expected.dtype:
-            raise FoldError(f"{key}: folded to {tuple(tensor.shape)} {tensor.dtype}, but the folded structure has "
-                            f"{tuple(expected.shape)} {expected.dtype} (a bug: please report it)")
-        file.seek(data_start + header[key]["data_offsets"][0])
-        if tensor.numel():
-            file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        slot = slots[key]
+        slot.copy_(_checked(key, tensor, layout))
+        span = memory_span(slot)
+        if span is not None and any(low <= span[0] and span[1] <= high for low, high in ranges):
+            _drop_pages(*span)
+    del slots, slot
