@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from .apply import apply_plan
+from .distributed import is_sharded
 from .errors import FoldError
 from .exported import fuse_exported, fuse_graph_module, has_aten_batch_norms, plan_exported
 from .fusion_plan import FusionPlan
 from .model_index import ModelIndex
 from .rules import check_foldable, make_plan
+from .sharded import fuse_sharded
 from .wrappers import unwrapped
 
 logger = logging.getLogger("fusedconv")
@@ -82,6 +84,13 @@ def fuse(
     makes weights subnormal (a BN with gamma near 0) warns with a
     :class:`fusedconv.FoldWarning`; ``flush_subnormals=True`` sets them to zero
     instead (subnormal weights slow CPU inference several times over).
+
+    A sharded model (DTensor parameters: FSDP2's ``fully_shard``,
+    ``distribute_module``, tensor-parallel plans) is folded in place only, by
+    calling ``fuse(model, inplace=True)`` on every rank: each rank writes the
+    blocks it holds, no weight is gathered, and the result equals the fold of
+    the unsharded model bit for bit (:mod:`fusedconv.sharded`). A refusal on
+    any rank raises :class:`fusedconv.FoldError` on every rank, before any writes.
     """
     start = time.perf_counter()
     if isinstance(model, torch.export.ExportedProgram):
@@ -95,13 +104,18 @@ def fuse(
                             "inplace=True or plan=")
         return fuse_graph_module(model, backend=backend)
     network, rewrap = unwrapped(model, inplace=inplace)
-    index = None
-    if plan is None:  # one walk of the module tree serves planning and applying
-        check_foldable(network)
-        index = ModelIndex(network)
-        plan = make_plan(network, as_input_tuple(example_inputs), check_stats=False, index=index)
-    fused = apply_plan(network, plan, inplace=inplace, backend=backend, flush_subnormals=flush_subnormals,
-                       index=index)
+    if is_sharded(network):  # each rank folds the blocks it holds, with the others
+        plan = fuse_sharded(network, plan, as_input_tuple(example_inputs), inplace=inplace, backend=backend,
+                            flush_subnormals=flush_subnormals)
+        fused = network
+    else:
+        index = None
+        if plan is None:  # one walk of the module tree serves planning and applying
+            check_foldable(network)
+            index = ModelIndex(network)
+            plan = make_plan(network, as_input_tuple(example_inputs), check_stats=False, index=index)
+        fused = apply_plan(network, plan, inplace=inplace, backend=backend, flush_subnormals=flush_subnormals,
+                           index=index)
     if logger.isEnabledFor(logging.INFO):
         logger.info(
             "folded %d BatchNorms into %d layers in %.1f ms (dataflow from %s); %d BatchNorms left",

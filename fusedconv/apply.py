@@ -19,7 +19,7 @@ from .model_index import ModelIndex
 from .registry import converter_for, plan_blocks, plan_found_blocks
 from .reparam import apply_reparameterizations, write_merged_weights
 from .rules import checked_affines, module_at
-from .writing import Rollback, check_folded_range, check_writable, subnormal_weights
+from .writing import Rollback, check_folded_range, check_writable, subnormal_weights, swap_batchnorms
 
 
 def _first_weight_device(model: nn.Module) -> torch.device:
@@ -67,14 +67,7 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
     with Rollback() as rollback:
         if merges:  # a converter's install may fail: every module swap before the weights are written is undone
             rollback.keep_modules(target_modules[""])
-        for name, bn_paths_of_one in prepared.bn_paths.items():
-            bn = module_at(target_modules, name)
-            if isinstance(bn, nn.Identity):  # already replaced through the copy's memo
-                continue
-            replacement = batchnorm_kind(bn).replacement(bn).train(bn.training)
-            for path in bn_paths_of_one:
-                parent, _, attr = path.rpartition(".")
-                rollback.setattr(target_modules[parent], attr, replacement)
+        swap_batchnorms(target_modules, prepared.bn_paths, rollback)
         set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback)
         for merge in merges:  # module swaps only, before any weight is written
             merge.install(merge.target)

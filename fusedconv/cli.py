@@ -457,7 +457,7 @@ def run_fuse(args: argparse.Namespace) -> int:
     plan = report.plan
     print(f"fusedconv fuse: {args.spec} -> {args.output}: {plan.num_folded} BatchNorms folded into "
           f"{len(plan.folds)} layers, {len(plan.merges)} blocks merged, {len(plan.skipped)} left; "
-          f"{report.tensors} tensors, {report.bytes_read / 1e6:.1f} MB read in {report.seconds:.2f} s")
+          f"{report.tensors} tensors, {report.checkpoint_bytes / 1e6:.1f} MB read in {report.seconds:.2f} s")
     for skip in plan.skipped:
         print(f"  left {skip.module}: {skip.reason}")
     return EXIT_OK

@@ -41,8 +41,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from . import kernels
 from .affine import BatchNormStats, batchnorm_affines
 from .errors import FoldError
-from .fold import LayerFold
-from .kernels.reference import column_factors
+from .fold import LayerFold, shift_sums
 from .fusion_plan import Fold, FusionPlan, Skip
 from .memory import sharing_memory
 from .writing import check_folded_range
@@ -302,12 +301,11 @@ def _layer_fold_before(state: _Program, layer: fx.Node, affine) -> tuple[LayerFo
     bias = state.value(bias_node) if bias_node is not None else None
     groups = 1 if layer.target == aten.linear.default else int(
         _argument(layer, 8 if layer.target == aten.convolution.default else 6, "groups", 1))
-    w = weight.detach()
-    taps = w.sum(dim=tuple(range(2, w.dim())), dtype=torch.float64) if w.dim() > 2 else w.double()
-    shifts = column_factors(affine.shift.to(w.device), taps.shape[0], taps.shape[1], groups)
-    old = torch.zeros(taps.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.detach().double()
-    new_bias = (old + (taps * shifts).sum(dim=1)).to(weight.dtype if bias is None else bias.dtype)
-    return LayerFold(None, affine.scale.to(w.device), groups, new_bias), weight
+    device = weight.device
+    old = torch.zeros(weight.shape[0], dtype=torch.float64, device=device) if bias is None else bias.detach().double()
+    new_bias = old + shift_sums(weight, affine.shift.to(device), groups)
+    new_bias = new_bias.to(weight.dtype if bias is None else bias.dtype)
+    return LayerFold(None, affine.scale.to(device), groups, new_bias), weight
 
 
 def _folded_tensors(state, pairs, backend: str | None):

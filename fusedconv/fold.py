@@ -16,12 +16,12 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from . import kernels
+from . import distributed, kernels
 from .affine import ChannelAffine, batchnorm_affines, compose
 from .errors import FoldError
 from .kernels.reference import column_factors
@@ -54,7 +54,7 @@ def why_not_exact_before(layer: nn.Module) -> str | None:
             "the conv pads its input with zeros, and zero-padding BN(x) is not BN of the padded x "
             "(only padding=0 or reflect/replicate/circular padding folds exactly)"
         )
-    return None
+    return distributed.why_input_sum_not_local(layer)  # exact, but a sharded weight may not allow it
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,34 @@ def _checked_kind(layer: nn.Module, before: ChannelAffine | None, after: Channel
     return kind
 
 
-def _scale_grid(kind: LayerKind, in_scale: torch.Tensor | None, out_scale: torch.Tensor | None):
+def scale_grid(kind: LayerKind, in_scale: torch.Tensor | None, out_scale: torch.Tensor | None):
     """(row, col) factors: Conv and Linear keep output channels on dim 0 and input
     channels (within the group) on dim 1; ConvTranspose stores (in, out/groups, *k)."""
     return (in_scale, out_scale) if kind is LayerKind.CONV_TRANSPOSE else (out_scale, in_scale)
+
+
+def shift_sums(weight: torch.Tensor, shift: torch.Tensor, groups: int, *, rows: int | None = None,
+               first_row: int = 0) -> torch.Tensor:
+    """What a BN shift before the layer adds to each output channel, in float64:
+    ``sum_{i,k} W[o, i, k] * shift[g(o) * C_in/G + i]`` for every row ``o`` of
+    ``weight``. The shift enters every output position alike because the layer
+    never pads with zeros (``why_not_exact_before``).
+
+    ``weight`` may be rows ``first_row...`` of a weight of ``rows`` rows (the
+    block a rank holds of a sharded weight): each row's sum is the same bits
+    either way, since each row is reduced on its own, in the same order.
+    """
+    w = weight.detach()
+    held = w.shape[0]
+    shifts = column_factors(shift, held if rows is None else rows, w.shape[1], groups, first_row, first_row + held)
+    if held == 1:
+        # torch splits a reduction with a single output across threads, in another
+        # order than that of the same row among others: reducing the row twice,
+        # as two outputs, keeps the per-row order whether the weight is whole or
+        # one rank's block.
+        w, shifts = torch.cat([w, w]), torch.cat([shifts, shifts])
+    tap_sums = w.sum(dim=tuple(range(2, w.dim())), dtype=torch.float64) if w.dim() > 2 else w.double()
+    return (tap_sums * shifts).sum(dim=1)[:held]
 
 
 def _bias_dtype(layer: nn.Module) -> torch.dtype:
@@ -142,19 +166,14 @@ def plan_layer_fold(
     )
     in_scale = out_scale = None
     if before is not None:
-        # The BN shift enters every output as sum over inputs and taps of W * shift:
-        # a constant per output channel because this layer never pads with zeros.
-        w = weight.detach()
-        tap_sums = w.sum(dim=tuple(range(2, w.dim())), dtype=torch.float64) if w.dim() > 2 else w.double()
-        shifts = column_factors(before.shift.to(device), tap_sums.shape[0], tap_sums.shape[1], groups)
-        b = b + (tap_sums * shifts).sum(dim=1)
+        b = b + shift_sums(weight, before.shift.to(device), groups)
         in_scale = before.scale.to(device)
     if after is not None:
         out_scale = after.scale.to(device)
         b = b * out_scale + after.shift.to(device)
     if extra_bias is not None:
         b = b + extra_bias.to(device)
-    row, col = _scale_grid(kind, in_scale, out_scale)
+    row, col = scale_grid(kind, in_scale, out_scale)
     return LayerFold(row, col, groups, b.to(_bias_dtype(layer)))
 
 
@@ -192,28 +211,36 @@ def plan_layer_folds(
             new_biases += torch.cat([none[:n] if extra_biases[i] is None else extra_biases[i].to(device)
                                      for i, n in zip(members, sizes)])
         for i, scale, bias in zip(members, scales.split(sizes), new_biases.to(dtype).split(sizes)):
-            row, col = _scale_grid(layer_kind(layers[i]), None, scale)
+            row, col = scale_grid(layer_kind(layers[i]), None, scale)
             folds[i] = LayerFold(row, col, layer_groups(layers[i]), bias)
     return folds
 
 
-def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], rollback=None) -> None:
+def new_bias_parameter(layer: nn.Module, values: torch.Tensor) -> nn.Parameter:
+    """A new bias Parameter of the layer's own, shaped like ``values``, to be written."""
+    return nn.Parameter(torch.empty_like(values, memory_format=torch.contiguous_format),
+                        requires_grad=layer.weight.requires_grad)
+
+
+def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], rollback=None,
+               new_bias: Callable[[nn.Module, torch.Tensor], nn.Parameter] = new_bias_parameter) -> None:
     """Store folded biases in place, all with one multi-tensor copy; a layer
-    without a bias gets a new Parameter of its own (not a view of a shared batch).
+    without a bias gets ``new_bias(layer, values)`` (by default a new Parameter
+    of its own, not a view of a shared batch). For a DTensor bias, ``biases``
+    hold what this rank holds of it, and its local tensor is written.
     With a :class:`fusedconv.writing.Rollback`, each change is recorded so that it can be undone."""
     with torch.no_grad():
         targets = []
         for layer, bias in zip(layers, biases):
             if layer.bias is None:
-                new = nn.Parameter(torch.empty_like(bias, memory_format=torch.contiguous_format),
-                                   requires_grad=layer.weight.requires_grad)
+                new = new_bias(layer, bias)
                 if rollback is None:
                     layer.bias = new
                 else:
                     rollback.setattr(layer, "bias", new)
             elif rollback is not None:
-                rollback.keep(layer.bias)
-            targets.append(layer.bias)
+                rollback.keep(distributed.local_tensor(layer.bias))
+            targets.append(distributed.local_tensor(layer.bias))
         if targets:
             torch._foreach_copy_(targets, list(biases))
 
@@ -245,6 +272,15 @@ def _affine_of(bns: Sequence[nn.Module], role: str) -> ChannelAffine | None:
     return compose(batchnorm_affines(stats))
 
 
+def _refuse_dtensors(modules: Sequence[nn.Module]) -> None:
+    """The pairwise API computes with whole tensors; a sharded model is folded by
+    every rank at once (:func:`fusedconv.fuse` with ``inplace=True``)."""
+    for module in modules:
+        for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if distributed.is_dtensor(tensor):
+                raise FoldError(f"{type(module).__name__}.{name}: {distributed.DTENSOR_REFUSAL}")
+
+
 def folded_weights(
     layer: nn.Module, before: Sequence[nn.Module] = (), after: Sequence[nn.Module] = ()
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,11 +289,13 @@ def folded_weights(
     ``before`` and ``after`` are BatchNorm modules (eval mode) applied in order
     before the layer's input and after its output. Nothing is modified.
     """
+    _refuse_dtensors((layer, *before, *after))
     return fold_affines(layer, _affine_of(before, "before"), _affine_of(after, "after"),
                         name=type(layer).__name__)
 
 
 def _folded_copy(layer: nn.Module, before: Sequence[nn.Module], after: Sequence[nn.Module]) -> nn.Module:
+    _refuse_dtensors((layer, *before, *after))
     fold = plan_layer_fold(layer, _affine_of(before, "before"), _affine_of(after, "after"),
                            name=type(layer).__name__)
     new = copy.deepcopy(layer)

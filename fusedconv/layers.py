@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import distributed
 from .affine import BatchNormStats
 from .errors import FoldError
 
@@ -102,10 +103,20 @@ def why_not_standard(module: nn.Module, proven: frozenset[str] = frozenset()) ->
     ordinary lookup fails), no untrusted class attribute shadows an instance
     attribute, and the instance replaces none of its class's methods.
     ``proven`` names overrides shown harmless by other means (a forward that is
-    provably a plain conv, :mod:`fusedconv.dataflow.layer_forward`).
+    provably a plain conv, :mod:`fusedconv.dataflow.layer_forward`). A module
+    whose class FSDP2's ``fully_shard`` swapped is judged by its original class
+    (:func:`fusedconv.distributed.original_class`): FSDPModule's methods manage
+    parameters and are never reached by a forward, but they still hide
+    registered names of theirs.
     """
     cls = type(module)
     registered = (module._parameters.keys() | module._buffers.keys() | module._modules.keys())
+    original = distributed.original_class(module)
+    if original is not None:
+        shadows = registered & vars(distributed.fsdp_module_class()).keys()
+        if shadows:
+            return f"FSDPModule defines {sorted(shadows)[0]} at class level, which hides the registered one"
+        cls = original
     trusted_names = _trusted_class_names(cls)
     if trusted_names is not None:  # every class is trusted: only the instance can differ
         shadows = registered & trusted_names[0]
@@ -132,7 +143,7 @@ def why_not_standard(module: nn.Module, proven: frozenset[str] = frozenset()) ->
             if name in vars(module):
                 return f"{klass.__qualname__} defines {name} at class level, which may hide the instance's own"
     for name in vars(module).keys() - MODULE_STATE:
-        if callable(getattr(type(module), name, None)):
+        if callable(getattr(cls, name, None)):
             return f"its {name} is replaced on the instance"
     return None
 
@@ -236,8 +247,11 @@ def why_layer_cannot_change(module: nn.Module, *, own_forward: bool = False) -> 
     problem = why_not_standard(module, proven)
     if problem:
         return f"{type(module).__name__} is not a standard layer: {problem}"
-    if module._forward_pre_hooks or module._forward_hooks:
+    if distributed.has_other_forward_hooks(module):  # FSDP2's own gather the weight, as it is, for the forward
         return "it has forward hooks (weight_norm, pruning or user hooks may rewrite its weight or output)"
+    problem = distributed.why_no_new_bias(module)
+    if problem:
+        return problem
     if isinstance(_tensor_of(module, "weight"), nn.parameter.UninitializedParameter):
         return "it is a lazy module whose weight is not initialised yet (run a forward first)"
     return None
@@ -361,6 +375,9 @@ def why_batchnorm_cannot_fold(bn: nn.Module) -> str | None:
     """Why this BN cannot be folded (other than where it sits), or None."""
     if not has_running_stats(bn):
         return "track_running_stats=False: it normalises with batch statistics, which no weight can hold"
+    if distributed.original_class(bn) is not None:
+        return ("fully_shard was applied to it: FSDP2 would go on managing its parameters and hooks once it is "
+                "replaced (apply fully_shard to the block that holds it instead)")
     if bn._forward_pre_hooks or bn._forward_hooks:
         return "it has forward hooks"
     return None

@@ -12,12 +12,17 @@ from typing import Hashable, Iterable
 
 import torch
 
+from . import distributed
+
 
 def memory_span(tensor: torch.Tensor) -> tuple[int, int] | None:
     """The bytes ``[start, end)`` that ``tensor`` can read, or None when it has no
-    memory of its own to compare (meta, fake or distributed tensors, no elements)."""
+    memory of its own to compare (meta or fake tensors, no elements). A DTensor
+    reads the memory of its local tensor, this rank's block."""
     if type(tensor) not in _PLAIN_TENSORS and type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
-        return None  # a wrapper subclass (DTensor, FakeTensor, ...): its data lives elsewhere
+        if distributed.is_dtensor(tensor):
+            return memory_span(tensor._local_tensor)
+        return None  # another wrapper subclass (FakeTensor, ...): its data lives elsewhere
     if tensor.layout != torch.strided:
         return None
     try:

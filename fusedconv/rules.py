@@ -15,11 +15,13 @@ folded: the module tree is all a fold can change.
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .affine import batchnorm_affines, compose
+from . import distributed
+from .affine import BatchNormStats, batchnorm_affines, compose
 from .dataflow import Dataflow
 from .dataflow.find import find_dataflow
 from .errors import FoldError, FoldWarning
@@ -261,9 +263,18 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
     """Find what can be folded in ``model`` (not modified) and, unless
     ``check_stats`` is False (the caller applies the plan at once, which checks
     them again), check the statistics of every BN it folds and every block
-    merge. ``index``: the model's :class:`ModelIndex`, when the caller has it."""
+    merge. ``index``: the model's :class:`ModelIndex`, when the caller has it.
+    A sharded model (DTensor parameters, FSDP2) is planned from its code alone,
+    without example inputs, and its statistics are checked when it is folded
+    (by every rank at once: each holds part of them)."""
     check_foldable(model)
     index = index if index is not None else ModelIndex(model)
+    sharded = distributed.any_sharded(module for _, module in index.modules)
+    if sharded and example_inputs is not None:  # a run would gather, and swap, the parameters FSDP manages
+        raise FoldError(
+            "example_inputs are not taken for a sharded model (DTensor parameters or FSDP2): fold it without them "
+            "(the plan comes from its code), or plan an unsharded copy with them and pass that plan: "
+            "fuse(model, plan=fusedconv.plan(unsharded_copy, example_inputs), inplace=True)")
     for name, bn in index.batchnorms.items():
         check_not_training(bn, name)
     planned: dict[int, tuple[Dataflow, FusionPlan]] = {}  # the plan of the reading, if that is what stands
@@ -277,7 +288,7 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
     reuse = earlier is not None and earlier[0] is flow and flow.note is None  # a note changes the reasons
     plan = earlier[1] if reuse else Matcher(index, flow).plan()
     plan.merges = list(index.blocks)
-    if check_stats and not _on_meta(model):  # on the meta device there are no values to check yet
+    if check_stats and not _on_meta(model) and not sharded:  # no values here to check yet
         checked_affines(index.batchnorms, plan.folds)
         plan_blocks(model)
     _warn_about(plan, flow)
@@ -311,9 +322,11 @@ def module_at(modules: dict[str, nn.Module], name: str) -> nn.Module:
     return modules[name]
 
 
-def checked_affines(modules: dict[str, nn.Module], folds: list[Fold]) -> list[tuple]:
+def checked_affines(modules: dict[str, nn.Module], folds: list[Fold],
+                    read: Callable[[nn.Module, str], BatchNormStats] = bn_statistics) -> list[tuple]:
     """The composed (before, after) affine maps of each fold, after checking every
-    BN (found by name in ``modules``); all BNs' statistics are read and checked together."""
+    BN (found by name in ``modules``); all BNs' statistics are read (by ``read``:
+    a sharded model's are gathered whole first) and checked together."""
     stats = []
     for fold in folds:
         for bn_name in fold.batchnorms:
@@ -322,7 +335,7 @@ def checked_affines(modules: dict[str, nn.Module], folds: list[Fold]) -> list[tu
             problem = why_batchnorm_cannot_fold(bn)
             if problem:
                 raise FoldError(f"{bn_name}: {problem}")
-            stats.append(bn_statistics(bn, bn_name))
+            stats.append(read(bn, bn_name))
     affines = iter(batchnorm_affines(stats))
     return [
         (compose([next(affines) for _ in fold.before]), compose([next(affines) for _ in fold.after]))

@@ -16,8 +16,10 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import FoldError, FoldWarning
 from .fold import LayerFold
+from .layers import batchnorm_kind
 
 # A per-channel scale above this is checked element by element for overflow;
 # below it, a folded weight can overflow only if |weight| already exceeds
@@ -31,6 +33,8 @@ def why_no_values(tensor: torch.Tensor) -> str | None:
     """Why ``tensor`` holds no values fusedconv can read, or None."""
     if tensor.is_meta:
         return "it is on the meta device and holds no values (load the weights first)"
+    if distributed.is_dtensor(tensor):  # each rank holds a block: only a fold on every rank at once can write it
+        return distributed.DTENSOR_REFUSAL
     if type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
         return f"it is a {type(tensor).__name__}, whose values fusedconv does not read or write directly"
     return None
@@ -162,6 +166,20 @@ def subnormal_weights(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold
             "on a CPU these slow inference several times over: pass flush_subnormals=True to set them to zero",
             FoldWarning, stacklevel=4)
     return found
+
+
+def swap_batchnorms(modules: dict[str, nn.Module], bn_paths: dict[str, list[str]], rollback: "Rollback") -> None:
+    """Replace each folded BN (by name in ``modules``, a path -> module map) at every
+    path where it is registered (``bn_paths``) by what stands in its place once
+    folded (``nn.Identity``, or timm's activation), recording each swap in ``rollback``."""
+    for name, paths in bn_paths.items():
+        bn = modules[name]
+        if isinstance(bn, nn.Identity):  # already replaced through a copy's memo
+            continue
+        replacement = batchnorm_kind(bn).replacement(bn).train(bn.training)
+        for path in paths:
+            parent, _, attr = path.rpartition(".")
+            rollback.setattr(modules[parent], attr, replacement)
 
 
 class Rollback:

@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .. import distributed
 from ..layers import MODULE_STATE
 
 UNKNOWN = None
@@ -140,12 +141,21 @@ def _plain_tuple(value: object) -> bool:
 def attribute_values(module: nn.Module) -> list[object]:
     """The values of ``module``'s instance attributes that can hold a module or a
     tensor: nn.Module's own bookkeeping and plain configuration (numbers,
-    strings, tuples of them) left out; the forward hooks added."""
+    strings, tuples of them) left out; the forward hooks added. FSDP2's state
+    and hooks are left out too (:mod:`fusedconv.distributed`): they hold the
+    modules whose parameters FSDP manages, and never call them."""
     attributes = vars(module)
     values = [value for key in attributes.keys() - MODULE_STATE
               if type(value := attributes[key]) not in _PLAIN and not _plain_tuple(value)]
+    if not values and not (module._forward_hooks or module._forward_pre_hooks):
+        return values
+    fsdp_state = distributed.own_attributes(module)
+    if fsdp_state:
+        values = [value for value in values if not any(value is own for own in fsdp_state)]
     if module._forward_hooks or module._forward_pre_hooks:
-        values.extend((*module._forward_hooks.values(), *module._forward_pre_hooks.values()))
+        fsdp_pre, fsdp_post = distributed.own_forward_hooks(module)
+        values.extend(hook for key, hook in module._forward_hooks.items() if key not in fsdp_post)
+        values.extend(hook for key, hook in module._forward_pre_hooks.items() if key not in fsdp_pre)
     return values
 
 

@@ -1,0 +1,293 @@
+"""Recognising what ``torch.distributed`` puts in a model: DTensors and their
+local blocks, and the classes, hooks and state of FSDP2.
+
+A **DTensor** parameter (FSDP2, ``distribute_module``/``distribute_tensor``,
+tensor-parallel plans) is a global tensor of which each rank holds one block,
+its local tensor; :func:`local_block` says which, from the placements.
+
+**FSDP2**: ``fully_shard(module)`` changes three things that fusedconv's checks would
+otherwise take for user code:
+
+* the module's class becomes a class that FSDP creates, ``FSDP<Class>``, with
+  bases ``(FSDPModule, Class)``: its methods manage the parameters (``reshard``,
+  ``unshard``, ``_apply``...), none of them is reached by the forward, which
+  is the original class's;
+* a forward pre-hook and a forward hook (bound methods of the module's
+  ``FSDPState``) all-gather the parameters before the forward and free the
+  gathered copies after it; with a mixed-precision policy they also cast the
+  input and output, which is rounding, not a change of what is computed;
+* the module's ``__dict__`` holds the composable-API state (the ``FSDPState``,
+  which refers to every module whose parameters it manages, only to set their
+  parameters, never to call them).
+
+Each is recognised exactly (the very class FSDP made for this original class,
+the very hook functions bound to the module's own state), so that a look-alike
+is still treated as user code. Nothing here imports FSDP: a model can hold
+FSDP's classes (or DTensors) only once FSDP (or DTensor) has been imported.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import FoldError
+
+_DTENSOR = "torch.distributed.tensor"
+_FULLY_SHARD = "torch.distributed.fsdp._fully_shard._fully_shard"
+_FSDP_STATE = "torch.distributed.fsdp._fully_shard._fsdp_state"
+_CONTRACT = "torch.distributed._composable.contract"
+# What type(name, bases, dct) puts in FSDP's generated class besides FSDP's own __deepcopy__.
+_GENERATED_CLASS_NAMES = frozenset({"__module__", "__doc__", "__deepcopy__"})
+
+
+def original_class(module: nn.Module) -> type | None:
+    """The class ``fully_shard`` replaced, when ``type(module)`` is exactly the
+    class FSDP2 generated for it (``FSDP<Class>``); None for any other class."""
+    fully_shard = sys.modules.get(_FULLY_SHARD)
+    cls = type(module)
+    if fully_shard is None or not issubclass(cls, fully_shard.FSDPModule):
+        return None
+    bases = cls.__bases__
+    if len(bases) != 2 or bases[0] is not fully_shard.FSDPModule:
+        return None
+    original = bases[1]
+    if fully_shard.get_cls_to_fsdp_cls().get(original) is not cls:
+        return None
+    defined = vars(cls)
+    if defined.keys() != _GENERATED_CLASS_NAMES or defined["__deepcopy__"] is not fully_shard._unimplemented_deepcopy:
+        return None
+    return original
+
+
+def fsdp_module_class() -> type | None:
+    """``FSDPModule``, once FSDP2 has been imported (None before)."""
+    fully_shard = sys.modules.get(_FULLY_SHARD)
+    return None if fully_shard is None else fully_shard.FSDPModule
+
+
+def _state(module: nn.Module) -> object | None:
+    """The module's own ``FSDPState``, when FSDP2 swapped its class."""
+    if original_class(module) is None:
+        return None
+    return sys.modules[_FULLY_SHARD].fully_shard.state(module)
+
+
+def _is_bound_to(hook: object, state: object, method: str) -> bool:
+    """Whether ``hook`` is FSDPState's own ``method`` bound to ``state``."""
+    fsdp_state = sys.modules[_FSDP_STATE].FSDPState
+    return isinstance(hook, types.MethodType) and hook.__self__ is state and hook.__func__ is vars(fsdp_state)[method]
+
+
+def own_forward_hooks(module: nn.Module) -> tuple[set[int], set[int]]:
+    """Keys of the module's forward pre-hooks and forward hooks that are FSDP2's
+    own: its state's ``_pre_forward`` and ``_post_forward`` (a ``fully_shard``
+    of a list of modules wraps them in closures, which are not recognised)."""
+    state = _state(module)
+    if state is None:
+        return set(), set()
+    pre = {key for key, hook in module._forward_pre_hooks.items() if _is_bound_to(hook, state, "_pre_forward")}
+    post = {key for key, hook in module._forward_hooks.items() if _is_bound_to(hook, state, "_post_forward")}
+    return pre, post
+
+
+def has_other_forward_hooks(module: nn.Module) -> bool:
+    """Whether the module has forward hooks besides FSDP2's own."""
+    if not (module._forward_pre_hooks or module._forward_hooks):
+        return False
+    pre, post = own_forward_hooks(module)
+    return bool(module._forward_pre_hooks.keys() - pre or module._forward_hooks.keys() - post)
+
+
+def own_attributes(module: nn.Module) -> list[object]:
+    """The values in the module's ``__dict__`` that are FSDP2's bookkeeping: the
+    composable-API state and registry, when ``fully_shard`` is all they hold."""
+    state = _state(module)
+    if state is None:
+        return []
+    contract = sys.modules[_CONTRACT]
+    attributes = vars(module)
+    states, registry = attributes.get(contract.STATE_KEY), attributes.get(contract.REGISTRY_KEY)
+    own = []
+    if isinstance(states, dict) and list(states.values()) == [state]:
+        own.append(states)
+    if isinstance(registry, dict) and list(registry) == ["fully_shard"]:
+        own.append(registry)
+    return own
+
+
+def managed_by_fsdp(module: nn.Module) -> bool:
+    """Whether FSDP2 manages the module's parameters (``fully_shard`` on it or on
+    a module above it): FSDP keeps the parameter list it was given, so the
+    module cannot gain a parameter (a new bias) that FSDP would shard."""
+    return vars(module).get("_is_fsdp_managed_module", False) is True
+
+
+def why_no_new_bias(layer: nn.Module) -> str | None:
+    """Why a layer without a bias cannot be given one by a fold, or None."""
+    if layer.bias is None and managed_by_fsdp(layer):
+        return ("FSDP2 (fully_shard) manages its parameters and cannot take the bias that a fold gives it: build it "
+                "with bias=True, or fold before fully_shard")
+    return None
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that ``fully_shard`` was applied to."""
+    fsdp_module = fsdp_module_class()
+    return [] if fsdp_module is None else [m for m in model.modules() if isinstance(m, fsdp_module)]
+
+
+# --------------------------------------------------------------------------- DTensors
+
+
+def dtensor_class() -> type | None:
+    """``DTensor``, once it has been imported (None before: no tensor can be one)."""
+    module = sys.modules.get(_DTENSOR)
+    return None if module is None else module.DTensor
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a DTensor (a ``torch.distributed.tensor.DTensor``)."""
+    dtensor = dtensor_class()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``tensor``: a DTensor's local tensor (the memory that
+    every view and write of it reaches), any other tensor itself."""
+    return tensor._local_tensor if is_dtensor(tensor) else tensor
+
+
+DTENSOR_REFUSAL = ("it is a DTensor (sharded, e.g. by FSDP2): fold the model in place with "
+                   "fusedconv.fuse(model, inplace=True), called on every rank")
+
+
+def is_sharded(model: object) -> bool:
+    """Whether ``model`` is a module holding DTensors or modules that ``fully_shard``
+    was applied to (:func:`any_sharded`)."""
+    return isinstance(model, nn.Module) and any_sharded(model.modules())
+
+
+def any_sharded(modules: Iterable[nn.Module]) -> bool:
+    """Whether any of ``modules`` holds a DTensor parameter or buffer, or was
+    sharded by ``fully_shard`` (whose parameters are plain tensors while they
+    are unsharded). One look at each module's registries: every fold asks."""
+    dtensor, fsdp_module = dtensor_class(), fsdp_module_class()
+    if dtensor is None and fsdp_module is None:
+        return False
+    kinds = tuple(kind for kind in (dtensor, fsdp_module) if kind is not None)
+    for module in modules:
+        if isinstance(module, kinds):
+            return True
+        for registry in (module._parameters, module._buffers):
+            for tensor in registry.values():
+                if isinstance(tensor, kinds):
+                    return True
+    return False
+
+
+def _understood(placement: object) -> bool:
+    """Shard and Replicate, exactly: a subclass such as ``_StridedShard`` (FSDP with
+    tensor parallelism) interleaves blocks, and ``Partial`` holds addends, not values."""
+    module = sys.modules[_DTENSOR]
+    return type(placement) is module.Shard or type(placement) is module.Replicate
+
+
+def why_placements_not_understood(tensor: torch.Tensor) -> str | None:
+    """Why fusedconv cannot tell which elements of ``tensor`` this rank holds, or None."""
+    if not is_dtensor(tensor):
+        return None
+    strange = [placement for placement in tensor.placements if not _understood(placement)]
+    if strange:
+        return (f"it is a DTensor placed as {tensor.placements}: fusedconv folds Shard and Replicate placements "
+                f"only, not {strange[0]}")
+    if tensor.device_mesh.get_coordinate() is None:
+        return "it is a DTensor on a device mesh that this rank is not part of"
+    return None
+
+
+@dataclass(frozen=True)
+class Block:
+    """The block of a global tensor that this rank holds: per dim, its first index and size."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    def span(self, dim: int) -> range:
+        return range(self.offsets[dim], self.offsets[dim] + self.sizes[dim])
+
+
+def placed_block(shape: tuple[int, ...], mesh: object, placements: tuple) -> Block:
+    """The block of a tensor of ``shape`` placed on ``mesh`` as ``placements`` that
+    this rank holds: torch.chunk's rule along each sharded dim, nested across mesh dims."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    sizes, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return Block(tuple(offsets), tuple(sizes))
+
+
+def local_block(tensor: torch.Tensor, name: str) -> Block:
+    """Which block of ``tensor`` this rank holds: all of it for a plain tensor, what
+    its placements give for a DTensor (:func:`placed_block`). Raises
+    :class:`FoldError` naming ``name`` for placements that are not understood,
+    or a local tensor of another shape than the placements give."""
+    if not is_dtensor(tensor):
+        return Block((0,) * tensor.dim(), tuple(tensor.shape))
+    problem = why_placements_not_understood(tensor)
+    if problem:
+        raise FoldError(f"{name}: {problem}")
+    block = placed_block(tuple(tensor.shape), tensor.device_mesh, tensor.placements)
+    if block.sizes != tuple(tensor._local_tensor.shape):
+        raise FoldError(f"{name}: its local tensor has shape {tuple(tensor._local_tensor.shape)}, but its placements "
+                        f"{tensor.placements} give this rank a block of shape {block.sizes}")
+    return block
+
+
+def channel_placements(tensor: torch.Tensor, channel_dim: int) -> tuple[str, ...] | None:
+    """Per mesh dim, whether ``tensor`` (placed as Shard and Replicate only) is
+    split along ``channel_dim`` there (``"shard"``) or not split at all
+    (``"replicate"``); None when it is split along another dim. A plain tensor
+    has no mesh dims. Two tensors with the same answer on the same mesh hold the
+    same channels on every rank (both follow torch.chunk's rule)."""
+    if not is_dtensor(tensor):
+        return ()
+    kinds = []
+    for placement in tensor.placements:
+        if placement.is_shard() and placement.dim != channel_dim:
+            return None
+        kinds.append("shard" if placement.is_shard() else "replicate")
+    return tuple(kinds)
+
+
+def why_input_sum_not_local(layer: nn.Module) -> str | None:
+    """Why this rank cannot compute, from what it holds, the bias that a BN
+    *before* the Conv/Linear ``layer`` adds, or None.
+
+    That bias sums the weight over every input channel and tap
+    (``sum_{i,k} W[o, i, k] * shift[i]``) for each output channel whose bias
+    the rank holds; doing it without gathering weights needs those whole rows
+    of the weight on the rank. Decided from the placements alone, so every
+    rank gives the same answer.
+    """
+    weight, bias = layer.weight, layer.bias
+    if not (is_dtensor(weight) or is_dtensor(bias)):
+        return None
+    if why_placements_not_understood(weight) or (bias is not None and why_placements_not_understood(bias)):
+        return None  # not a place to leave the BN: folding refuses such placements with a FoldError
+    weight_rows = channel_placements(weight, 0)
+    if weight_rows is None:
+        return (f"its weight is placed as {weight.placements}: a BN before it adds a bias that sums the weight over "
+                "every input channel, which would need the weight's columns gathered")
+    if bias is None or set(weight_rows) <= {"replicate"}:
+        return None  # a new bias is placed like the weight's rows; a replicated weight has every row
+    bias_rows = channel_placements(bias, 0)
+    if not (is_dtensor(bias) and bias.device_mesh == weight.device_mesh and bias_rows == weight_rows):
+        where = bias.placements if is_dtensor(bias) else "a plain tensor on every rank"
+        return (f"its bias ({where}) is not split like its weight's rows ({weight.placements}): a rank would need "
+                "weight rows it does not hold to fold the bias of a BN before it")
+    return None

@@ -1,0 +1,614 @@
+"""Folding sharded models in place (fusedconv/sharded.py): FSDP2, DTensor placements,
+and the ranks agreeing before anyone writes.
+
+Each case runs on two CPU processes (gloo backend, rendezvous through a
+FileStore in a fresh temporary directory: no port to find) that stay up for
+the whole module, so that a case costs its own run and not two interpreters'
+start. Every case compares each folded
+weight and bias, gathered whole (``full_tensor()``), with the fold of an
+unsharded copy of the same model (the same plan), bit for bit, and the
+outputs after the fold with those before it (float32 rounding only). A case
+that fails on a rank fails the test with that rank's traceback; a case that
+does not finish in time (a rank waiting in a collective) fails it too, and the
+processes are replaced for the next case.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import queue
+import shutil
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fusedconv
+from fusedconv.examples import randomize_batchnorm_stats
+
+WORLD = 2
+CASE_TIMEOUT = 60  # seconds; a case takes well under one
+START_TIMEOUT = 60  # spawning and importing torch in each process
+
+
+# --------------------------------------------------------------------------- the ranks
+
+
+def _serve(rank: int, world: int, store_path: str, backend: str, tasks, results) -> None:
+    """One rank: join the process group, then run each case sent until None comes."""
+    torch.set_num_threads(1)  # two ranks share the machine's cores
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world)
+    results.put((rank, None))  # ready
+    while (task := tasks.get()) is not None:
+        case, args = task
+        try:
+            case(rank, *args)
+            results.put((rank, None))
+        except BaseException:
+            results.put((rank, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class Ranks:
+    """Processes that each hold one rank of a process group and run cases on request."""
+
+    def __init__(self, world: int, backend: str = "gloo"):
+        context = mp.get_context("spawn")
+        self.directory = tempfile.mkdtemp(prefix="fusedconv-ranks-")
+        self.store_path = os.path.join(self.directory, "store")  # a fresh FileStore per group
+        self.world = world
+        self.tasks = [context.Queue() for _ in range(world)]
+        self.results = context.Queue()
+        self.processes = [context.Process(target=_serve, args=(rank, world, self.store_path, backend,
+                                                               self.tasks[rank], self.results), daemon=True)
+                          for rank in range(world)]
+        for process in self.processes:
+            process.start()
+        self._collect("starting the ranks", START_TIMEOUT)
+        self.healthy = True
+
+    def _collect(self, what: str, timeout: float) -> dict[int, str | None]:
+        """One report per rank, or a test failure naming the ranks that died or hung."""
+        reports: dict[int, str | None] = {}
+        deadline = time.monotonic() + timeout
+        while len(reports) < self.world:
+            try:
+                rank, report = self.results.get(timeout=0.2)
+                reports[rank] = report
+                continue
+            except queue.Empty:
+                pass
+            dead = [rank for rank, p in enumerate(self.processes) if p.exitcode is not None and rank not in reports]
+            if dead or time.monotonic() > deadline:
+                self.close()
+                missing = sorted(set(range(self.world)) - reports.keys())
+                why = (f"died (exit codes {[self.processes[rank].exitcode for rank in dead]})" if dead else
+                       f"did not finish within {timeout} s (waiting in a collective?)")
+                pytest.fail(f"{what}: rank(s) {missing} {why}{_tracebacks(reports)}", pytrace=False)
+        return reports
+
+    def run(self, case, *args) -> None:
+        """Run ``case(rank, *args)`` on every rank; fail with every rank's traceback."""
+        for tasks in self.tasks:
+            tasks.put((case, args))
+        failures = _tracebacks(self._collect(case.__name__, CASE_TIMEOUT))
+        if failures:
+            pytest.fail(f"{case.__name__} failed:{failures}", pytrace=False)
+
+    def close(self) -> None:
+        self.healthy = False
+        for tasks in self.tasks:
+            tasks.put(None)
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _tracebacks(reports: dict[int, str | None]) -> str:
+    return "".join(f"\n----- rank {rank} -----\n{report}" for rank, report in sorted(reports.items()) if report)
+
+
+class RankPool:
+    """CPU ranks, started at the first case and again after a case that left them unusable."""
+
+    def __init__(self, world: int):
+        self.world, self.ranks = world, None
+
+    def run(self, case, *args) -> None:
+        if self.ranks is None or not self.ranks.healthy:
+            self.ranks = Ranks(self.world)
+        self.ranks.run(case, *args)
+
+    def close(self) -> None:
+        if self.ranks is not None:
+            self.ranks.close()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    pool = RankPool(WORLD)
+    yield pool
+    pool.close()
+
+
+# --------------------------------------------------------------------------- models and checks (run on the ranks)
+
+
+def _net(bias: bool) -> nn.Module:
+    """Every kind of fold, with channel counts that split unevenly over two ranks:
+    Conv -> BN, grouped ConvTranspose -> BN, BN -> 1x1 Conv (no padding), Linear
+    -> BatchNorm1d; random BN statistics (never zeros or ones)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 5, 3, bias=bias), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Conv2d(5, 6, 1, bias=bias), nn.BatchNorm2d(6),
+        nn.ConvTranspose2d(6, 4, 2, stride=2, groups=2, bias=bias), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1, bias=bias),
+        nn.Flatten(), nn.Linear(3 * 12 * 12, 7, bias=bias), nn.BatchNorm1d(7),
+    )
+    return randomize_batchnorm_stats(net, torch.Generator().manual_seed(1)).eval()
+
+
+NET_FOLDS = {"0": ("1",), "3": ("4",), "5": ("6",), "9": ("8",), "11": ("12",)}  # layer -> its BNs
+
+
+def _input(device: str = "cpu") -> torch.Tensor:
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)).to(device)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _folds(plan) -> dict[str, tuple[str, ...]]:
+    return {fold.layer: fold.batchnorms for fold in plan.folds}
+
+
+def _class(module: nn.Module) -> type:
+    """The module's class, the one fully_shard replaced for a sharded module."""
+    return fusedconv.distributed.original_class(module) or type(module)
+
+
+def _assert_folded_like_unsharded(model: nn.Module, unsharded: nn.Module, plan) -> None:
+    """Every parameter and buffer of the folded ``model``, gathered whole, equals the
+    fold of ``unsharded`` with the same plan, bit for bit."""
+    reference = fusedconv.fuse(unsharded, plan=plan)
+    got = {name: _whole(t) for name, t in (*model.named_parameters(), *model.named_buffers())}
+    want = dict((*reference.named_parameters(), *reference.named_buffers()))
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), f"{name} differs from the unsharded fold"
+    assert [_class(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+
+
+def _assert_close(after: torch.Tensor, before: torch.Tensor) -> None:
+    """The fold changes nothing but float32 rounding (a wrong fold is off by 1e-1 and more)."""
+    error = float((after.double() - before.double()).norm() / before.double().norm())
+    assert error < 1e-5, f"the fold changed the output: relative difference {error:.3g}"
+
+
+def _snapshot(model: nn.Module) -> tuple[list[type], dict[str, torch.Tensor]]:
+    tensors = {name: _local(t).clone() for name, t in (*model.named_parameters(), *model.named_buffers())}
+    return [type(m) for m in model.modules()], tensors
+
+
+def _assert_unchanged(model: nn.Module, snapshot) -> None:
+    classes, tensors = snapshot
+    assert [type(m) for m in model.modules()] == classes
+    now = {name: _local(t) for name, t in (*model.named_parameters(), *model.named_buffers())}
+    assert now.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(now[name], tensor, rtol=0, atol=0, equal_nan=True,
+                                   msg=f"{name} changed although the fold was refused")
+
+
+def _mesh(shape=(WORLD,), device: str = "cpu"):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device, shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
+
+
+def _distribute(model: nn.Module, mesh, weight_placement) -> nn.Module:
+    """DTensor parameters through distribute_module: the layers' weights placed as
+    ``weight_placement``, everything else (biases, BN parameters and statistics)
+    split along its one dim, Shard(0)."""
+    from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+
+    def partition(name, module, mesh):
+        for key, param in list(module.named_parameters(recurse=False)):
+            is_layer = isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+            placement = weight_placement if is_layer and key == "weight" else Shard(0)
+            module.register_parameter(key, nn.Parameter(distribute_tensor(param.data, mesh, [placement])))
+        for key, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.dim() == 1:
+                module.register_buffer(key, distribute_tensor(buffer, mesh, [Shard(0)]))
+
+    return distribute_module(model, mesh, partition)
+
+
+def _gathered_output(model: nn.Module, structure: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``structure`` (an unsharded model of the same structure) holding
+    ``model``'s values gathered whole: DTensor convolutions and BatchNorms have no
+    sharding rule for every placement, so a distribute_module model runs this way."""
+    structure = copy.deepcopy(structure)
+    structure.load_state_dict({name: _whole(t) for name, t in model.state_dict().items()})
+    with torch.no_grad():
+        return structure(x)
+
+
+# --------------------------------------------------------------------------- cases (each runs on every rank)
+
+
+def case_fsdp_root_only(rank: int, device: str = "cpu") -> None:
+    """fully_shard on the root only; after a forward the root keeps its parameters
+    unsharded (reshard_after_forward=False by default for the root), which once
+    made the fold write into gathered copies that the next reshard dropped."""
+    from torch.distributed.fsdp import fully_shard
+
+    from torch.distributed.tensor import DTensor
+
+    model = _net(bias=True).to(device)
+    fully_shard(model, mesh=_mesh(device=device))
+    x = _input(device)
+    with torch.no_grad():
+        before = model(x)
+    assert not isinstance(model[0].weight, DTensor)  # gathered, until the fold reshards it
+    plan = fusedconv.plan(model)
+    assert _folds(plan) == NET_FOLDS
+    fusedconv.fuse(model, inplace=True)
+    with torch.no_grad():
+        after = model(x)
+        assert torch.equal(model(x), after)  # every forward gathers the same folded weights
+        model.load_state_dict(model.state_dict())  # what a checkpoint of the folded model does
+        assert torch.equal(model(x), after)
+    _assert_close(after, before)
+    _assert_folded_like_unsharded(model, _net(bias=True).to(device), plan)
+
+
+def case_fsdp_per_layer(rank: int) -> None:
+    """fully_shard on every layer, then on the root, folded before the first
+    forward (FSDP's lazy initialisation then meets the folded model). A layer
+    without a bias is left with FSDP2's reason (FSDP keeps the parameters it was
+    given), so is a BN that fully_shard was applied to, and a user hook on a
+    sharded layer is still a hook."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _net(bias=True)
+    model[0] = nn.Conv2d(3, 5, 3, bias=False)  # FSDP2 cannot give it a bias
+    model[11].register_forward_hook(lambda module, args, output: output)  # a user's hook
+    unsharded = copy.deepcopy(model)
+    mesh = _mesh()
+    for index in (0, 3, 5, 6, 9, 11):
+        fully_shard(model[index], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    x = _input()
+    with torch.no_grad():
+        before = unsharded(x)
+    plan = fusedconv.plan(model)
+    assert _folds(plan) == {"3": ("4",), "9": ("8",)}
+    reasons = {skip.module: skip.reason for skip in plan.skipped}
+    assert "FSDP2 (fully_shard) manages its parameters" in reasons["1"]
+    assert "fully_shard was applied to it" in reasons["6"]
+    assert "forward hooks" in reasons["12"]
+    assert fusedconv.fuse(model, inplace=True) is model
+    with torch.no_grad():
+        _assert_close(model(x), before)
+    _assert_folded_like_unsharded(model, unsharded, plan)
+
+
+class ConvBN(nn.Module):
+    """A block of its own class, as models shard them (fully_shard per block)."""
+
+    def __init__(self, channels_in: int, channels_out: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(channels_in, channels_out, 3, padding=1), nn.BatchNorm2d(channels_out)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def case_fsdp_blocks(rank: int) -> None:
+    """fully_shard on blocks of a class of the model's own: the code reading reads
+    the original class's forward through FSDP's generated class, and each BN
+    folds inside its block, whose FSDP unit goes on gathering the parameters it
+    was given (the BN's included, unused)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBN(3, 5), nn.ReLU(), ConvBN(5, 4))
+    model = randomize_batchnorm_stats(model, torch.Generator().manual_seed(9)).eval()
+    unsharded = copy.deepcopy(model)
+    mesh = _mesh()
+    for block in (model[0], model[2]):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    x = _input()
+    with torch.no_grad():
+        before = model(x)
+    plan = fusedconv.plan(model)
+    assert plan.source == "source" and _folds(plan) == {"0.conv": ("0.bn",), "2.conv": ("2.bn",)}
+    fusedconv.fuse(model, inplace=True)
+    with torch.no_grad():
+        _assert_close(model(x), before)
+    _assert_folded_like_unsharded(model, unsharded, plan)
+
+
+def case_hsdp(rank: int) -> None:
+    """fully_shard on a two-dimensional mesh (HSDP: replicated along one mesh dim,
+    sharded along the other)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _net(bias=True)
+    fully_shard(model, mesh=_mesh((1, WORLD)))
+    assert len(model[0].weight.placements) == 2
+    x = _input()
+    with torch.no_grad():
+        before = model(x)
+    plan = fusedconv.plan(model)
+    fusedconv.fuse(model, inplace=True)
+    with torch.no_grad():
+        _assert_close(model(x), before)
+    _assert_folded_like_unsharded(model, _net(bias=True), plan)
+
+
+def case_distribute_module(rank: int, placement_name: str) -> None:
+    """distribute_module with the layers' weights placed as Shard(0), Shard(1) or
+    Replicate, biases absent (each fold gives its layer a DTensor bias), BN
+    parameters and statistics Shard(0)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    placement = {"shard0": Shard(0), "shard1": Shard(1), "replicate": Replicate()}[placement_name]
+    model = _distribute(_net(bias=False), _mesh(), placement)
+    plan = fusedconv.plan(model)
+    expected = dict(NET_FOLDS)
+    if placement_name == "shard1":  # the BN before conv 9 would need the weight's columns gathered
+        del expected["9"]
+        assert "input channel" in {skip.module: skip.reason for skip in plan.skipped}["8"]
+    assert _folds(plan) == expected
+    x = _input()
+    before = _gathered_output(model, _net(bias=False), x)
+    fusedconv.fuse(model, inplace=True)
+    new_bias = model[0].bias
+    assert isinstance(new_bias, DTensor) and new_bias.device_mesh == model[0].weight.device_mesh
+    assert new_bias.placements == ((Shard(0),) if placement_name == "shard0" else (Replicate(),))
+    _assert_folded_like_unsharded(model, _net(bias=False), plan)
+    structure = fusedconv.fuse(_net(bias=False), plan=plan)
+    _assert_close(_gathered_output(model, structure, x), before)
+
+
+def case_distribute_tensor_conv_transpose(rank: int) -> None:
+    """distribute_tensor by hand: a grouped ConvTranspose split along its output
+    channels (dim 1, inside each group), so each rank scales the columns it holds."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2, bias=True), nn.BatchNorm2d(6))
+    randomize_batchnorm_stats(model, torch.Generator().manual_seed(3)).eval()
+    unsharded = copy.deepcopy(model)
+    mesh = _mesh()
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.data, mesh, [Shard(1)]))
+    model[0].bias = nn.Parameter(distribute_tensor(model[0].bias.data, mesh, [Shard(0)]))
+    plan = fusedconv.plan(model)
+    assert _folds(plan) == {"0": ("1",)}
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(4))
+    before = _gathered_output(model, unsharded, x)
+    fusedconv.fuse(model, inplace=True)
+    _assert_folded_like_unsharded(model, unsharded, plan)
+    _assert_close(_gathered_output(model, fusedconv.fuse(unsharded, plan=plan), x), before)
+
+
+def case_batchnorm_before(rank: int) -> None:
+    """BNs before a 1x1 conv (no padding) and before a Linear, both split along
+    their output channels: each rank sums its rows' weights times the BN shift;
+    one rank holds a single row of the Linear."""
+    from torch.distributed.tensor import Shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, groups=2), nn.Flatten(),
+                          nn.BatchNorm1d(54), nn.Linear(54, 3))
+    randomize_batchnorm_stats(model, torch.Generator().manual_seed(5)).eval()
+    unsharded = copy.deepcopy(model)
+    model = _distribute(model, _mesh(), Shard(0))
+    plan = fusedconv.plan(model)
+    assert _folds(plan) == {"1": ("0",), "4": ("3",)}
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(6))
+    before = _gathered_output(model, unsharded, x)
+    fusedconv.fuse(model, inplace=True)
+    assert model[4].weight.to_local().shape[0] == (2 if rank == 0 else 1)
+    _assert_folded_like_unsharded(model, unsharded, plan)
+    _assert_close(_gathered_output(model, fusedconv.fuse(unsharded, plan=plan), x), before)
+
+
+def case_tensor_parallel_hooks(rank: int) -> None:
+    """A tensor-parallel plan redistributes the layer's input and output with
+    forward hooks of its own, which fusedconv does not recognise: the BN after
+    the layer is left, with the reason, and nothing is written."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    model = randomize_batchnorm_stats(model, torch.Generator().manual_seed(8)).eval()
+    parallelize_module(model, _mesh(), {"0": ColwiseParallel(output_layouts=Replicate())})
+    snapshot = _snapshot(model)
+    plan = fusedconv.plan(model)
+    assert not plan.folds and "forward hooks" in plan.skipped[0].reason
+    fusedconv.fuse(model, inplace=True)
+    _assert_unchanged(model, snapshot)
+
+
+def case_bad_statistics_on_one_rank(rank: int) -> None:
+    """FSDP2 keeps BN statistics as plain buffers, one copy per rank: a negative
+    variance in rank 1's copy makes every rank raise, and nothing is written."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _net(bias=True)
+    fully_shard(model, mesh=_mesh())
+    if rank == 1:
+        with torch.no_grad():
+            model[4].running_var[2] = -1.0
+    snapshot = _snapshot(model)
+    with pytest.raises(fusedconv.FoldError, match="running_var is negative" if rank == 1 else "failed on rank 1"):
+        fusedconv.fuse(model, inplace=True)
+    _assert_unchanged(model, snapshot)
+
+
+def case_bad_value_in_one_shard(rank: int) -> None:
+    """A NaN in rank 1's shard of a BN weight (a DTensor): the statistics are
+    gathered whole, so every rank finds it and raises; nothing is written."""
+    from torch.distributed.tensor import Shard
+
+    model = _distribute(_net(bias=False), _mesh(), Shard(0))
+    if rank == 1:
+        with torch.no_grad():
+            model[6].weight.to_local()[0] = float("nan")
+    snapshot = _snapshot(model)
+    with pytest.raises(fusedconv.FoldError, match="6: weight is not finite"):
+        fusedconv.fuse(model, inplace=True)
+    _assert_unchanged(model, snapshot)
+
+
+def case_statistics_differ_across_ranks(rank: int) -> None:
+    """Statistics that are valid on each rank but not the same on all (plain buffers
+    copied apart): no unsharded model corresponds, so every rank refuses."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _net(bias=True)
+    fully_shard(model, mesh=_mesh())
+    with torch.no_grad():
+        model[1].running_mean += rank
+    snapshot = _snapshot(model)
+    with pytest.raises(fusedconv.FoldError, match="disagree on the BatchNorm statistics"):
+        fusedconv.fuse(model, inplace=True)
+    _assert_unchanged(model, snapshot)
+
+
+def case_partial_placement(rank: int) -> None:
+    """A weight placed as Partial (each rank holds an addend): refused on every rank,
+    before any rank writes."""
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    model = _distribute(_net(bias=False), _mesh(), Shard(0))
+    local = torch.randn(4, 3, 1, 1, generator=torch.Generator().manual_seed(rank))
+    model[9].weight = nn.Parameter(DTensor.from_local(local, model[0].weight.device_mesh, [Partial()]))
+    snapshot = _snapshot(model)
+    with pytest.raises(fusedconv.FoldError, match=r"9\.weight: it is a DTensor placed as .*Partial"):
+        fusedconv.fuse(model, inplace=True)
+    _assert_unchanged(model, snapshot)
+
+
+def case_groups_split_unevenly(rank: int) -> None:
+    """A BN before a grouped conv whose rows each rank holds split a group (6 rows
+    in groups of 2, three rows per rank): refused on every rank, nothing written."""
+    from torch.distributed.tensor import Shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 6, 1, groups=3))
+    model = _distribute(randomize_batchnorm_stats(model, torch.Generator().manual_seed(7)).eval(), _mesh(), Shard(0))
+    snapshot = _snapshot(model)
+    with pytest.raises(fusedconv.FoldError, match=f"1: this rank holds rows {3 * rank} to {3 * rank + 2} of its "
+                                                   "weight, which split its groups of 2 rows"):
+        fusedconv.fuse(model, inplace=True)
+    _assert_unchanged(model, snapshot)
+
+
+def case_refused_calls(rank: int) -> None:
+    """A sharded model is folded in place, without example inputs; the refusals
+    need no collective, so each rank raises on its own."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _net(bias=True)
+    fully_shard(model, mesh=_mesh())
+    with pytest.raises(fusedconv.FoldError, match="inplace=True"):
+        fusedconv.fuse(model)
+    with pytest.raises(fusedconv.FoldError, match="example_inputs are not taken for a sharded model"):
+        fusedconv.fuse(model, _input(), inplace=True)
+    with pytest.raises(fusedconv.FoldError, match="DTensor"):
+        fusedconv.fold_conv_bn(model[0], model[1])
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_fsdp_root_only(ranks):
+    ranks.run(case_fsdp_root_only)
+
+
+def test_fsdp_per_layer(ranks):
+    ranks.run(case_fsdp_per_layer)
+
+
+def test_fsdp_blocks_of_the_models_own_class(ranks):
+    ranks.run(case_fsdp_blocks)
+
+
+def test_fsdp_two_dimensional_mesh(ranks):
+    ranks.run(case_hsdp)
+
+
+@pytest.mark.parametrize("placement", ["shard0", "shard1", "replicate"])
+def test_distribute_module(ranks, placement):
+    ranks.run(case_distribute_module, placement)
+
+
+def test_conv_transpose_split_along_output_channels(ranks):
+    ranks.run(case_distribute_tensor_conv_transpose)
+
+
+def test_batchnorm_before_layer(ranks):
+    ranks.run(case_batchnorm_before)
+
+
+def test_tensor_parallel_hooks_leave_the_batchnorm(ranks):
+    ranks.run(case_tensor_parallel_hooks)
+
+
+def test_bad_statistics_on_one_rank(ranks):
+    ranks.run(case_bad_statistics_on_one_rank)
+
+
+def test_bad_value_in_one_shard(ranks):
+    ranks.run(case_bad_value_in_one_shard)
+
+
+def test_statistics_differ_across_ranks(ranks):
+    ranks.run(case_statistics_differ_across_ranks)
+
+
+def test_partial_placement_refused(ranks):
+    ranks.run(case_partial_placement)
+
+
+def test_groups_split_mid_group_refused(ranks):
+    ranks.run(case_groups_split_unevenly)
+
+
+def test_copy_and_example_inputs_refused(ranks):
+    ranks.run(case_refused_calls)
+
+
+@pytest.mark.gpu
+def test_fsdp_on_gpu_nccl():
+    """FSDP2 root-only on CUDA with NCCL: one rank per GPU (a single GPU gives a
+    one-rank mesh, which still runs the collectives and the CUDA kernels)."""
+    world = min(WORLD, torch.cuda.device_count())
+    gpu_ranks = Ranks(world, backend="nccl")
+    try:
+        gpu_ranks.run(case_fsdp_root_only, "cuda")
+    finally:
+        gpu_ranks.close()
