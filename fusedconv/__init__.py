@@ -7,13 +7,13 @@
 
 import logging
 
-from .api import fuse, plan
+from .api import fuse, plan, reparameterize
 from .checkpoint import CheckpointReport, fold_checkpoint, fold_state_dict, load_folded
 from .errors import BackendUnavailable, FoldError, FoldWarning, MissingExtensionWarning
 from .fold import fold_bn_conv, fold_conv_bn, folded_weights
 from .layers import count_batchnorms
 from .fusion_plan import Fold, FusionPlan, Skip
-from .registry import register_block, reparameterize
+from .registry import register_block
 from . import blocks
 from .verification import ErrorStats, VerificationReport, verify
 

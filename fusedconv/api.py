@@ -15,6 +15,8 @@ from .errors import FoldError
 from .exported import fuse_exported, fuse_graph_module, has_aten_batch_norms, plan_exported
 from .fusion_plan import FusionPlan
 from .model_index import ModelIndex
+from .registry import plan_blocks
+from .reparam import apply_reparameterizations
 from .rules import check_foldable, make_plan
 from .sharded import fuse_sharded
 from .wrappers import unwrapped
@@ -128,3 +130,21 @@ def fuse(
     if rewrap is None or inplace:
         return model if inplace else fused
     return rewrap(fused)
+
+
+def reparameterize(model: nn.Module, *, backend: str | None = None) -> nn.Module:
+    """Merge every re-parameterizable block of ``model`` into one conv, in place.
+
+    Finds fusedconv's blocks and every registered block class (timm's and
+    ultralytics' when they are imported). All or nothing: every merge is
+    planned and checked before the first is applied, and a block that a merge
+    would change outside itself (a Conv of it also used elsewhere, or sharing
+    memory) raises :class:`FoldError`. Returns ``model``.
+    """
+    index = ModelIndex(model)
+    for name, why in index.entangled.items():
+        raise FoldError(f"{name or type(model).__name__}: {why}")
+    plans = plan_blocks(model, list(index.blocks), modules=index.by_path)
+    apply_reparameterizations(plans, backend)
+    logger.info("merged %d blocks", len(plans))
+    return model

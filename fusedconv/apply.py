@@ -87,9 +87,11 @@ def _fold_structure(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Mo
     a fold needs one, blocks merged), so that a folded state dict loads into it
     with ``load_state_dict(..., assign=True)``. Folding values needs values."""
     layers = [module_at(modules, fold.layer) for fold in plan.folds]
-    if not all(t.is_meta for layer in layers for t in (layer.weight, layer.bias) if t is not None):
-        raise FoldError("some of the layers to fold are on the meta device and some are not: load the weights "
-                        "first, or fold the structure with every tensor on meta")
+    blocks = [module_at(modules, name) for name in plan.merges]
+    if not all(t.is_meta for layer in layers for t in (layer.weight, layer.bias) if t is not None) or \
+            not all(t.is_meta for block in blocks for t in (*block.parameters(), *block.buffers())):
+        raise FoldError("some of the layers and blocks to fold are on the meta device and some are not: load the "
+                        "weights first, or fold the structure with every tensor on meta")
     if "" in plan.merges and inplace:
         raise FoldError(f"the model is itself a block ({type(model).__name__}): fold its structure into a copy "
                         "(inplace=False)")

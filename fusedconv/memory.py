@@ -54,10 +54,23 @@ def storage_key(tensor: torch.Tensor) -> int | None:
 
 def sharing_memory(entries: Iterable[tuple[Hashable, torch.Tensor]]) -> set[Hashable]:
     """The keys of the entries whose tensor overlaps the bytes of another entry's
-    (the same tensor listed twice counts as sharing)."""
-    spans = sorted((span[0], span[1], key) for key, tensor in entries
-                   if (span := memory_span(tensor)) is not None)
+    (the same tensor listed twice counts as sharing). Tensors without memory to
+    compare (on the meta device: a model's structure) share when they are the
+    same tensor or views of one."""
+    spans, roots = [], {}
     shared: set[Hashable] = set()
+    for key, tensor in entries:
+        span = memory_span(tensor)
+        if span is not None:
+            spans.append((span[0], span[1], key))
+            continue
+        root = tensor
+        while root._base is not None:
+            root = root._base
+        other = roots.setdefault(id(root), key)
+        if other is not key:
+            shared.update((other, key))
+    spans.sort()
     cluster: list[Hashable] = []
     end = -1
     for start, stop, key in spans:

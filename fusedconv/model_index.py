@@ -14,7 +14,7 @@ from torch import nn
 from .dataflow.references import attribute_values, modules_held_elsewhere
 from .layers import BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
 from .memory import sharing_memory, storage_key
-from .registry import blocks_among
+from .registry import blocks_among, entangled_blocks
 
 
 class ModelIndex:
@@ -40,8 +40,17 @@ class ModelIndex:
             else:
                 known.append(path)
         self.modules = modules
-        if blocks is None:
-            blocks = {name: block for name, block, _ in blocks_among(modules)}
+        values = {id(m): attribute_values(m) for _, m in modules}  # one look at each module's attributes
+        # Modules holding a tensor that shares memory with another tensor of the
+        # model (tied weights, ``.data`` assigned across modules, views), over
+        # every module (those inside blocks too).
+        holders = sharing_memory((name, t) for name, m in modules
+                                 for t in (*_tensors(m), *_tensors_among(values[id(m)])))
+        self.entangled: dict[str, str] = {}  # blocks a merge would change outside themselves -> why
+        if blocks is None:  # every known block, but the entangled ones
+            found = blocks_among(modules)
+            self.entangled = entangled_blocks(found, self.paths, {id(self.by_path[name]) for name in holders})
+            blocks = {name: block for name, block, _ in found if name not in self.entangled}
         self.blocks = blocks
         self.layers: dict[str, nn.Module] = {}
         self.batchnorms: dict[str, nn.Module] = {}
@@ -58,13 +67,7 @@ class ModelIndex:
                 self.kinds[name] = batchnorm_kind(m)
         self.tracked = {id(m): name for name, m in (*self.layers.items(), *self.batchnorms.items())}
         self.global_hooks = _global_hooks_problem()
-        values = {id(m): attribute_values(m) for _, m in modules}  # one look at each module's attributes
         self.held_elsewhere = modules_held_elsewhere(modules, values_of=lambda m: values[id(m)])
-        # Modules holding a tensor that shares memory with another tensor of the
-        # model (tied weights, ``.data`` assigned across modules, views), over
-        # every module (those inside blocks too).
-        holders = sharing_memory((name, t) for name, m in modules
-                                 for t in (*_tensors(m), *_tensors_among(values[id(m)])))
         self.shared: set[str] = {name for name in holders if name in self.layers or name in self.batchnorms}
 
     @functools.cached_property

@@ -24,10 +24,9 @@ from torch import nn
 
 from .blocks.base import RepBlock
 from .errors import FoldError
-from .layers import has_running_stats
+from .layers import has_running_stats, layer_kind
 from .reparam import (
     Reparameterization,
-    apply_reparameterizations,
     check_reparameterizations,
     prefetched_bn_affines,
 )
@@ -93,6 +92,35 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, Converter]]:
     return blocks_among(model.named_modules())
 
 
+def entangled_blocks(found: Sequence[tuple[str, nn.Module, Converter]], paths: dict[int, list[str]],
+                     sharing_memory: set[int]) -> dict[str, str]:
+    """The blocks among ``found`` that a merge would change outside themselves,
+    with the reason. A merge writes its layers' weights in place (and
+    re-registers the block's children), so it is safe only if no Conv or
+    Linear of the block is also registered at a path outside the block's own
+    paths, nor holds a tensor that shares memory with another tensor of the
+    model. ``paths``: id(module) -> every path where the model registers it;
+    ``sharing_memory``: the ids of the modules holding such a tensor."""
+    entangled = {}
+    for name, block, _ in found:
+        own_paths = paths[id(block)]
+        inside = tuple(f"{path}." if path else "" for path in own_paths)
+        for module in block.modules():
+            if layer_kind(module) is None:
+                continue  # activations and BNs are only read by a merge; a shared one stays as it is
+            outside = next((path for path in paths.get(id(module), ())
+                            if not (path.startswith(inside) or (module is block and path in own_paths))), None)
+            if outside is not None:
+                entangled[name] = (f"its {type(module).__name__} is also registered at {outside!r}, outside the "
+                                   "block: merging would change that use too")
+                break
+            if id(module) in sharing_memory:
+                entangled[name] = (f"its {type(module).__name__} holds a tensor that shares memory with another "
+                                   "tensor of the model: merging would change that tensor too")
+                break
+    return entangled
+
+
 def blocks_among(named_modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module, Converter]]:
     """:func:`find_blocks` over the (name, module) pairs of a model's
     ``named_modules()``, for a caller that walks them anyway."""
@@ -142,16 +170,3 @@ def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]]) -> list
             planned = converter(module, name or type(module).__name__)
             plans.extend([planned] if isinstance(planned, Reparameterization) else planned)
     return check_reparameterizations(plans)
-
-
-def reparameterize(model: nn.Module, *, backend: str | None = None) -> nn.Module:
-    """Merge every re-parameterizable block of ``model`` into one conv, in place.
-
-    Finds fusedconv's blocks and every registered block class (timm's and
-    ultralytics' when they are imported). All or nothing: every merge is
-    planned and checked before the first is applied. Returns ``model``.
-    """
-    plans = plan_blocks(model)
-    apply_reparameterizations(plans, backend)
-    logger.info("fusedconv: merged %d blocks", len(plans))
-    return model

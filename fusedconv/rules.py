@@ -290,7 +290,7 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
     plan.merges = list(index.blocks)
     if check_stats and not _on_meta(model) and not sharded:  # no values here to check yet
         checked_affines(index.batchnorms, plan.folds)
-        plan_blocks(model)
+        plan_blocks(model, plan.merges, modules=index.by_path)
     _warn_about(plan, flow)
     return plan
 

@@ -63,7 +63,7 @@ from fusedconv.blocks.orepa import OREPABlock
 from fusedconv.blocks.replknet import DilatedReparamBlock, LargeKernelConv
 from fusedconv.blocks.repvgg import RepVGGBlock
 from fusedconv.errors import FoldError
-from fusedconv.registry import reparameterize
+from fusedconv import reparameterize
 from fusedconv.reparam import ConvGeometry
 from utils import float64_reference, randomize_batchnorm_stats, relative_error
 
@@ -302,7 +302,7 @@ def assert_deploys_in_place(block: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def assert_registry_deploys_model(model: nn.Sequential, x: torch.Tensor) -> None:
-    """:func:`fusedconv.registry.reparameterize` deploys every block of ``model`` in
+    """:func:`fusedconv.reparameterize` deploys every block of ``model`` in
     place, leaves no BatchNorm, and the model's output obeys the accuracy rule."""
     reference = float64_reference(model, (x,))
     with torch.no_grad():

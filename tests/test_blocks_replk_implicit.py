@@ -41,7 +41,8 @@ from fusedconv.blocks.implicit import ImplicitA, ImplicitConv, ImplicitM, implic
 from fusedconv.blocks.replknet import UNIREPLKNET_SMALL_KERNELS, DilatedReparamBlock, LargeKernelConv
 from fusedconv.errors import FoldError
 from fusedconv import registry
-from fusedconv.registry import register_block, reparameterize
+from fusedconv import reparameterize
+from fusedconv.registry import register_block
 from fusedconv.reparam import check_reparameterization
 from utils import float64_reference
 

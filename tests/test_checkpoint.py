@@ -271,6 +271,222 @@ def test_blocks_fold_their_structure_on_meta():
             assert torch.equal(structure(x), folded(x))
 
 
+# --------------------------------------------------------------------------- regressions from review
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(3, 4, 3)
+        self.b.weight = self.a.weight  # one weight, two layers: folding it into a would change b
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.b(x)
+
+
+def test_tied_weights_are_seen_on_meta():
+    real = randomize_batchnorm_stats(_Tied(), torch.Generator().manual_seed(11)).eval()
+    with torch.device("meta"):
+        architecture = _Tied()
+    assert fusedconv.plan(architecture.eval()).folds == fusedconv.plan(real).folds == []
+    expected = fusedconv.fuse(real).state_dict()
+    assert_same_state(fusedconv.fold_state_dict(architecture, real.state_dict()), expected)
+    loaded = fusedconv.load_folded(architecture, expected)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), real(x))
+
+
+def test_a_folded_file_can_be_saved_over_its_source(tmp_path):
+    real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(12)).eval()
+    path = _save(real.state_dict(), tmp_path / "model.pt")
+    folded = fusedconv.fold_state_dict(small_model(), path)
+    torch.save(folded, path)  # the passed-through tensors must not be views of the file being replaced
+    assert_same_state(torch.load(path, weights_only=True), fusedconv.fuse(real).state_dict())
+
+
+@pytest.mark.parametrize("block", ["DiverseBranchBlock", "OREPABlock"])
+def test_blocks_with_non_persistent_buffers(block):
+    from fusedconv import blocks
+
+    def build():
+        return nn.Sequential(getattr(blocks, block)(8, 8, 3)).eval()
+
+    real = randomize_batchnorm_stats(build(), torch.Generator().manual_seed(13)).eval()
+    assert_same_state(fusedconv.fold_state_dict(build(), real.state_dict()), fusedconv.fuse(real).state_dict())
+    with torch.device("meta"):
+        architecture = build()
+    with pytest.raises(fusedconv.FoldError, match="identity: a non-persistent buffer.*build the architecture on the CPU"):
+        fusedconv.fold_state_dict(architecture, real.state_dict())
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("scale", torch.tensor(2.5), persistent=False)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.scale
+
+
+def test_load_folded_gives_non_persistent_buffers_their_values():
+    real = randomize_batchnorm_stats(_Scaled(), torch.Generator().manual_seed(14)).eval()
+    loaded = fusedconv.load_folded(_Scaled(), fusedconv.fuse(real).state_dict())
+    assert loaded.scale.device.type == "cpu" and float(loaded.scale) == 2.5
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), real(x), rtol=1e-5, atol=1e-6)
+    with torch.device("meta"):
+        architecture = _Scaled()
+    with pytest.raises(fusedconv.FoldError, match="scale: a non-persistent buffer"):
+        fusedconv.load_folded(architecture, fusedconv.fuse(real).state_dict())
+
+
+def test_module_versions_survive_the_round_trip(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    real = randomize_batchnorm_stats(torchvision.models.mnasnet0_5(), torch.Generator().manual_seed(15)).eval()
+    folded = fusedconv.fold_state_dict(torchvision.models.mnasnet0_5(), real.state_dict())
+    assert folded._metadata == fusedconv.fuse(real).state_dict()._metadata  # MNASNet refuses a load without
+    x = torch.randn(1, 3, 64, 64)
+    fused = fusedconv.fuse(real)
+    for source in (folded, _save(folded, tmp_path / "m.safetensors")):  # safetensors keeps no versions
+        loaded = fusedconv.load_folded(torchvision.models.mnasnet0_5(), source)
+        assert_same_state(loaded.state_dict(), fused.state_dict())
+        with torch.no_grad():  # same weights; the conv may pick another algorithm for another memory layout
+            assert torch.allclose(loaded(x), fused(x), rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_at_two_paths_and_blocks_entangled_with_the_model():
+    def twice():
+        block = RepVGGBlock(4, 4, 3)
+        return nn.Sequential(block, nn.ReLU(), block)
+
+    real = randomize_batchnorm_stats(twice(), torch.Generator().manual_seed(16)).eval()
+    assert_same_state(fusedconv.fold_state_dict(twice(), real.state_dict()), fusedconv.fuse(real).state_dict())
+
+    def entangled():
+        block = RepVGGBlock(8, 8, 3)
+        return nn.Sequential(block.dense[0], nn.ReLU(), block)  # a branch of the block also used on its own
+
+    real = randomize_batchnorm_stats(entangled(), torch.Generator().manual_seed(17)).eval()
+    plan = fusedconv.plan(real)
+    assert plan.merges == ["0"]  # the branch merges (both uses see it); the block around it cannot
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        assert torch.allclose(fusedconv.fuse(real)(x), real(x), rtol=1e-5, atol=1e-5)
+    assert_same_state(fusedconv.fold_state_dict(entangled(), real.state_dict()), fusedconv.fuse(real).state_dict())
+    with pytest.raises(fusedconv.FoldError, match="^2: its Conv2d is also registered at '0.conv'"):
+        fusedconv.reparameterize(real)
+
+
+def test_a_block_whose_conv_weight_is_tied_elsewhere_is_not_merged():
+    block = RepVGGBlock(4, 4, 3)
+    other = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    other.weight = block.dense[0].conv.weight  # merging the block would rescale other's weight too
+    model = randomize_batchnorm_stats(nn.Sequential(block, other), torch.Generator().manual_seed(22)).eval()
+    assert fusedconv.plan(model).merges == []
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fusedconv.fuse(model)(x), model(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(fusedconv.FoldError, match="^0: its Conv2d holds a tensor that shares memory"):
+        fusedconv.reparameterize(model)
+
+
+def test_a_meta_model_with_a_real_block_is_refused():
+    with torch.device("meta"):
+        head = [nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)]
+    model = nn.Sequential(*head, RepVGGBlock(8, 8, 3)).eval()
+    with pytest.raises(fusedconv.FoldError, match="meta device and some are not"):
+        fusedconv.fuse(model)
+
+
+class _Tagged(nn.Sequential):
+    def get_extra_state(self):
+        return {"version": 3}
+
+    def set_extra_state(self, state):
+        self.tag = state
+
+
+def test_extra_state_passes_through(tmp_path):
+    real = randomize_batchnorm_stats(_Tagged(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)),
+                                     torch.Generator().manual_seed(18)).eval()
+    expected = fusedconv.fuse(real).state_dict()
+    folded = fusedconv.fold_state_dict(_Tagged(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), real.state_dict())
+    assert list(folded) == list(expected) and folded["_extra_state"] == {"version": 3}
+    fusedconv.fold_checkpoint(_Tagged(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), _save(real.state_dict(), tmp_path / "t.pt"),
+                              tmp_path / "f.pt")
+    loaded = fusedconv.load_folded(_Tagged(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), tmp_path / "f.pt")
+    assert loaded.tag == {"version": 3}
+    with pytest.raises(fusedconv.FoldError, match="_extra_state: holds a dict"):
+        fusedconv.fold_checkpoint(_Tagged(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), real.state_dict(), tmp_path / "f.safetensors")
+
+
+def test_written_files_are_valid_and_readable_by_others(tmp_path):
+    import zipfile
+
+    real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(19)).eval()
+    fusedconv.fold_checkpoint(small_model(), real.state_dict(), tmp_path / "folded.pt")
+    with zipfile.ZipFile(tmp_path / "folded.pt") as archive:
+        assert archive.testzip() is None  # every record's CRC is right
+        assert {name.split("/")[0] for name in archive.namelist()} == {"folded"}  # named as torch.save names it
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "folded.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+    fusedconv.fold_checkpoint(nn.ReLU(), {}, tmp_path / "empty.pt")  # nothing to fold, nothing to write
+    assert torch.load(tmp_path / "empty.pt", weights_only=True) == {}
+
+
+def test_a_full_disk_or_bad_destination_writes_nothing(tmp_path, monkeypatch):
+    import errno
+
+    real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(20)).eval()
+    outputs = tmp_path / "outputs"
+    (outputs / "a_directory.pt").mkdir(parents=True)
+    for bad in (outputs / "missing" / "x.pt", outputs / "a_directory.pt"):
+        with pytest.raises(fusedconv.FoldError, match="cannot write there"):
+            fusedconv.fold_checkpoint(small_model(), real.state_dict(), bad)
+    outputs = tmp_path / "full"
+    outputs.mkdir()
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    for suffix in (".pt", ".safetensors"):
+        with pytest.raises(fusedconv.FoldError, match="No space left on device.*nothing was written"):
+            fusedconv.fold_checkpoint(small_model(), real.state_dict(), outputs / f"out{suffix}")
+    assert os.listdir(outputs) == []
+
+
+def test_a_big_endian_file_folds_right(tmp_path):
+    """A .pt saved on a big-endian machine: torch.load swaps its bytes inside the
+    private mapping, so those pages must be kept, not dropped and read again
+    unswapped."""
+    numpy = pytest.importorskip("numpy")
+
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 64))
+
+    real = randomize_batchnorm_stats(build(), torch.Generator().manual_seed(21)).eval()
+    little = _save(real.state_dict(), tmp_path / "little.pt")
+    reader, writer = torch._C.PyTorchFileReader(little), torch._C.PyTorchFileWriter(str(tmp_path / "big.pt"))
+    for name in reader.get_all_records():
+        if name in ("version", ".data/version", ".data/serialization_id"):
+            continue  # the writer writes its own
+        data = reader.get_record(name)
+        if name.endswith("byteorder"):
+            data = b"big"
+        elif "/data/" in name or name.startswith("data/"):  # num_batches_tracked is the only 8-byte storage
+            data = numpy.frombuffer(data, dtype="<i8" if len(data) == 8 else "<f4").byteswap().tobytes()
+        writer.write_record(name, data, len(data))
+    writer.write_end_of_file()
+    del writer
+    assert_same_state(torch.load(tmp_path / "big.pt", weights_only=True), real.state_dict())
+    assert_same_state(fusedconv.fold_state_dict(build(), tmp_path / "big.pt"), fusedconv.fuse(real).state_dict())
+
+
 # --------------------------------------------------------------------------- the command line
 
 

@@ -36,7 +36,8 @@ from torch import nn
 
 import fusedconv
 from fusedconv import FoldError, count_batchnorms
-from fusedconv.registry import plan_blocks, reparameterize
+from fusedconv import reparameterize
+from fusedconv.registry import plan_blocks
 from utils import float64_reference, float_outputs, randomize_batchnorm_stats, relative_error
 
 HAVE_TIMM = importlib.util.find_spec("timm") is not None
