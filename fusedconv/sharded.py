@@ -196,22 +196,47 @@ def _planned(model: nn.Module, plan: FusionPlan | None,
     return (index, plan, layouts), digest
 
 
-def _whole(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+def _gathered_whole(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """``full_tensor()`` of each DTensor among ``tensors`` (others as they are),
+    with one collective per group of alike DTensors (same mesh, placements,
+    shape and dtype: a model's BN parameters fall in a few such groups) instead
+    of one per tensor: the group's local blocks are stacked along a new first
+    dim, gathered whole as one DTensor, and split. Only plain ``Shard`` and
+    ``Replicate`` placements are stacked; anything else is gathered alone.
+    Collectives: every rank passes the same tensors in the same order."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    whole = list(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        if not is_dtensor(tensor):
+            continue
+        if all(type(p) in (Shard, Replicate) for p in tensor.placements):
+            key = (id(tensor.device_mesh), tuple(tensor.placements), tuple(tensor.shape), tensor.dtype)
+            groups.setdefault(key, []).append(i)
+        else:
+            whole[i] = tensor.full_tensor()
+    for members in groups.values():
+        first = tensors[members[0]]
+        placements = [Shard(p.dim + 1) if isinstance(p, Shard) else p for p in first.placements]
+        shape = (len(members), *first.shape)
+        stride = torch.empty(shape, device="meta").stride()
+        stacked = DTensor.from_local(torch.stack([tensors[i].to_local() for i in members]), first.device_mesh,
+                                     placements, run_check=False, shape=shape, stride=stride)
+        for i, gathered in zip(members, stacked.full_tensor()):
+            whole[i] = gathered
+    return whole
 
 
 def _whole_statistics(index: ModelIndex, folds: list[Fold]) -> dict[str, BatchNormStats]:
-    """Each folded BN's statistics, with DTensors gathered whole. Collectives: every
-    rank gathers the same BNs' tensors in the same order (the plans agree)."""
-    whole = {}
+    """Each folded BN's statistics, with DTensors gathered whole (together:
+    :func:`_gathered_whole`); every rank gathers the same BNs in the same order
+    (the plans agree)."""
+    stats = [bn_statistics(module_at(index.by_path, name), name) for fold in folds for name in fold.batchnorms]
+    fields = ("running_mean", "running_var", "weight", "bias")
     with torch.no_grad():
-        for fold in folds:
-            for name in fold.batchnorms:
-                stats = bn_statistics(module_at(index.by_path, name), name)
-                whole[name] = dataclasses.replace(
-                    stats, running_mean=_whole(stats.running_mean), running_var=_whole(stats.running_var),
-                    weight=_whole(stats.weight), bias=_whole(stats.bias))
-    return whole
+        gathered = iter(_gathered_whole([getattr(s, f) for s in stats for f in fields]))
+    return {s.name: dataclasses.replace(s, **{f: next(gathered) for f in fields}) for s in stats}
 
 
 def _groups_held(rows: range, total_rows: int, groups: int, name: str) -> tuple[int, int]:

@@ -46,17 +46,19 @@ def _wrapped_by_live_ddp(module: nn.Module) -> bool:
         return False  # no process group, no DDP
     ddp = nn.parallel.DistributedDataParallel
     # The wrapper holds the module in its _modules dict, which its instance
-    # dict holds: walk referrers up through dicts, three levels at most.
+    # dict holds: walk referrers up through dicts, three levels at most, one
+    # scan of the heap per level (each get_referrers call is one).
     frontier: list[object] = [module]
     for _ in range(3):
         above: list[object] = []
-        for held in frontier:
-            for holder in gc.get_referrers(held):
-                if isinstance(holder, ddp) and holder._modules.get("module") is module:
-                    return True
-                if isinstance(holder, dict) and holder is not frontier:
-                    above.append(holder)
+        for holder in gc.get_referrers(*frontier):
+            if isinstance(holder, ddp) and holder._modules.get("module") is module:
+                return True
+            if isinstance(holder, dict):
+                above.append(holder)
         frontier = above[:64]
+        if not frontier:
+            break
     return False
 
 
