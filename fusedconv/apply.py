@@ -39,10 +39,20 @@ class _Prepared:
     smallest_factors: list[float]  # each fold's, for the search for subnormal weights
 
 
+def _paths_by_module(modules: dict[str, nn.Module]) -> dict[int, list[str]]:
+    """id(module) -> every path where it is registered (the root's "" left out)."""
+    paths: dict[int, list[str]] = defaultdict(list)
+    for path, module in modules.items():
+        if path:
+            paths[id(module)].append(path)
+    return paths
+
+
 def _prepare(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], *, inplace: bool,
-             backend: str | None) -> _Prepared:
+             backend: str | None, paths: dict[int, list[str]]) -> _Prepared:
     """Check every BN and tensor to be written and compute every new bias and
-    scale; raises :class:`FoldError` naming the module at fault."""
+    scale; raises :class:`FoldError` naming the module at fault. ``paths``:
+    :func:`_paths_by_module` of ``modules``."""
     names = [fold.layer for fold in plan.folds]
     layers = [module_at(modules, name) for name in names]
     check_writable(((f"{name}.weight", layer.weight) for name, layer in zip(names, layers)), in_place=inplace)
@@ -50,23 +60,22 @@ def _prepare(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], 
     layer_folds = plan_layer_folds(layers, checked_affines(modules, plan.folds), names)
     _, smallest = check_folded_range([layer.weight for layer in layers], layer_folds, names)
     kernels.resolve(_first_weight_device(model), backend)  # a backend asked for by name must load
-    paths: dict[int, list[str]] = defaultdict(list)
-    for path, m in modules.items():
-        if path:
-            paths[id(m)].append(path)
     bn_paths = {name: paths[id(module_at(modules, name))] for f in plan.folds for name in f.batchnorms}
     return _Prepared(modules, names, layers, layer_folds, bn_paths, smallest)
 
 
-def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: list, *, backend: str | None,
-           sources: list[torch.Tensor] | None, flush_subnormals: bool) -> None:
+def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: list, blocks: list[str], *,
+           backend: str | None, sources: list[torch.Tensor] | None, flush_subnormals: bool) -> None:
     """Swap the BNs out, store the biases, scale the weights (one batched call),
-    merge the blocks; a failure undoes what was written before it."""
+    merge the blocks (``merges``, of the blocks at the paths ``blocks``); a
+    failure undoes what was written before it."""
     targets = [module_at(target_modules, name) for name in prepared.names]
     weights = [layer.weight for layer in targets]
     with Rollback() as rollback:
         if merges:  # a converter's install may fail: every module swap before the weights are written is undone
-            rollback.keep_modules(target_modules[""])
+            inside = tuple(f"{path}." if path else "" for path in blocks)  # the blocks' modules, theirs alone
+            rollback.keep_modules(module for path, module in target_modules.items()
+                                  if path in blocks or path.startswith(inside))
         swap_batchnorms(target_modules, prepared.bn_paths, rollback)
         set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback)
         for merge in merges:  # module swaps only, before any weight is written
@@ -100,10 +109,7 @@ def _fold_structure(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Mo
         return merged[""]
     target = model if inplace else copy.deepcopy(model)
     target_modules = modules if inplace else dict(target.named_modules(remove_duplicate=False))
-    paths: dict[int, list[str]] = defaultdict(list)
-    for path, m in target_modules.items():
-        if path:
-            paths[id(m)].append(path)
+    paths = _paths_by_module(target_modules)
     for fold in plan.folds:
         layer = module_at(target_modules, fold.layer)
         if layer.bias is None:
@@ -161,7 +167,8 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
     if _first_weight_device(model).type == "meta" or any(
             module_at(modules, fold.layer).weight.is_meta for fold in plan.folds):
         return _fold_structure(model, plan, modules, inplace=inplace)
-    prepared = _prepare(model, plan, modules, inplace=inplace, backend=backend)
+    paths = index.paths if index is not None else _paths_by_module(modules)  # the root is never folded
+    prepared = _prepare(model, plan, modules, inplace=inplace, backend=backend, paths=paths)
     sources = None
     if inplace:
         target, target_modules = model, modules
@@ -174,5 +181,6 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
     merges = plan_blocks(target, plan.merges, modules=target_modules) if plan.merges else []
     check_writable(((f"{merge.name}: {part}", getattr(merge.target, part)) for merge in merges
                     for part in ("weight", "bias")), in_place=True)
-    _write(target_modules, prepared, merges, backend=backend, sources=sources, flush_subnormals=flush_subnormals)
+    _write(target_modules, prepared, merges, plan.merges, backend=backend, sources=sources,
+           flush_subnormals=flush_subnormals)
     return target

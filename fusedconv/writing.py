@@ -197,11 +197,12 @@ class Rollback:
         setattr(owner, attr, value)
         self._undo.append(lambda: setattr(owner, attr, previous))
 
-    def keep_modules(self, model: nn.Module) -> None:
-        """Remember every module's registered children, parameters, buffers and
+    def keep_modules(self, modules: Iterable[nn.Module]) -> None:
+        """Remember the modules' registered children, parameters, buffers and
         attributes (not tensor values), so that module swaps made by code
-        fusedconv does not control (a block converter's ``install``) can be undone."""
-        saved = [(m, dict(vars(m)), dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+        fusedconv does not control (a block converter's ``install``, which
+        changes its block's modules only) can be undone."""
+        saved = [(m, dict(vars(m)), dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in modules]
 
         def restore() -> None:
             for module, attributes, children, parameters, buffers in saved:

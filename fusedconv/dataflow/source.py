@@ -93,10 +93,10 @@ class _ClassReading:
     def pairs(self) -> list[tuple[str, str, bool]]:
         """The flows that pin both ends down: the producer is in no other flow, and
         both are called once and used in no other way (worked out once per reading)."""
-        producers = [p for p, _, _ in self.flows]
+        producers = collections.Counter(p for p, _, _ in self.flows)
         return [
             (producer, consumer, tight) for producer, consumer, tight in self.flows
-            if producers.count(producer) == 1 and self.calls.get(producer) == 1 and self.calls.get(consumer) == 1
+            if producers[producer] == 1 and self.calls.get(producer) == 1 and self.calls.get(consumer) == 1
             and producer not in self.other_uses and consumer not in self.other_uses
             and producer not in self.sequence_runs and consumer not in self.sequence_runs
         ]
