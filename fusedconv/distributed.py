@@ -28,6 +28,7 @@ FSDP's classes (or DTensors) only once FSDP (or DTensor) has been imported.
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ _DTENSOR = "torch.distributed.tensor"
 _FULLY_SHARD = "torch.distributed.fsdp._fully_shard._fully_shard"
 _FSDP_STATE = "torch.distributed.fsdp._fully_shard._fsdp_state"
 _CONTRACT = "torch.distributed._composable.contract"
+_PARALLEL_STYLE = "torch.distributed.tensor.parallel.style"
 # What type(name, bases, dct) puts in FSDP's generated class besides FSDP's own __deepcopy__.
 _GENERATED_CLASS_NAMES = frozenset({"__module__", "__doc__", "__deepcopy__"})
 
@@ -97,11 +99,51 @@ def own_forward_hooks(module: nn.Module) -> tuple[set[int], set[int]]:
 
 
 def has_other_forward_hooks(module: nn.Module) -> bool:
-    """Whether the module has forward hooks besides FSDP2's own."""
+    """Whether the module has forward hooks besides FSDP2's own and those of a
+    tensor-parallel plan that only move values between ranks
+    (:func:`_is_tensor_parallel_hook`)."""
     if not (module._forward_pre_hooks or module._forward_hooks):
         return False
     pre, post = own_forward_hooks(module)
-    return bool(module._forward_pre_hooks.keys() - pre or module._forward_hooks.keys() - post)
+    other_pre = {key for key, hook in module._forward_pre_hooks.items()
+                 if key not in pre and not _is_tensor_parallel_hook(hook, output=False)}
+    other_post = {key for key, hook in module._forward_hooks.items()
+                  if key not in post and not _is_tensor_parallel_hook(hook, output=True)}
+    return bool(other_pre or other_post)
+
+
+# The tensor-parallel styles whose hooks only redistribute a Linear's input and
+# output (torch.distributed.tensor.parallel.style: they support nn.Linear alone).
+_TENSOR_PARALLEL_STYLES = ("ColwiseParallel", "RowwiseParallel")
+
+
+def _is_tensor_parallel_hook(hook: object, *, output: bool) -> bool:
+    """Whether ``hook`` is one that ``parallelize_module`` registered for
+    ``ColwiseParallel`` or ``RowwiseParallel``: one of ``distribute_module``'s
+    own lambdas calling the style's ``_prepare_input_fn`` (which annotates and
+    redistributes the input: the values stay) or ``_prepare_output_fn`` with
+    every output placement ``Replicate`` (the output is whole on every rank: a
+    redistribution, or the reduction of partial sums that completes the
+    layer's own sum). An output left sharded is a slice of the layer's output,
+    which a BN after it does not see whole: such a hook is not recognised."""
+    code = getattr(hook, "__code__", None)
+    api, style = sys.modules.get("torch.distributed.tensor._api"), sys.modules.get(_PARALLEL_STYLE)
+    if code is None or api is None or style is None or code.co_filename != api.__file__ \
+            or code.co_name != "<lambda>":
+        return False
+    cells = dict(zip(code.co_freevars, hook.__closure__ or ()))
+    cell = cells.get("output_fn" if output else "input_fn")
+    prepared = cell.cell_contents if cell is not None else None
+    if not isinstance(prepared, functools.partial):
+        return False
+    method = "_prepare_output_fn" if output else "_prepare_input_fn"
+    if not any(prepared.func is vars(getattr(style, name))[method].__func__ for name in _TENSOR_PARALLEL_STYLES):
+        return False
+    if not output:
+        return True
+    layouts = prepared.args[0] if prepared.args else ()
+    replicate = sys.modules[_DTENSOR].Replicate
+    return bool(layouts) and all(type(placement) is replicate for placement in layouts)
 
 
 def own_attributes(module: nn.Module) -> list[object]:

@@ -442,22 +442,37 @@ def case_batchnorm_before(rank: int) -> None:
     _assert_close(_gathered_output(model, fusedconv.fuse(unsharded, plan=plan), x), before)
 
 
-def case_tensor_parallel_hooks(rank: int) -> None:
-    """A tensor-parallel plan redistributes the layer's input and output with
-    forward hooks of its own, which fusedconv does not recognise: the BN after
-    the layer is left, with the reason, and nothing is written."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+def case_tensor_parallel_plans(rank: int) -> None:
+    """parallelize_module: ColwiseParallel and RowwiseParallel redistribute a
+    Linear's input and output with hooks of their own, recognised as moving
+    values only, so the BN after each Linear folds into the rank's block
+    (Colwise: weight rows, Shard(0); Rowwise: weight columns, Shard(1), the
+    partial sums reduced after). An output left sharded (a slice reaches the
+    BN) is not recognised: that BN is left, with the reason."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
-    model = randomize_batchnorm_stats(model, torch.Generator().manual_seed(8)).eval()
-    parallelize_module(model, _mesh(), {"0": ColwiseParallel(output_layouts=Replicate())})
-    snapshot = _snapshot(model)
+    def build():
+        torch.manual_seed(0)
+        # Flatten first: a BatchNorm1d folds into a Linear where its input is seen to be (N, C)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5),
+                              nn.BatchNorm1d(5), nn.Linear(5, 4), nn.BatchNorm1d(4))
+        return randomize_batchnorm_stats(model, torch.Generator().manual_seed(8)).eval()
+
+    model, unsharded = build(), build()
+    parallelize_module(model, _mesh(), {"1": ColwiseParallel(output_layouts=Replicate()),
+                                        "4": RowwiseParallel(input_layouts=Replicate()),
+                                        "6": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = unsharded(x)
     plan = fusedconv.plan(model)
-    assert not plan.folds and "forward hooks" in plan.skipped[0].reason
+    assert _folds(plan) == {"1": ("2",), "4": ("5",)}
+    assert "forward hooks" in {skip.module: skip.reason for skip in plan.skipped}["7"]
     fusedconv.fuse(model, inplace=True)
-    _assert_unchanged(model, snapshot)
+    _assert_folded_like_unsharded(model, unsharded, plan)
+    with torch.no_grad():
+        _assert_close(_gathered_output(model, fusedconv.fuse(build(), plan=plan), x), before)
 
 
 def case_bad_statistics_on_one_rank(rank: int) -> None:
@@ -583,8 +598,8 @@ def test_batchnorm_before_layer(ranks):
     ranks.run(case_batchnorm_before)
 
 
-def test_tensor_parallel_hooks_leave_the_batchnorm(ranks):
-    ranks.run(case_tensor_parallel_hooks)
+def test_tensor_parallel_plans(ranks):
+    ranks.run(case_tensor_parallel_plans)
 
 
 def test_bad_statistics_on_one_rank(ranks):
