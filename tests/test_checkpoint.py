@@ -511,6 +511,14 @@ def test_cli_fuse_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_the_device_and_backend_of_the_arithmetic(backend):
+    """device= and backend= pick where and how the weights are scaled; the bits do not change."""
+    real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(23)).eval()
+    folded = fusedconv.fold_state_dict(small_model(), real.state_dict(), device="cpu", backend=backend)
+    assert_same_state(folded, fusedconv.fuse(real).state_dict())
+
+
 @pytest.mark.gpu
 def test_fold_state_dict_on_the_gpu():
     real = randomize_batchnorm_stats(small_model(), torch.Generator().manual_seed(10)).eval()
