@@ -2,8 +2,9 @@
 
 A deep conv net (``--layers`` Conv2d(C, C, 3) + BatchNorm2d blocks, random
 weights and statistics, the same on every rank) is folded in place with
-``fusedconv.fuse(model, inplace=True)``. The convs have no bias: each fold gives
-its conv a plain one (FSDP2 keeps the parameters it was given).
+``fusedconv.fuse(model, inplace=True)``. The convs have biases: FSDP2 keeps the
+parameters it was given, so a conv without one keeps its BN (README, "Sharded
+models").
 
   unsharded, 1 process      the whole model in one process
   FSDP2 per block, N ranks  every Conv+BN block and the root ``fully_shard``-ed over
@@ -42,7 +43,7 @@ import fusedconv  # noqa: E402
 
 def deep_net(layers: int, channels: int) -> nn.Sequential:
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+    model = nn.Sequential(*[nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1),
                                           nn.BatchNorm2d(channels)) for _ in range(layers)])
     return randomize_batchnorm_stats(model, torch.Generator().manual_seed(1)).eval()
 

@@ -165,10 +165,17 @@ def own_attributes(module: nn.Module) -> list[object]:
 
 def managed_by_fsdp(module: nn.Module) -> bool:
     """Whether FSDP2 manages the module's parameters (``fully_shard`` on it or on
-    a module above it). FSDP keeps the parameter list it was given, so a
-    parameter the module gains (a fold's new bias) is not sharded: it is a plain
-    tensor, whole on every rank, which FSDP leaves in place and the forward reads."""
+    a module above it): FSDP keeps the parameter list it was given, so the
+    module cannot gain a parameter (a new bias) that FSDP would shard."""
     return vars(module).get("_is_fsdp_managed_module", False) is True
+
+
+def why_no_new_bias(layer: nn.Module) -> str | None:
+    """Why a layer without a bias cannot be given one by a fold, or None."""
+    if layer.bias is None and managed_by_fsdp(layer):
+        return ("FSDP2 (fully_shard) manages its parameters and cannot take the bias that a fold gives it: build it "
+                "with bias=True, or fold before fully_shard")
+    return None
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -310,11 +317,6 @@ def why_input_sum_not_local(layer: nn.Module) -> str | None:
     rank gives the same answer.
     """
     weight, bias = layer.weight, layer.bias
-    if bias is None and managed_by_fsdp(layer) and not is_dtensor(weight):
-        return ("FSDP2 manages it and it has no bias: the bias a fold gives it is a plain tensor, whole on every "
-                "rank (FSDP keeps the parameters it was given), and a BN before it needs every row of the weight "
-                "for each channel of that bias, which FSDP splits across the ranks (the weight is gathered now, "
-                "after a forward, but is folded sharded)")
     if not (is_dtensor(weight) or is_dtensor(bias)):
         return None
     if why_placements_not_understood(weight) or (bias is not None and why_placements_not_understood(bias)):
@@ -323,14 +325,8 @@ def why_input_sum_not_local(layer: nn.Module) -> str | None:
     if weight_rows is None:
         return (f"its weight is placed as {weight.placements}: a BN before it adds a bias that sums the weight over "
                 "every input channel, which would need the weight's columns gathered")
-    if set(weight_rows) <= {"replicate"}:
-        return None  # a replicated weight has every row
-    if bias is None and managed_by_fsdp(layer):
-        return ("FSDP2 manages it and it has no bias: the bias a fold gives it is a plain tensor, whole on every "
-                "rank (FSDP keeps the parameters it was given), and a BN before it needs every row of the weight "
-                "for each channel of that bias, where this rank holds some rows")
-    if bias is None:
-        return None  # a new bias is placed like the weight's rows
+    if bias is None or set(weight_rows) <= {"replicate"}:
+        return None  # a new bias is placed like the weight's rows; a replicated weight has every row
     bias_rows = channel_placements(bias, 0)
     if not (is_dtensor(bias) and bias.device_mesh == weight.device_mesh and bias_rows == weight_rows):
         where = bias.placements if is_dtensor(bias) else "a plain tensor on every rank"

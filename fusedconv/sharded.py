@@ -11,8 +11,8 @@ as :func:`fusedconv.fuse` folds any other, each rank writing only what it holds:
   rows fall in;
 * each rank computes the channels of the bias it holds; a layer without a bias
   gets a DTensor bias on the weight's mesh, split like the weight's output
-  channels, or, where FSDP2 manages the layer (it keeps the parameters it was
-  given), a plain bias whole on every rank, which FSDP leaves in place;
+  channels (FSDP2 cannot take a new parameter: such layers are left,
+  :func:`fusedconv.distributed.why_no_new_bias`);
 * BatchNorm statistics are small: DTensor ones are gathered whole
   (``full_tensor``), so that every rank computes the same float64 affine maps.
 
@@ -49,9 +49,9 @@ from .distributed import (
     is_dtensor,
     local_block,
     local_tensor,
-    managed_by_fsdp,
     placed_block,
     why_input_sum_not_local,
+    why_no_new_bias,
     why_placements_not_understood,
 )
 from .errors import FoldError
@@ -155,14 +155,14 @@ def _layout(index: ModelIndex, fold: Fold) -> _Layout:
     """The layer's layout, after checking that this rank can fold its part of it."""
     name, layer = fold.layer, module_at(index.by_path, fold.layer)
     kind, weight, bias = layer_kind(layer), layer.weight, layer.bias
-    problem = why_input_sum_not_local(layer) if fold.before else None
+    problem = why_no_new_bias(layer) or (why_input_sum_not_local(layer) if fold.before else None)
     if problem:
         raise FoldError(f"{name}: {problem}")
     weight_block = local_block(weight, f"{name}.weight")
     placements = None
     if bias is not None:
         bias_block = local_block(bias, f"{name}.bias")
-    elif is_dtensor(weight) and not managed_by_fsdp(layer):  # FSDP2 would not shard a new one: whole, plain
+    elif is_dtensor(weight):
         placements = _new_bias_placements(weight, kind, layer_groups(layer))
         bias_block = placed_block((layer_out_channels(layer),), weight.device_mesh, placements)
     else:
