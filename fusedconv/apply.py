@@ -64,18 +64,15 @@ def _prepare(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], 
     return _Prepared(modules, names, layers, layer_folds, bn_paths, smallest)
 
 
-def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: list, blocks: list[str], *,
-           backend: str | None, sources: list[torch.Tensor] | None, flush_subnormals: bool) -> None:
+def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: list, *, backend: str | None,
+           sources: list[torch.Tensor] | None, flush_subnormals: bool) -> None:
     """Swap the BNs out, store the biases, scale the weights (one batched call),
-    merge the blocks (``merges``, of the blocks at the paths ``blocks``); a
-    failure undoes what was written before it."""
+    merge the blocks; a failure undoes what was written before it."""
     targets = [module_at(target_modules, name) for name in prepared.names]
     weights = [layer.weight for layer in targets]
     with Rollback() as rollback:
         if merges:  # a converter's install may fail: every module swap before the weights are written is undone
-            inside = tuple(f"{path}." if path else "" for path in blocks)  # the blocks' modules, theirs alone
-            rollback.keep_modules(module for path, module in target_modules.items()
-                                  if path in blocks or path.startswith(inside))
+            rollback.keep_modules(target_modules[""].modules())
         swap_batchnorms(target_modules, prepared.bn_paths, rollback)
         set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback)
         for merge in merges:  # module swaps only, before any weight is written
@@ -181,6 +178,5 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
     merges = plan_blocks(target, plan.merges, modules=target_modules) if plan.merges else []
     check_writable(((f"{merge.name}: {part}", getattr(merge.target, part)) for merge in merges
                     for part in ("weight", "bias")), in_place=True)
-    _write(target_modules, prepared, merges, plan.merges, backend=backend, sources=sources,
-           flush_subnormals=flush_subnormals)
+    _write(target_modules, prepared, merges, backend=backend, sources=sources, flush_subnormals=flush_subnormals)
     return target

@@ -255,11 +255,23 @@ def copy_for_folding(model: nn.Module, replaced_batchnorms: list[nn.Module],
 
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are on the meta device
-    (same shapes, dtypes, strides and ``requires_grad``; ties kept): its
-    structure, at no memory cost, to plan and fold without touching ``model``."""
+    (same shapes, dtypes, strides and ``requires_grad``): its structure, at no
+    memory cost, to plan and fold without touching ``model``. Ties are kept,
+    those made through ``.data`` and views too: tensors sharing a storage get
+    views of one meta storage, at the same offsets."""
     memo: dict[int, object] = {}
+    storages: dict[int, torch.UntypedStorage] = {}
     for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in memo:
+            continue
         stand_in = torch.empty_like(tensor, device="meta")
+        if tensor.layout == torch.strided and tensor.numel() and \
+                type(tensor).__torch_dispatch__ is torch.Tensor.__torch_dispatch__:
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr() if not tensor.is_meta else storage._cdata
+            if key not in storages:
+                storages[key] = torch.UntypedStorage(storage.nbytes(), device="meta")
+            stand_in = stand_in.set_(storages[key], tensor.storage_offset(), tensor.shape, tensor.stride())
         memo[id(tensor)] = (nn.Parameter(stand_in, requires_grad=tensor.requires_grad)
                             if isinstance(tensor, nn.Parameter) else stand_in)
     return copy_module(model, memo)

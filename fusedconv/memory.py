@@ -23,18 +23,23 @@ def memory_span(tensor: torch.Tensor) -> tuple[int, int] | None:
         if distributed.is_dtensor(tensor):
             return memory_span(tensor._local_tensor)
         return None  # another wrapper subclass (FakeTensor, ...): its data lives elsewhere
-    if tensor.layout != torch.strided:
+    if tensor.layout != torch.strided or tensor.is_meta:  # a meta view's data_ptr is its offset, not an address
         return None
     try:
         start = tensor.data_ptr()
     except RuntimeError:  # no storage (e.g. created under a fake mode)
         return None
-    if start == 0 or tensor.numel() == 0:  # meta tensors have no address
+    if start == 0 or tensor.numel() == 0:
         return None
+    return start, start + _extent(tensor)
+
+
+def _extent(tensor: torch.Tensor) -> int:
+    """How many bytes from its first element ``tensor`` can reach."""
     if tensor.is_contiguous():  # most parameters: one call instead of a walk over the strides
-        return start, start + tensor.nbytes
-    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
-    return start, start + extent * tensor.element_size()
+        return tensor.nbytes
+    return (1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))) \
+        * tensor.element_size()
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -54,26 +59,39 @@ def storage_key(tensor: torch.Tensor) -> int | None:
 
 def sharing_memory(entries: Iterable[tuple[Hashable, torch.Tensor]]) -> set[Hashable]:
     """The keys of the entries whose tensor overlaps the bytes of another entry's
-    (the same tensor listed twice counts as sharing). Tensors without memory to
-    compare (on the meta device: a model's structure) share when they are the
-    same tensor or views of one."""
-    spans, roots = [], {}
+    (the same tensor listed twice counts as sharing). Tensors on the meta device
+    (a model's structure) have no addresses: they share when they view
+    overlapping bytes of one storage. Other tensors without memory to compare
+    share when they are the same tensor or views of one."""
+    spans: list[tuple[int, int, Hashable]] = []
+    meta_spans: dict[int, list[tuple[int, int, Hashable]]] = {}
+    roots: dict[int, Hashable] = {}
     shared: set[Hashable] = set()
     for key, tensor in entries:
         span = memory_span(tensor)
         if span is not None:
             spans.append((span[0], span[1], key))
-            continue
-        root = tensor
-        while root._base is not None:
-            root = root._base
-        other = roots.setdefault(id(root), key)
-        if other is not key:
-            shared.update((other, key))
-    spans.sort()
+        elif tensor.is_meta and tensor.layout == torch.strided and tensor.numel():
+            start = tensor.storage_offset() * tensor.element_size()
+            meta_spans.setdefault(tensor.untyped_storage()._cdata, []).append((start, start + _extent(tensor), key))
+        else:
+            root = tensor
+            while root._base is not None:
+                root = root._base
+            other = roots.setdefault(id(root), key)
+            if other is not key:
+                shared.update((other, key))
+    for group in (spans, *meta_spans.values()):
+        shared |= _overlapping(group)
+    return shared
+
+
+def _overlapping(spans: list[tuple[int, int, Hashable]]) -> set[Hashable]:
+    """The keys of the ``(start, end, key)`` spans that overlap another span."""
+    shared: set[Hashable] = set()
     cluster: list[Hashable] = []
     end = -1
-    for start, stop, key in spans:
+    for start, stop, key in sorted(spans):
         if start < end:  # overlaps the interval of the cluster that reaches furthest
             cluster.append(key)
         else:

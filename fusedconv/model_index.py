@@ -46,10 +46,14 @@ class ModelIndex:
         # every module (those inside blocks too).
         holders = sharing_memory((name, t) for name, m in modules
                                  for t in (*_tensors(m), *_tensors_among(values[id(m)])))
+        holder_paths: dict[int, list[str]] = {}
+        self.held_elsewhere = modules_held_elsewhere(modules, values_of=lambda m: values[id(m)],
+                                                     holders=holder_paths)
         self.entangled: dict[str, str] = {}  # blocks a merge would change outside themselves -> why
         if blocks is None:  # every known block, but the entangled ones
             found = blocks_among(modules)
-            self.entangled = entangled_blocks(found, self.paths, {id(self.by_path[name]) for name in holders})
+            self.entangled = entangled_blocks(found, self.paths, {id(self.by_path[name]) for name in holders},
+                                              None if self.held_elsewhere is None else holder_paths)
             blocks = {name: block for name, block, _ in found if name not in self.entangled}
         self.blocks = blocks
         self.layers: dict[str, nn.Module] = {}
@@ -67,7 +71,6 @@ class ModelIndex:
                 self.kinds[name] = batchnorm_kind(m)
         self.tracked = {id(m): name for name, m in (*self.layers.items(), *self.batchnorms.items())}
         self.global_hooks = _global_hooks_problem()
-        self.held_elsewhere = modules_held_elsewhere(modules, values_of=lambda m: values[id(m)])
         self.shared: set[str] = {name for name in holders if name in self.layers or name in self.batchnorms}
 
     @functools.cached_property
@@ -102,12 +105,18 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def _tensors_among(values: list[object]) -> list[torch.Tensor]:
-    """The tensors among attribute values, and in the dicts, lists and tuples
-    among them (``self.w = conv.weight``, ``self.cache = [t]``)."""
-    tensors = []
-    for value in values:
-        inner = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
-        tensors.extend(v for v in inner if isinstance(v, torch.Tensor))
+    """The tensors among attribute values, and in the dicts, lists, tuples and
+    sets among them, however nested (``self.w = conv.weight``,
+    ``self.cache = {"k": [t]}``)."""
+    tensors: list[torch.Tensor] = []
+    stack, seen = list(values), set()
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, (dict, list, tuple, set, frozenset)) and id(value) not in seen:
+            seen.add(id(value))
+            stack.extend(value.values() if isinstance(value, dict) else value)
     return tensors
 
 

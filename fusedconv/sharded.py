@@ -52,7 +52,6 @@ from .distributed import (
     placed_block,
     why_input_sum_not_local,
     why_no_new_bias,
-    why_placements_not_understood,
 )
 from .errors import FoldError
 from .fold import LayerFold, new_bias_parameter, rescale_weights, scale_grid, set_biases, shift_sums
@@ -189,9 +188,8 @@ def _planned(model: nn.Module, plan: FusionPlan | None,
         for name in fold.batchnorms:
             stats = bn_statistics(module_at(index.by_path, name), name)
             for tensor in (stats.running_mean, stats.running_var, stats.weight, stats.bias):
-                problem = None if tensor is None else why_placements_not_understood(tensor)
-                if problem:
-                    raise FoldError(f"{name}: {problem}")
+                if tensor is not None:  # checked here, where a failure on one rank reaches all, before any gather
+                    local_block(tensor, name)
     digest = (plan.folds, [skip.module for skip in plan.skipped], [layout.digest() for layout in layouts])
     return (index, plan, layouts), digest
 

@@ -199,10 +199,12 @@ class Rollback:
 
     def keep_modules(self, modules: Iterable[nn.Module]) -> None:
         """Remember the modules' registered children, parameters, buffers and
-        attributes (not tensor values), so that module swaps made by code
-        fusedconv does not control (a block converter's ``install``, which
-        changes its block's modules only) can be undone."""
+        attributes, and their parameters' ``requires_grad`` (not tensor values),
+        so that what code fusedconv does not control (a block converter's
+        ``install``) changes in them can be undone."""
         saved = [(m, dict(vars(m)), dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in modules]
+        flags = [(p, p.requires_grad) for _, _, _, parameters, _ in saved for p in parameters.values()
+                 if p is not None]
 
         def restore() -> None:
             for module, attributes, children, parameters, buffers in saved:
@@ -212,6 +214,8 @@ class Rollback:
                                          (module._buffers, buffers)):
                     registry.clear()
                     registry.update(before)
+            for parameter, requires_grad in flags:
+                parameter.requires_grad_(requires_grad)
 
         self._undo.append(restore)
 

@@ -393,6 +393,109 @@ def test_a_block_whose_conv_weight_is_tied_elsewhere_is_not_merged():
         fusedconv.reparameterize(model)
 
 
+class _Other(nn.Module):
+    """Calls a conv of a block through a plain list (not registered as a child)."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.convs = {"k": [conv]}
+
+    def forward(self, x):
+        return self.convs["k"][0](x)
+
+
+@pytest.mark.parametrize("how", ["reached through an attribute", "hooked inside the block"])
+def test_a_block_whose_conv_is_used_outside_or_hooked_is_not_merged(how):
+    block = RepVGGBlock(4, 4, 3)
+    if how == "reached through an attribute":
+        model = nn.Sequential(block, _Other(block.dense[0].conv))
+    else:
+        block.dense[0].conv.register_forward_hook(lambda module, args, output: output + 1)
+        model = nn.Sequential(block, nn.ReLU())
+    model = randomize_batchnorm_stats(model, torch.Generator().manual_seed(24)).eval()
+    assert fusedconv.plan(model).merges == []
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fusedconv.fuse(model)(x), model(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(fusedconv.FoldError, match="^0: its Conv2d (is also reachable|has forward hooks)"):
+        fusedconv.reparameterize(model)
+
+
+def _sliced(shape, offset: int) -> nn.Parameter:
+    """A weight that views part of a buffer of its own, at an offset."""
+    count = torch.Size(shape).numel()
+    return nn.Parameter(torch.randn(count + offset)[offset:].view(shape))
+
+
+class _Views(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c1.weight, self.c2.weight = _sliced(self.c1.weight.shape, 36), _sliced(self.c2.weight.shape, 144)
+
+    def forward(self, x):
+        return self.b2(self.c2(self.b1(self.c1(x))))
+
+
+class _DataTied(_Views):
+    def __init__(self):
+        super().__init__()
+        self.c2.weight.data = self.c1.weight.data  # a tie through .data: two Parameters, one storage
+
+
+@pytest.mark.parametrize("build", [_Views, _DataTied], ids=["views of own buffers", "tied through .data"])
+def test_the_meta_device_sees_what_memory_shows(build):
+    """On meta, data_ptr is an offset, not an address, and ties made through
+    .data or views are of storages, not of tensor objects."""
+    real = randomize_batchnorm_stats(build(), torch.Generator().manual_seed(25)).eval()
+    with torch.device("meta"):
+        architecture = build().eval()
+    assert fusedconv.plan(architecture).folds == fusedconv.plan(real).folds
+    expected = fusedconv.fuse(real).state_dict()
+    assert_same_state(fusedconv.fold_state_dict(real, real.state_dict()), expected)
+    structure = fusedconv.fuse(architecture)
+    structure.load_state_dict(expected, assign=True)
+
+
+def test_a_failing_merge_undoes_what_installs_did_outside_their_blocks():
+    from fusedconv.reparam import Reparameterization, bn_affine
+
+    class Swapper(nn.Sequential):  # its install puts the merged conv in its parent's place
+        pass
+
+    class Failing(nn.Sequential):
+        pass
+
+    net = randomize_batchnorm_stats(nn.Sequential(Swapper(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)),
+                                                  Failing(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))),
+                                    torch.Generator().manual_seed(26)).eval()
+
+    def swap(block, name):
+        def install(conv):
+            conv.requires_grad_(False)
+            setattr(net, name, conv)
+        return Reparameterization(name, block[0], install, after=bn_affine(block[1]))
+
+    def fail(block, name):
+        def install(conv):
+            raise RuntimeError("install failed")
+        return Reparameterization(name, block[0], install, after=bn_affine(block[1]))
+
+    fusedconv.register_block(Swapper, swap)
+    fusedconv.register_block(Failing, fail)
+    try:
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        with pytest.raises(RuntimeError, match="install failed"):
+            fusedconv.fuse(net, inplace=True)
+        assert type(net[0]) is Swapper and net[0][0].weight.requires_grad
+        assert_same_state(net.state_dict(), before)
+    finally:
+        from fusedconv import registry
+        registry._CONVERTERS.pop(Swapper)
+        registry._CONVERTERS.pop(Failing)
+
+
 def test_a_meta_model_with_a_real_block_is_refused():
     with torch.device("meta"):
         head = [nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)]

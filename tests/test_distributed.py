@@ -498,6 +498,31 @@ def case_bad_value_in_one_shard(rank: int) -> None:
     _assert_unchanged(model, snapshot)
 
 
+def case_statistics_block_of_the_wrong_size_on_one_rank(rank: int) -> None:
+    """A BN statistic whose local block has the wrong size on one rank only: found
+    while planning, so every rank raises before any gather (a gather with
+    mismatched blocks would leave the other ranks waiting)."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh = _mesh()
+    torch.manual_seed(0)
+    model = randomize_batchnorm_stats(nn.Sequential(nn.Conv2d(3, 5, 1), nn.BatchNorm2d(5)),
+                                      torch.Generator().manual_seed(1)).eval()
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.data, mesh, [Shard(0)]))
+    model[0].bias = nn.Parameter(distribute_tensor(model[0].bias.data, mesh, [Shard(0)]))
+    for key in ("running_mean", "running_var"):
+        local = getattr(model[1], key).chunk(WORLD)[rank].clone()
+        if rank == 1 and key == "running_mean":
+            local = torch.cat([local, torch.ones(1)])
+        model[1].register_buffer(key, DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=(5,),
+                                                         stride=(1,)))
+    snapshot = _snapshot(model)
+    with pytest.raises(fusedconv.FoldError, match="planning failed on rank 1.*local tensor has shape"
+                       if rank == 0 else "1: its local tensor has shape"):
+        fusedconv.fuse(model, inplace=True)
+    _assert_unchanged(model, snapshot)
+
+
 def case_statistics_differ_across_ranks(rank: int) -> None:
     """Statistics that are valid on each rank but not the same on all (plain buffers
     copied apart): no unsharded model corresponds, so every rank refuses."""
@@ -599,6 +624,10 @@ def test_bad_statistics_on_one_rank(ranks):
 
 def test_bad_value_in_one_shard(ranks):
     ranks.run(case_bad_value_in_one_shard)
+
+
+def test_statistics_block_of_the_wrong_size_on_one_rank(ranks):
+    ranks.run(case_statistics_block_of_the_wrong_size_on_one_rank)
 
 
 def test_statistics_differ_across_ranks(ranks):

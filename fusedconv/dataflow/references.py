@@ -161,11 +161,14 @@ def attribute_values(module: nn.Module) -> list[object]:
 
 def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
                            values_of: Callable[[nn.Module], list[object]] = attribute_values,
+                           holders: dict[int, list[str]] | None = None,
                            ) -> dict[int, tuple[nn.Module, str]] | None:
     """Among the modules of a model (``(path, module)``, each once), those that
     something besides the module tree can reach: id(module) -> (module, what
     holds it), or None when some holder cannot be followed. ``values_of``: each
-    module's :func:`attribute_values`, when the caller has them already.
+    module's :func:`attribute_values`, when the caller has them already;
+    ``holders``, when given, is filled with id(module) -> the paths of every
+    module whose attributes or hooks reach it.
 
     A module kept in an instance attribute (a bound method, a partial, a
     lambda, a list, a namespace...) or in a hook of any module of the model can
@@ -184,4 +187,6 @@ def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
             f"an attribute or hook of the model ({type(module).__name__})"
         for other in reached:
             held_elsewhere.setdefault(id(other), (other, where))
+            if holders is not None:
+                holders.setdefault(id(other), []).append(path)
     return held_elsewhere
