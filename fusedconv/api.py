@@ -142,7 +142,8 @@ def reparameterize(model: nn.Module, *, backend: str | None = None) -> nn.Module
     memory) raises :class:`FoldError`. Returns ``model``.
     """
     index = ModelIndex(model)
-    for name, why in index.entangled.items():
+    if index.entangled:
+        name, why = next(iter(index.entangled.items()))
         raise FoldError(f"{name or type(model).__name__}: {why}")
     plans = plan_blocks(model, list(index.blocks), modules=index.by_path)
     apply_reparameterizations(plans, backend)

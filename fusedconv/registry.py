@@ -100,43 +100,49 @@ def entangled_blocks(found: Sequence[tuple[str, nn.Module, Converter]], paths: d
     is safe only if no Conv or Linear of the block is also registered at a path
     outside the block's own paths, reachable from the attributes or hooks of a
     module outside the block (``holders``: id(module) -> the paths of the
-    modules that reach it; None when that cannot be told), or holding a tensor that shares memory with another tensor of the
-    model (``sharing_memory``: the ids of such modules), and no module inside
-    the block has forward hooks (which the merged conv would no longer run).
-    ``paths``: id(module) -> every path where the model registers it."""
+    modules that reach it; None when that cannot be told), or holding a tensor
+    that shares memory with another tensor of the model (``sharing_memory``:
+    the ids of such modules), and no module inside the block has forward hooks
+    (which the merged conv would no longer run). ``paths``: id(module) -> every
+    path where the model registers it."""
     entangled = {}
     for name, block, _ in found:
-        own_paths = paths[id(block)]
-        inside = tuple(f"{path}." if path else "" for path in own_paths)
-        for module in block.modules():
-            what = type(module).__name__
-            if module is not block and (module._forward_hooks or module._forward_pre_hooks):
-                entangled[name] = f"its {what} has forward hooks, which the merged conv would no longer run"
-                break
-            if layer_kind(module) is None:
-                continue  # activations and BNs are only read by a merge; a shared one stays as it is
-            def outside_block(path: str) -> bool:
-                return not (path.startswith(inside) or path in own_paths)
-
-            registered = next((path for path in paths.get(id(module), ()) if outside_block(path)
-                               and not (module is block and path in own_paths)), None)
-            holder = None if holders is None else next(
-                (path for path in holders.get(id(module), ()) if outside_block(path)), None)
-            if registered is not None:
-                entangled[name] = f"its {what} is also registered at {registered!r}, outside the block: merging " \
-                                  "would change that use too"
-            elif holders is None:
-                entangled[name] = ("something outside the module tree that fusedconv cannot follow may hold its "
-                                   f"{what}: merging would change that use too")
-            elif holder is not None:
-                entangled[name] = (f"its {what} is also reachable from an attribute or hook of "
-                                   f"{holder or 'the model'}, outside the block: merging would change that use too")
-            elif id(module) in sharing_memory:
-                entangled[name] = (f"its {what} holds a tensor that shares memory with another tensor of the "
-                                   "model: merging would change that tensor too")
-            if name in entangled:
-                break
+        why = _why_entangled(block, paths, sharing_memory, holders)
+        if why is not None:
+            entangled[name] = why
     return entangled
+
+
+def _why_entangled(block: nn.Module, paths: dict[int, list[str]], sharing_memory: set[int],
+                   holders: dict[int, list[str]] | None) -> str | None:
+    """:func:`entangled_blocks`' reason for one block, or None."""
+    own_paths = paths[id(block)]
+    inside = tuple(f"{path}." if path else "" for path in own_paths)
+
+    def outside(candidates: Iterable[str]) -> str | None:
+        return next((path for path in candidates if not (path.startswith(inside) or path in own_paths)), None)
+
+    for module in block.modules():
+        what = type(module).__name__
+        if module is not block and (module._forward_hooks or module._forward_pre_hooks):
+            return f"its {what} has forward hooks, which the merged conv would no longer run"
+        if layer_kind(module) is None:
+            continue  # activations and BNs are only read by a merge; a shared one stays as it is
+        registered = outside(paths.get(id(module), ()))
+        if registered is not None:
+            return f"its {what} is also registered at {registered!r}, outside the block: merging would change " \
+                   "that use too"
+        if holders is None:
+            return (f"something outside the module tree that fusedconv cannot follow may hold its {what}: merging "
+                    "would change that use too")
+        holder = outside(holders.get(id(module), ()))
+        if holder is not None:
+            return (f"its {what} is also reachable from an attribute or hook of {holder or 'the model'}, outside "
+                    "the block: merging would change that use too")
+        if id(module) in sharing_memory:
+            return (f"its {what} holds a tensor that shares memory with another tensor of the model: merging "
+                    "would change that tensor too")
+    return None
 
 
 def blocks_among(named_modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module, Converter]]:
