@@ -106,15 +106,16 @@ def fuse(
                             "inplace=True or plan=")
         return fuse_graph_module(model, backend=backend)
     network, rewrap = unwrapped(model, inplace=inplace)
-    if is_sharded(network):  # each rank folds the blocks it holds, with the others
+    index = None
+    if plan is None:  # one walk of the module tree serves planning and applying
+        check_foldable(network)
+        index = ModelIndex(network)
+    if index.sharded if index is not None else is_sharded(network):  # each rank folds the blocks it holds
         plan = fuse_sharded(network, plan, as_input_tuple(example_inputs), inplace=inplace, backend=backend,
                             flush_subnormals=flush_subnormals)
         fused = network
     else:
-        index = None
-        if plan is None:  # one walk of the module tree serves planning and applying
-            check_foldable(network)
-            index = ModelIndex(network)
+        if plan is None:
             plan = make_plan(network, as_input_tuple(example_inputs), check_stats=False, index=index)
         fused = apply_plan(network, plan, inplace=inplace, backend=backend, flush_subnormals=flush_subnormals,
                            index=index)

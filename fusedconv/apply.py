@@ -14,7 +14,7 @@ from .copying import copy_for_folding
 from .fold import LayerFold, plan_layer_folds, rescale_weights, set_biases
 from .fusion_plan import FusionPlan
 from .errors import FoldError
-from .layers import batchnorm_kind, layer_out_channels
+from .layers import BatchNormKind, layer_out_channels
 from .model_index import ModelIndex
 from .registry import converter_for, plan_blocks, plan_found_blocks
 from .reparam import apply_reparameterizations, write_merged_weights
@@ -65,15 +65,17 @@ def _prepare(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], 
 
 
 def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: list, *, backend: str | None,
-           sources: list[torch.Tensor] | None, flush_subnormals: bool) -> None:
+           sources: list[torch.Tensor] | None, flush_subnormals: bool,
+           kinds: dict[str, BatchNormKind | None] | None) -> None:
     """Swap the BNs out, store the biases, scale the weights (one batched call),
-    merge the blocks; a failure undoes what was written before it."""
+    merge the blocks; a failure undoes what was written before it. ``kinds``:
+    the BNs' kinds, when an index of the model has them."""
     targets = [module_at(target_modules, name) for name in prepared.names]
     weights = [layer.weight for layer in targets]
     with Rollback() as rollback:
         if merges:  # a converter's install may fail: every module swap before the weights are written is undone
             rollback.keep_modules(target_modules[""].modules())
-        swap_batchnorms(target_modules, prepared.bn_paths, rollback)
+        swap_batchnorms(target_modules, prepared.bn_paths, rollback, kinds)
         set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback)
         for merge in merges:  # module swaps only, before any weight is written
             merge.install(merge.target)
@@ -112,12 +114,9 @@ def _fold_structure(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Mo
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.empty(layer_out_channels(layer), device="meta", dtype=layer.weight.dtype),
                                       requires_grad=layer.weight.requires_grad)
-        for name in fold.batchnorms:
-            bn = module_at(target_modules, name)
-            replacement = batchnorm_kind(bn).replacement(bn).train(bn.training)
-            for path in paths[id(bn)]:
-                parent, _, attr = path.rpartition(".")
-                setattr(target_modules[parent], attr, replacement)
+    # Nothing here can fail halfway, so the swaps' record is not needed.
+    swap_batchnorms(target_modules, {name: paths[id(module_at(target_modules, name))] for fold in plan.folds
+                                     for name in fold.batchnorms}, Rollback())
     for name, block in merged.items():
         for path in paths[id(target_modules[name])]:
             parent, _, attr = path.rpartition(".")
@@ -178,5 +177,6 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
     merges = plan_blocks(target, plan.merges, modules=target_modules) if plan.merges else []
     check_writable(((f"{merge.name}: {part}", getattr(merge.target, part)) for merge in merges
                     for part in ("weight", "bias")), in_place=True)
-    _write(target_modules, prepared, merges, backend=backend, sources=sources, flush_subnormals=flush_subnormals)
+    _write(target_modules, prepared, merges, backend=backend, sources=sources, flush_subnormals=flush_subnormals,
+           kinds=index.kinds if index is not None else None)
     return target

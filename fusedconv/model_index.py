@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .dataflow.references import attribute_values, modules_held_elsewhere
+from .distributed import any_sharded
 from .layers import BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
 from .memory import sharing_memory, storage_key
 from .registry import blocks_among, entangled_blocks
@@ -40,6 +41,8 @@ class ModelIndex:
             else:
                 known.append(path)
         self.modules = modules
+        # Whether the model is sharded (DTensors, FSDP2): every fold asks, once.
+        self.sharded = any_sharded(m for _, m in modules)
         values = {id(m): attribute_values(m) for _, m in modules}  # one look at each module's attributes
         # Modules holding a tensor that shares memory with another tensor of the
         # model (tied weights, ``.data`` assigned across modules, views), over

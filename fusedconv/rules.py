@@ -20,7 +20,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import distributed
 from .affine import BatchNormStats, batchnorm_affines, compose
 from .dataflow import Dataflow
 from .dataflow.find import find_dataflow
@@ -269,7 +268,7 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
     (by every rank at once: each holds part of them)."""
     check_foldable(model)
     index = index if index is not None else ModelIndex(model)
-    sharded = distributed.any_sharded(module for _, module in index.modules)
+    sharded = index.sharded
     if sharded and example_inputs is not None:  # a run would gather, and swap, the parameters FSDP manages
         raise FoldError(
             "example_inputs are not taken for a sharded model (DTensor parameters or FSDP2): fold it without them "

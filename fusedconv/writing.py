@@ -19,7 +19,7 @@ from torch import nn
 from . import distributed
 from .errors import FoldError, FoldWarning
 from .fold import LayerFold
-from .layers import batchnorm_kind
+from .layers import BatchNormKind, batchnorm_kind
 
 # A per-channel scale above this is checked element by element for overflow;
 # below it, a folded weight can overflow only if |weight| already exceeds
@@ -168,15 +168,19 @@ def subnormal_weights(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold
     return found
 
 
-def swap_batchnorms(modules: dict[str, nn.Module], bn_paths: dict[str, list[str]], rollback: "Rollback") -> None:
+def swap_batchnorms(modules: dict[str, nn.Module], bn_paths: dict[str, list[str]], rollback: "Rollback",
+                    kinds: dict[str, BatchNormKind | None] | None = None) -> None:
     """Replace each folded BN (by name in ``modules``, a path -> module map) at every
     path where it is registered (``bn_paths``) by what stands in its place once
-    folded (``nn.Identity``, or timm's activation), recording each swap in ``rollback``."""
+    folded (``nn.Identity``, or timm's activation), recording each swap in
+    ``rollback``. ``kinds``: each BN's :func:`batchnorm_kind`, when the caller
+    has looked them up already (a copy's BNs are of their originals' kinds)."""
     for name, paths in bn_paths.items():
         bn = modules[name]
         if isinstance(bn, nn.Identity):  # already replaced through a copy's memo
             continue
-        replacement = batchnorm_kind(bn).replacement(bn).train(bn.training)
+        kind = kinds.get(name) if kinds is not None else None
+        replacement = (kind or batchnorm_kind(bn)).replacement(bn).train(bn.training)
         for path in paths:
             parent, _, attr = path.rpartition(".")
             rollback.setattr(modules[parent], attr, replacement)
