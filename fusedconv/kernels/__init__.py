@@ -58,11 +58,6 @@ class KernelInputError(ValueError):
     """An argument of :func:`rescale_` or :func:`pad_add_` is malformed."""
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise KernelInputError(message)
-
-
 def has_dense_rows(t: torch.Tensor) -> bool:
     """Contiguous or channels_last: every kernel walks such a tensor as one
     flat block in which dim 0 is the outermost dimension."""
@@ -73,20 +68,33 @@ def has_dense_rows(t: torch.Tensor) -> bool:
     )
 
 
-def _check_kernel_tensor(t: torch.Tensor, what: str, device: torch.device) -> None:
-    _check(isinstance(t, torch.Tensor), f"{what} is {type(t).__name__}, not a Tensor")
-    _check(t.dtype in _FLOAT_DTYPES, f"{what} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
-    _check(t.dim() >= 2, f"{what} has {t.dim()} dims; a weight has at least 2")
-    _check(t.device == device, f"{what} is on {t.device}, the first tensor on {device}")
+# The checks run on every call, for every weight, so a message is formatted only
+# once a check has failed: ``what`` is an argument's name and its index in the list.
+def _check_kernel_tensor(t: torch.Tensor, what: tuple[str, int], device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise KernelInputError(f"{_named(what)} is {type(t).__name__}, not a Tensor")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise KernelInputError(f"{_named(what)} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
+    if t.dim() < 2:
+        raise KernelInputError(f"{_named(what)} has {t.dim()} dims; a weight has at least 2")
+    if t.device != device:
+        raise KernelInputError(f"{_named(what)} is on {t.device}, the first tensor on {device}")
 
 
-def _check_scale(scale: torch.Tensor | None, length, what: str, device: torch.device) -> None:
+def _check_scale(scale: torch.Tensor | None, length, what: tuple[str, int], device: torch.device) -> None:
     if scale is None:
         return
-    _check(scale.dtype == torch.float64, f"{what} must be float64, got {scale.dtype}")
+    if scale.dtype != torch.float64:
+        raise KernelInputError(f"{_named(what)} must be float64, got {scale.dtype}")
     # shape[0], not numel(): under torch.compile's dynamic shapes both sides may be symbolic
-    _check(scale.dim() == 1 and scale.shape[0] == length, f"{what} has shape {tuple(scale.shape)}; expected ({length},)")
-    _check(scale.device == device, f"{what} is on {scale.device}, the weights on {device}")
+    if not (scale.dim() == 1 and scale.shape[0] == length):
+        raise KernelInputError(f"{_named(what)} has shape {tuple(scale.shape)}; expected ({length},)")
+    if scale.device != device:
+        raise KernelInputError(f"{_named(what)} is on {scale.device}, the weights on {device}")
+
+
+def _named(what: tuple[str, int]) -> str:
+    return f"{what[0]}[{what[1]}]"
 
 
 def _has_memory(tensors) -> bool:
@@ -109,67 +117,76 @@ def _check_written(weights, sources) -> None:
     source must match its weight's layout, may not overlap any weight written,
     and its weight may be listed only once."""
     if sources is not None:
-        _check(len(sources) == len(weights), f"rescale_ needs one source per weight ({len(weights)} weights, "
-                                             f"{len(sources)} sources)")
+        if len(sources) != len(weights):
+            raise KernelInputError(f"rescale_ needs one source per weight ({len(weights)} weights, "
+                                   f"{len(sources)} sources)")
     if not _has_memory(weights) or (sources is not None and not _has_memory(sources)):
         return  # no memory to compare: the real call checks overlaps
     spans = sorted({_span(w) for w in weights if w.numel()})
     for (_, end), (start, _) in zip(spans, spans[1:]):
-        _check(start >= end, "rescale_ cannot write overlapping views of one tensor")
+        if start < end:
+            raise KernelInputError("rescale_ cannot write overlapping views of one tensor")
     if sources is None:
         return
-    _check(len(spans) == sum(1 for w in weights if w.numel()), "rescale_ with sources cannot write a weight twice")
+    if len(spans) != sum(1 for w in weights if w.numel()):
+        raise KernelInputError("rescale_ with sources cannot write a weight twice")
     starts = [start for start, _ in spans]
     for i, (w, src) in enumerate(zip(weights, sources)):
-        _check_kernel_tensor(src, f"sources[{i}]", w.device)
-        _check(src.dtype == w.dtype and src.shape == w.shape and src.stride() == w.stride(),
-               f"sources[{i}] ({src.dtype}, shape {tuple(src.shape)}, strides {src.stride()}) does not match "
-               f"weights[{i}] ({w.dtype}, shape {tuple(w.shape)}, strides {w.stride()})")
+        _check_kernel_tensor(src, ("sources", i), w.device)
+        if not (src.dtype == w.dtype and src.shape == w.shape and src.stride() == w.stride()):
+            raise KernelInputError(f"sources[{i}] ({src.dtype}, shape {tuple(src.shape)}, strides {src.stride()}) does "
+                                   f"not match weights[{i}] ({w.dtype}, shape {tuple(w.shape)}, strides {w.stride()})")
         if src.numel() == 0 or _span(src) == _span(w):
             continue
         start, end = _span(src)
         k = bisect.bisect_left(starts, end) - 1
-        _check(k < 0 or spans[k][1] <= start, f"sources[{i}] overlaps a weight that the call writes")
+        if not (k < 0 or spans[k][1] <= start):
+            raise KernelInputError(f"sources[{i}] overlaps a weight that the call writes")
 
 
 def check_rescale_args(weights, row_scales, col_scales, groups, sources=None) -> None:
     """Raise :class:`KernelInputError` unless the arguments of :func:`rescale_` are well formed."""
     n = len(weights)
-    _check(len(row_scales) == len(col_scales) == len(groups) == n,
-           f"rescale_ needs one row scale, column scale and group count per weight "
-           f"({n} weights, {len(row_scales)}, {len(col_scales)}, {len(groups)})")
+    if not (len(row_scales) == len(col_scales) == len(groups) == n):
+        raise KernelInputError(f"rescale_ needs one row scale, column scale and group count per weight "
+                               f"({n} weights, {len(row_scales)}, {len(col_scales)}, {len(groups)})")
+    device = weights[0].device if weights else None
     for i, (w, row, col, g) in enumerate(zip(weights, row_scales, col_scales, groups)):
-        device = weights[0].device
-        _check_kernel_tensor(w, f"weights[{i}]", device)
-        _check(g >= 1 and w.shape[0] % g == 0, f"weights[{i}]: {w.shape[0]} rows do not split into {g} groups")
-        _check_scale(row, w.shape[0], f"row_scales[{i}]", device)
-        _check_scale(col, g * w.shape[1], f"col_scales[{i}]", device)
+        _check_kernel_tensor(w, ("weights", i), device)
+        if not (g >= 1 and w.shape[0] % g == 0):
+            raise KernelInputError(f"weights[{i}]: {w.shape[0]} rows do not split into {g} groups")
+        _check_scale(row, w.shape[0], ("row_scales", i), device)
+        _check_scale(col, g * w.shape[1], ("col_scales", i), device)
     _check_written(weights, sources)
 
 
 def check_pad_add_args(bigs, smalls, scales, offsets, dilations) -> None:
     """Raise :class:`KernelInputError` unless the arguments of :func:`pad_add_` are well formed."""
     n = len(bigs)
-    _check(len(smalls) == len(scales) == n, f"pad_add_ needs one small kernel and scale per big kernel "
-           f"({n} big, {len(smalls)} small, {len(scales)} scales)")
+    if not (len(smalls) == len(scales) == n):
+        raise KernelInputError(f"pad_add_ needs one small kernel and scale per big kernel "
+                               f"({n} big, {len(smalls)} small, {len(scales)} scales)")
     spatial_total = sum(b.dim() - 2 for b in bigs)
-    _check(len(offsets) == len(dilations) == spatial_total,
-           f"pad_add_ needs one offset and dilation per spatial dim of each big kernel ({spatial_total}); "
-           f"got {len(offsets)} offsets and {len(dilations)} dilations")
+    if not (len(offsets) == len(dilations) == spatial_total):
+        raise KernelInputError(f"pad_add_ needs one offset and dilation per spatial dim of each big kernel "
+                               f"({spatial_total}); got {len(offsets)} offsets and {len(dilations)} dilations")
     at = 0
+    device = bigs[0].device if bigs else None
     for i, (big, small, scale) in enumerate(zip(bigs, smalls, scales)):
-        device = bigs[0].device
-        _check_kernel_tensor(big, f"bigs[{i}]", device)
-        _check_kernel_tensor(small, f"smalls[{i}]", device)
-        _check(small.dtype == big.dtype, f"smalls[{i}] is {small.dtype} but bigs[{i}] is {big.dtype}")
-        _check(small.dim() == big.dim() and small.shape[:2] == big.shape[:2],
-               f"smalls[{i}] has shape {tuple(small.shape)}, which does not fit bigs[{i}] {tuple(big.shape)}")
+        _check_kernel_tensor(big, ("bigs", i), device)
+        _check_kernel_tensor(small, ("smalls", i), device)
+        if small.dtype != big.dtype:
+            raise KernelInputError(f"smalls[{i}] is {small.dtype} but bigs[{i}] is {big.dtype}")
+        if not (small.dim() == big.dim() and small.shape[:2] == big.shape[:2]):
+            raise KernelInputError(f"smalls[{i}] has shape {tuple(small.shape)}, which does not fit bigs[{i}] "
+                                   f"{tuple(big.shape)}")
         for d in range(big.dim() - 2):
             off, dil, k, K = offsets[at + d], dilations[at + d], small.shape[2 + d], big.shape[2 + d]
-            _check(dil >= 1 and off >= 0 and off + dil * (k - 1) < K,
-                   f"pair {i}, spatial dim {d}: {k} taps at offset {off} and dilation {dil} do not fit in {K}")
+            if not (dil >= 1 and off >= 0 and off + dil * (k - 1) < K):
+                raise KernelInputError(f"pair {i}, spatial dim {d}: {k} taps at offset {off} and dilation {dil} do "
+                                       f"not fit in {K}")
         at += big.dim() - 2
-        _check_scale(scale, big.shape[0], f"scales[{i}]", device)
+        _check_scale(scale, big.shape[0], ("scales", i), device)
 
 
 def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
