@@ -2,7 +2,11 @@
 
 For each model, every tool gets a fresh deep copy of the same eval-mode model per
 repeat (copied outside the timed region), after one untimed warm-up call; the
-median over --repeats is the "warm" time. Warm means warm caches: fusedconv reads
+tools take turns within each repeat (interleaved, so that the machine's drift
+weighs on all alike), and the median over --repeats is the "warm" time. Times
+are also given in "passes": divided by the median time of one float32 mul_ over
+the model's conv weights (a fresh copy's, like the folds'), timed in the same
+rounds. Warm means warm caches: fusedconv reads
 each module class's forward code once per process and caches it, fx and the zoo
 tools have their own first-call costs. So each (model, tool) is also timed once
 in a fresh Python process ("cold": the tool's packages and the model built and
@@ -24,6 +28,9 @@ Tools:
                        its re-parameterizable models (repvgg_a0, mobileone_s0, fastvit_t8 only)
   ultralytics fuse     model.fuse(verbose=False) (yolov8n, yolo11n only; in place, also fuses the
                        Detect head)
+  unchecked floor      a lower bound, not a tool: the registration-order pairs folded in place with
+                       no check at all, in float32 (a new bias, one mul_ per weight, an nn.Identity
+                       per BN): what no in-place fold can avoid, beyond one pass
 
 The zoo models (repvgg_a0, mobileone_s0, fastvit_t8 from timm; yolov8n, yolo11n
 from ultralytics) compare fusedconv.fuse(m, inplace=True), without inputs, with
@@ -58,7 +65,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fusedconv.examples import randomize_batchnorm_stats  # noqa: E402
-from fusedconv.timing import format_ms, machine_info, measure, print_machine_info, print_table  # noqa: E402
+from fusedconv.timing import format_ms, machine_info, measure_interleaved, print_machine_info, print_table  # noqa: E402
 
 import fusedconv  # noqa: E402
 
@@ -150,6 +157,30 @@ def fold_pairs_with_fuse_conv_bn_eval(model: nn.Module, pairs: list[tuple[str, s
     return model
 
 
+def unchecked_floor_fold(model: nn.Module, pairs: list[tuple[str, str, str]]) -> nn.Module:
+    """A lower bound, not a fold to use: the least an in-place fold of ``pairs``
+    must do to the model (a new bias, one pass over each weight, an
+    ``nn.Identity`` in each BN's place), with no check at all and float32
+    arithmetic. What fusedconv spends beyond this is its checks and its exact
+    float64 arithmetic; what this spends beyond one ``mul_`` pass no fold avoids."""
+    for parent_name, conv_name, bn_name in pairs:
+        parent = model.get_submodule(parent_name)
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        conv.weight.mul_(scale.reshape(-1, *[1] * (conv.weight.dim() - 1)))
+        conv.bias = nn.Parameter(shift if conv.bias is None else conv.bias * scale + shift)
+        setattr(parent, bn_name, nn.Identity())
+    return model
+
+
+def mul_pass(model: nn.Module) -> None:
+    """The unit of the "passes" figures: one float32 ``mul_`` over every conv weight."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            module.weight.mul_(1.0)
+
+
 @dataclass
 class Tool:
     name: str
@@ -188,6 +219,7 @@ TOOLS = [
          imports=("torch.nn.utils.fusion",)),
     Tool("timm reparameterize", lambda m, x, p: _timm_reparameterize(m), zoo="timm", imports=("timm.utils.model",)),
     Tool("ultralytics fuse", lambda m, x, p: m.fuse(verbose=False), zoo="ultralytics"),
+    Tool("unchecked floor", lambda m, x, p: unchecked_floor_fold(m, p)),
 ]
 # The zoo's own merge, per zoo: compared with fusedconv inplace in the ratios.
 ZOO_TOOL = {"timm": "timm reparameterize", "ultralytics": "ultralytics fuse"}
@@ -206,10 +238,20 @@ class Result:
     cold: float | None = None       # seconds of the first call in a fresh process
     error: str | None = None
     verify_ratio: float | None = None
+    pass_time: float | None = None  # seconds of one mul_ pass over the model's conv weights, same run
 
     @property
     def folded(self) -> int:
         return 0 if self.bn_left is None else self.bn_before - self.bn_left
+
+    @property
+    def passes(self) -> float | None:
+        """The warm median in passes (:func:`mul_pass`)."""
+        return None if self.timing is None or not self.pass_time else self.timing.median / self.pass_time
+
+    @property
+    def cold_passes(self) -> float | None:
+        return None if self.cold is None or not self.pass_time else self.cold / self.pass_time
 
     @property
     def per_bn(self) -> float | None:
@@ -222,7 +264,8 @@ class Result:
             "model": self.model, "tool": self.tool, "example_input": self.example_input,
             "bn_before": self.bn_before, "bn_left": self.bn_left, "bn_folded": self.folded,
             "per_bn_s": self.per_bn, "cold_first_call_s": self.cold, "error": self.error,
-            "verify_ratio": self.verify_ratio,
+            "verify_ratio": self.verify_ratio, "pass_s": self.pass_time, "passes": self.passes,
+            "cold_passes": self.cold_passes,
             **({"timing": self.timing.to_json()} if self.timing is not None else {}),
         }
 
@@ -308,7 +351,12 @@ def _cold_call_child(args) -> None:
         gc.enable()
 
 
-def bench_model(spec: ModelSpec, tools: list[Tool], args, device: torch.device) -> list[Result]:
+def bench_model(spec: ModelSpec, tools: list[Tool], args, device: torch.device) -> tuple[list[Result], Any]:
+    """Every tool on ``spec``'s model, and the pass time (:func:`mul_pass`) that
+    "passes" divide by: each tool's cold first call in a fresh process, then
+    one untimed warm call each (which counts the BNs left), then the warm calls
+    of all tools and the pass timed interleaved. Returns the results and the
+    pass's :class:`Timing`."""
     try:
         model, example, pairs = _prepare(spec, args, device)
     except ImportError as exc:  # the model's package (e.g. ultralytics) is not installed
@@ -316,11 +364,11 @@ def bench_model(spec: ModelSpec, tools: list[Tool], args, device: torch.device) 
         if missing is None:
             raise
         print(f"  {spec.name:<16} {missing}", flush=True)
-        return [Result(spec.name, "-", "-", 0, error=missing)]
+        return [Result(spec.name, "-", "-", 0, error=missing)], None
     shape = "x".join(map(str, example[0].shape))
     bn_before = fusedconv.count_batchnorms(model)
 
-    results = []
+    results, runs = [], []
     for tool in tools:
         if not tool.applies_to(spec):
             continue
@@ -350,16 +398,20 @@ def bench_model(spec: ModelSpec, tools: list[Tool], args, device: torch.device) 
         if args.check:
             result.verify_ratio = fusedconv.verify(model, folded, example).ratio
         del folded
+        runs.append((result, run))
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with torch.no_grad():
-                result.timing = measure(run, repeats=args.repeats, setup=lambda: copy.deepcopy(model),
-                                        device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            *timings, pass_timing = measure_interleaved([run for _, run in runs] + [mul_pass], repeats=args.repeats,
+                                                        setup=lambda: copy.deepcopy(model), device=device)
+    for (result, _), timing in zip(runs, timings):
+        result.timing = timing
         cold_text = "" if result.cold is None else f", cold {format_ms(result.cold)} ms"
-        print(f"  {spec.name:<16} {tool.name:<20} warm median {format_ms(result.timing.median)} ms{cold_text}",
-              flush=True)
-    return results
+        print(f"  {spec.name:<16} {result.tool:<20} warm median {format_ms(timing.median)} ms "
+              f"({timing.median / pass_timing.median:.2f} passes){cold_text}", flush=True)
+    print(f"  {spec.name:<16} {'one mul_ pass':<20} warm median {format_ms(pass_timing.median)} ms", flush=True)
+    return results, pass_timing
 
 
 def _find(results: list[Result], model: str, tool: str) -> Result | None:
@@ -406,15 +458,22 @@ def print_ratios(results: list[Result]) -> list[dict]:
 
     print("\nTargets")
     for model, base, key, target in (
-        ("resnet50", "fx fuse", "time_ratio", 10.0),
-        ("yolov8n", "ultralytics fuse", "per_bn_ratio", 1.0),
+        ("resnet50", "fx fuse inplace", "time_ratio", 4.0),
+        *((model, ZOO_TOOL[spec.zoo], "time_ratio", 1.0) for model, spec in model_specs(224, 64).items() if spec.zoo),
     ):
         found = [r for r in ratios if r["model"] == model and r["baseline"] == base and key in r]
-        if not found:
-            print(f"  {model}: {base} vs fusedconv: not measured")
         for r in found:
             verdict = "OK" if r[key] >= target else "MISSED"
             print(f"  {model}: {base} / {r['fusedconv']} = {r[key]:.2f}x, target >= {target:g}x: {verdict}")
+    ours = _find(results, "resnet50", "fusedconv inplace")
+    floor = _find(results, "resnet50", "unchecked floor")
+    if ours is not None and ours.passes is not None:
+        for what, passes, target in (("warm", ours.passes, 1.5), ("cold", ours.cold_passes, 2.0)):
+            if passes is not None:
+                verdict = "OK" if passes <= target else "MISSED"
+                print(f"  resnet50: fusedconv inplace, {what}: {passes:.2f} passes, target <= {target:g}: {verdict}")
+        if floor is not None and floor.passes is not None:
+            print(f"  resnet50: the unchecked floor (no checks, float32) takes {floor.passes:.2f} passes warm")
     return ratios
 
 
@@ -458,10 +517,13 @@ def main(argv=None) -> None:
 
     results: list[Result] = []
     for name in args.models:
-        results.extend(bench_model(specs[name], tools, args, device))
+        found, pass_timing = bench_model(specs[name], tools, args, device)
+        for result in found:
+            result.pass_time = None if pass_timing is None else pass_timing.median
+        results.extend(found)
 
     headers = ["model", "tool", "example input", "BN before", "BN left", "cold ms", "warm median ms",
-               "warm min ms", "us/BN"]
+               "warm min ms", "warm passes", "cold passes", "us/BN"]
     if args.check:
         headers.append("err ratio")
     headers.append("note")
@@ -471,6 +533,7 @@ def main(argv=None) -> None:
                "-" if r.bn_left is None else str(r.bn_left),
                format_ms(r.cold), format_ms(r.timing.median if r.timing else None),
                format_ms(r.timing.min if r.timing else None),
+               "-" if r.passes is None else f"{r.passes:.2f}", "-" if r.cold_passes is None else f"{r.cold_passes:.2f}",
                "-" if r.per_bn is None else f"{r.per_bn * 1e6:.0f}"]
         if args.check:
             row.append("-" if r.verify_ratio is None else f"{r.verify_ratio:.2f}")
