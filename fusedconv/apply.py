@@ -74,7 +74,7 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
     weights = [layer.weight for layer in targets]
     with Rollback() as rollback:
         if merges:  # a converter's install may fail: every module swap before the weights are written is undone
-            rollback.keep_modules(target_modules[""].modules())
+            rollback.keep_modules({id(module): module for module in target_modules.values()}.values())
         swap_batchnorms(target_modules, prepared.bn_paths, rollback, kinds)
         set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback)
         for merge in merges:  # module swaps only, before any weight is written

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from .distributed import any_sharded
 from .layers import BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
 from .memory import sharing_memory, storage_key
 from .registry import blocks_among, entangled_blocks
+from .walking import every_path
 
 
 class ModelIndex:
@@ -32,7 +32,7 @@ class ModelIndex:
         self.paths: dict[int, list[str]] = {}
         self.by_path: dict[str, nn.Module] = {}  # every path, duplicates included
         modules: list[tuple[str, nn.Module]] = []  # first path of each module, as named_modules() gives
-        for path, m in _every_path(model):
+        for path, m in every_path(model):
             self.by_path[path] = m
             known = self.paths.get(id(m))
             if known is None:
@@ -87,19 +87,6 @@ class ModelIndex:
                 if key is not None and name not in owners[key]:
                     owners[key] += (name,)
         return owners
-
-
-def _every_path(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``model.named_modules(remove_duplicate=False)``, in the same order, without
-    a generator per level of nesting (deep models pay for those at every module)."""
-    stack = [("", model)]
-    while stack:
-        path, module = stack.pop()
-        yield path, module
-        if module._modules:
-            prefix = f"{path}." if path else ""
-            stack.extend((prefix + name, child) for name, child in reversed(module._modules.items())
-                         if child is not None)
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:

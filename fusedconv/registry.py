@@ -25,6 +25,7 @@ from torch import nn
 from .blocks.base import RepBlock
 from .errors import FoldError
 from .layers import has_running_stats, layer_kind
+from .walking import submodules
 from .reparam import (
     Reparameterization,
     check_reparameterizations,
@@ -122,7 +123,7 @@ def _why_entangled(block: nn.Module, paths: dict[int, list[str]], sharing_memory
     def outside(candidates: Iterable[str]) -> str | None:
         return next((path for path in candidates if not (path.startswith(inside) or path in own_paths)), None)
 
-    for module in block.modules():
+    for module in submodules(block):
         what = type(module).__name__
         if module is not block and (module._forward_hooks or module._forward_pre_hooks):
             return f"its {what} has forward hooks, which the merged conv would no longer run"
@@ -188,7 +189,7 @@ def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]]) -> list
                 "BatchNorms use batch statistics: call model.eval() before merging"
             )
     plans: list[Reparameterization] = []
-    batchnorms = [m for _, block, _ in found for m in block.modules() if has_running_stats(m)]
+    batchnorms = [m for _, block, _ in found for m in submodules(block) if has_running_stats(m)]
     with prefetched_bn_affines(batchnorms):
         for name, module, converter in found:
             planned = converter(module, name or type(module).__name__)

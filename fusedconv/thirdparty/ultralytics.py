@@ -41,13 +41,14 @@ from ..affine import ChannelAffine
 from ..errors import FoldError
 from ..reparam import Branch, ConvGeometry, Reparameterization, bn_affine, identity_branch
 from ..registry import register_block
+from ..walking import submodules
 
 Plans = list[Reparameterization]
 
 
 def _check_not_quantized(block: nn.Module, name: str) -> None:
     """Refuse a block carrying fake quantizers (ultralytics' QAT, matched by class name as ultralytics does)."""
-    if any(type(m).__name__ == "TensorQuantizer" for m in block.modules()):
+    if any(type(m).__name__ == "TensorQuantizer" for m in submodules(block)):
         raise FoldError(f"{name}: it is fake-quantized (QAT), and folding would move its weights out of the "
                         "quantization ranges that were trained for them")
 
