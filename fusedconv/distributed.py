@@ -24,13 +24,23 @@ Each is recognised exactly (the very class FSDP made for this original class,
 the very hook functions bound to the module's own state), so that a look-alike
 is still treated as user code. Nothing here imports FSDP: a model can hold
 FSDP's classes (or DTensors) only once FSDP (or DTensor) has been imported.
+
+FSDP2 keeps the parameters it was given at ``fully_shard`` time in parameter
+groups (``FSDPParamGroup``, one ``FSDPParam`` per parameter). A fold that gives
+a managed layer a bias adds it to the group of the layer's weight
+(:class:`NewFsdpBiases`), through FSDP2 internals that are checked before the
+fold plans on them (:func:`why_no_new_bias`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import sys
 import types
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -42,6 +52,9 @@ from .errors import FoldError
 _DTENSOR = "torch.distributed.tensor"
 _FULLY_SHARD = "torch.distributed.fsdp._fully_shard._fully_shard"
 _FSDP_STATE = "torch.distributed.fsdp._fully_shard._fsdp_state"
+_FSDP_PARAM = "torch.distributed.fsdp._fully_shard._fsdp_param"
+_FSDP_COMMON = "torch.distributed.fsdp._fully_shard._fsdp_common"
+_COMPOSABLE_STATE = "torch.distributed._composable_state"
 _CONTRACT = "torch.distributed._composable.contract"
 _PARALLEL_STYLE = "torch.distributed.tensor.parallel.style"
 # What type(name, bases, dct) puts in FSDP's generated class besides FSDP's own __deepcopy__.
@@ -165,17 +178,234 @@ def own_attributes(module: nn.Module) -> list[object]:
 
 def managed_by_fsdp(module: nn.Module) -> bool:
     """Whether FSDP2 manages the module's parameters (``fully_shard`` on it or on
-    a module above it): FSDP keeps the parameter list it was given, so the
-    module cannot gain a parameter (a new bias) that FSDP would shard."""
+    a module above it): FSDP2 gathers, casts and reduces only the parameters in
+    its groups, so a parameter the module gains must join one
+    (:class:`NewFsdpBiases`)."""
     return vars(module).get("_is_fsdp_managed_module", False) is True
 
 
-def why_no_new_bias(layer: nn.Module) -> str | None:
-    """Why a layer without a bias cannot be given one by a fold, or None."""
-    if layer.bias is None and managed_by_fsdp(layer):
-        return ("FSDP2 (fully_shard) manages its parameters and cannot take the bias that a fold gives it: build it "
-                "with bias=True, or fold before fully_shard")
+# FSDPParam's constructor as NewFsdpBiases calls it: any other signature is another
+# FSDP2, whose layers keep their BN rather than meet a call written for this one.
+_FSDP_PARAM_ARGUMENTS = ("param", "module_info", "mesh_info", "post_forward_mesh_info", "device",
+                         "shard_placement_fn", "mp_policy", "offload_policy")
+# What NewFsdpBiases reads of the parameter group of the layer's weight.
+_PARAM_GROUP_ATTRIBUTES = ("fsdp_params", "mesh_info", "post_forward_mesh_info", "device", "mp_policy",
+                           "offload_policy", "is_sharded", "_training_state")
+
+
+def _why_fsdp_internals_unknown() -> str | None:
+    """Why this torch's FSDP2 lacks an internal that finding a weight's parameter
+    group (:func:`fsdp_weight`) or adding a bias to it (:class:`NewFsdpBiases`)
+    relies on, or None. Names and the constructor's parameters are checked, so
+    that another torch version refuses the fold rather than fail in it."""
+    param_module = sys.modules.get(_FSDP_PARAM)
+    internals = {
+        "_composable_state._module_state_mapping": getattr(sys.modules.get(_COMPOSABLE_STATE),
+                                                           "_module_state_mapping", None),
+        "FSDPParam": getattr(param_module, "FSDPParam", None),
+        "ParamModuleInfo": getattr(param_module, "ParamModuleInfo", None),
+        "TrainingState.IDLE": getattr(getattr(sys.modules.get(_FSDP_COMMON), "TrainingState", None), "IDLE", None),
+    }
+    missing = [name for name, value in internals.items() if value is None]
+    if missing:
+        return f"it has no {missing[0]}"
+    if not isinstance(internals["_composable_state._module_state_mapping"], Mapping):
+        return "its _composable_state._module_state_mapping is not a mapping of modules to states"
+    return _why_classes_unknown(internals["FSDPParam"], internals["ParamModuleInfo"])
+
+
+@functools.lru_cache(maxsize=8)  # inspect.signature is slow, and every layer without a bias asks
+def _why_classes_unknown(fsdp_param: type, module_info: type) -> str | None:
+    """Why FSDPParam's constructor or ParamModuleInfo's fields are not the ones
+    :class:`NewFsdpBiases` calls, or None."""
+    arguments = tuple(inspect.signature(fsdp_param.__init__).parameters)[1:]
+    if arguments != _FSDP_PARAM_ARGUMENTS:
+        return f"its FSDPParam takes ({', '.join(arguments)}), not ({', '.join(_FSDP_PARAM_ARGUMENTS)})"
+    if not callable(getattr(fsdp_param, "init_dtype_attrs", None)):
+        return "its FSDPParam has no init_dtype_attrs"
+    if not dataclasses.is_dataclass(module_info) or \
+            [field.name for field in dataclasses.fields(module_info)][:2] != ["module", "param_name"]:
+        return "its ParamModuleInfo does not start with (module, param_name)"
     return None
+
+
+@dataclass(frozen=True)
+class FsdpWeight:
+    """Where FSDP2 holds a layer's weight: its ``FSDPParam`` and the
+    ``FSDPParamGroup`` that gathers and reduces it."""
+
+    param: object
+    group: object
+
+
+def _param_groups(state: object) -> list:
+    """An FSDP2 state's parameter groups: a list since per-parameter meshes
+    (``_fsdp_param_groups``), one group or None before (``_fsdp_param_group``)."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
+
+
+def fsdp_weight(layer: nn.Module) -> FsdpWeight | None:
+    """Where FSDP2 holds ``layer``'s weight, or None when no one parameter group
+    of a live FSDP2 state holds it. A layer does not know the module that
+    ``fully_shard`` was applied to above it, so the FSDP2 states are searched
+    (:func:`_search_fsdp_weights`), once for all layers: each layer without a
+    bias asks a few times per fold. Call only once
+    :func:`_why_fsdp_internals_unknown` has found nothing."""
+    known = _fsdp_weight_of.get(layer)
+    if known is None or not _still_holds(known, layer):
+        _search_fsdp_weights()
+        known = _fsdp_weight_of.get(layer)
+    return known
+
+
+# What the last search found: each layer whose weight one FSDP2 parameter group holds.
+_fsdp_weight_of: "weakref.WeakKeyDictionary[nn.Module, FsdpWeight]" = weakref.WeakKeyDictionary()
+
+
+def _still_holds(weight: FsdpWeight, layer: nn.Module) -> bool:
+    """Whether the group found for ``layer`` still holds its weight."""
+    info = weight.param._module_info
+    return info.module is layer and info.param_name == "weight" and \
+        any(param is weight.param for param in weight.group.fsdp_params)
+
+
+def _search_fsdp_weights() -> None:
+    """Record in ``_fsdp_weight_of`` the parameter group of every weight that one
+    group of a live FSDP2 state holds (FSDP's registry of states: one per
+    ``fully_shard`` call); a weight found in two groups has no one group."""
+    registry = sys.modules[_COMPOSABLE_STATE]._module_state_mapping
+    fsdp_state = sys.modules[_FSDP_STATE].FSDPState
+    states = {id(state): state for state in (reference() for reference in list(registry.values()))
+              if isinstance(state, fsdp_state)}
+    found: dict[int, tuple[nn.Module, list[FsdpWeight]]] = {}
+    for state in states.values():
+        for group in _param_groups(state):
+            for param in getattr(group, "fsdp_params", ()):
+                info = getattr(param, "_module_info", None)
+                layer = getattr(info, "module", None)
+                if getattr(info, "param_name", None) == "weight" and isinstance(layer, nn.Module):
+                    found.setdefault(id(layer), (layer, []))[1].append(FsdpWeight(param, group))
+    for layer, weights in found.values():
+        if len(weights) == 1:
+            _fsdp_weight_of[layer] = weights[0]
+        else:
+            _fsdp_weight_of.pop(layer, None)
+
+
+def _why_fsdp_group_cannot_take_bias(layer: nn.Module) -> str | None:
+    """Why the bias a fold gives ``layer``, which FSDP2 manages, cannot join the
+    FSDP2 parameter group of its weight, or None."""
+    unknown = _why_fsdp_internals_unknown()
+    if unknown:
+        return f"this torch's FSDP2 is not the one fusedconv adds a parameter to ({unknown})"
+    weight = fsdp_weight(layer)
+    if weight is None:
+        return "fusedconv finds its weight in no single FSDP2 parameter group, which the new bias would join"
+    group = weight.group
+    missing = [name for name in _PARAM_GROUP_ATTRIBUTES if not hasattr(group, name)]
+    if missing:
+        return f"this torch's FSDP2 parameter group has no {missing[0]}, which fusedconv reads to add the new bias"
+    sharded = getattr(weight.param, "sharded_param", None)
+    if not (is_dtensor(sharded) and sharded.device_mesh == getattr(group.mesh_info, "mesh", None)):
+        return ("its weight is not split by FSDP2 alone over its group's mesh (tensor parallelism, a mesh of its "
+                "own), where the new bias would be")
+    if not group.is_sharded and group._training_state is not sys.modules[_FSDP_COMMON].TrainingState.IDLE:
+        # Outside a forward and backward, fusedconv's reshard before folding shards the group.
+        return ("FSDP2 holds its parameters gathered in the middle of a forward or backward, when its group cannot "
+                "be resharded to take the new bias: fold outside the forward and backward")
+    return None
+
+
+def why_no_new_bias(layer: nn.Module) -> str | None:
+    """Why a fold cannot give ``layer`` a bias it lacks, or None.
+
+    A layer that FSDP2 manages gets its new bias as a parameter of the FSDP2
+    parameter group of its weight, so that FSDP2 shards, gathers, casts (mixed
+    precision), reduces (gradients) and saves it like the weight; a plain
+    tensor would be none of these. Adding it relies on FSDP2 internals
+    (``FSDPParam``, ``FSDPParamGroup``, the registry of FSDP2 states), checked
+    here by name and signature: on another torch, with no group found for the
+    weight, a weight that another parallelism splits too, or a group held
+    gathered mid-forward, the BN is left with the reason.
+    """
+    if layer.bias is not None or not managed_by_fsdp(layer):
+        return None
+    problem = _why_fsdp_group_cannot_take_bias(layer)
+    if problem:
+        return (f"FSDP2 (fully_shard) manages its parameters and the bias a fold gives it cannot join FSDP2's "
+                f"parameter group: {problem}; build it with bias=True, or fold before fully_shard")
+    return None
+
+
+def fsdp_bias_placements(weight: torch.Tensor) -> tuple:
+    """The placements FSDP2 gives a new bias in the group of ``weight`` (FSDP2's
+    sharded DTensor, placed as Shard and Replicate): FSDP2 splits a parameter
+    along dim 0 (the new bias gets no ``shard_placement_fn``) over each mesh dim
+    where it splits the weight, along whichever dim of the weight."""
+    module = sys.modules[_DTENSOR]
+    return tuple(module.Shard(0) if placement.is_shard() else module.Replicate() for placement in weight.placements)
+
+
+class NewFsdpBiases:
+    """Gives layers that FSDP2 manages new biases (:meth:`add`), each a parameter
+    of the FSDP2 parameter group of the layer's weight.
+
+    Used as a context manager around the writes: an exception takes every bias
+    added back out of its group, with the hook FSDP2 put on its layer (the
+    layer's ``bias`` attribute is the caller's to undo, :meth:`add`).
+    """
+
+    def __init__(self):
+        self._added: list[tuple[object, object, nn.Module, list]] = []  # group, FSDPParam, layer, hook keys
+
+    def add(self, layer: nn.Module, weight: FsdpWeight, channels: int) -> nn.Parameter:
+        """A new bias of ``channels`` for ``layer``, registered with ``weight.group``;
+        returns the sharded bias (a DTensor Parameter, like the weight's, whose
+        local tensor FSDP2 gathers), for the caller to write the channels this
+        rank holds and to register as ``layer.bias``.
+
+        FSDPParam takes the whole parameter, the same shape on every rank, and
+        keeps its own chunk (zero-padded as FSDP2 pads), placed as
+        :func:`fsdp_bias_placements` says; the chunk is written afterwards,
+        like any DTensor bias, so no rank needs the whole values. Its dtype
+        attributes are set as the group's lazy initialisation sets them, in
+        case it has run (it sets them again if not). Every rank adds the same
+        biases in the same order.
+        """
+        fsdp_param = sys.modules[_FSDP_PARAM]
+        group, sharded_weight = weight.group, weight.param.sharded_param
+        hooks = layer._load_state_dict_post_hooks
+        known_hooks = set(hooks)
+        whole = nn.Parameter(torch.empty(channels, dtype=sharded_weight.dtype, device=group.device),
+                             requires_grad=sharded_weight.requires_grad)
+        bias = fsdp_param.FSDPParam(whole, fsdp_param.ParamModuleInfo(layer, "bias"), group.mesh_info,
+                                    group.post_forward_mesh_info, group.device, None, group.mp_policy,
+                                    group.offload_policy)
+        group.fsdp_params.append(bias)
+        self._added.append((group, bias, layer, [key for key in hooks if key not in known_hooks]))
+        # FSDPParam registered the sharded bias on the layer itself: taken off again, so that the
+        # caller registers it and records "no bias" as what to restore should the fold fail.
+        layer._parameters["bias"] = None
+        bias.init_dtype_attrs(group.mp_policy)
+        weight_name = getattr(weight.param, "_param_fqn", None)  # set by the lazy initialisation, for messages
+        if weight_name is not None:
+            bias._param_fqn = weight_name.removesuffix("weight") + "bias"
+        return bias.sharded_param
+
+    def __enter__(self) -> "NewFsdpBiases":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is not None:
+            for group, bias, layer, hook_keys in reversed(self._added):
+                group.fsdp_params.remove(bias)
+                for key in hook_keys:
+                    layer._load_state_dict_post_hooks.pop(key, None)
+        return False
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -267,6 +497,13 @@ class Block:
 def placed_block(shape: tuple[int, ...], mesh: object, placements: tuple) -> Block:
     """The block of a tensor of ``shape`` placed on ``mesh`` as ``placements`` that
     this rank holds: torch.chunk's rule along each sharded dim, nested across mesh dims."""
+    return _placed_block(tuple(shape), mesh, tuple(placements), mesh.get_coordinate())
+
+
+# torch's computation is slow, and a model's layers share a few shapes; the rank's
+# coordinate in the mesh is part of the key, as the block depends on it.
+@functools.lru_cache(maxsize=1024)
+def _placed_block(shape: tuple[int, ...], mesh: object, placements: tuple, coordinate: tuple | None) -> Block:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     sizes, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)

@@ -11,8 +11,16 @@ as :func:`fusedconv.fuse` folds any other, each rank writing only what it holds:
   rows fall in;
 * each rank computes the channels of the bias it holds; a layer without a bias
   gets a DTensor bias on the weight's mesh, split like the weight's output
-  channels (FSDP2 cannot take a new parameter: such layers are left,
-  :func:`fusedconv.distributed.why_no_new_bias`);
+  channels. Where FSDP2 manages the layer, the new bias joins the FSDP2
+  parameter group of its weight (:class:`fusedconv.distributed.NewFsdpBiases`),
+  which splits it along dim 0 like any parameter and from then on gathers,
+  casts (mixed precision), reduces (gradients) and saves it like the weight;
+  each rank writes the chunk FSDP2 gave it (for a Conv or Linear, the channels
+  of the weight rows it holds, so a BN before the layer folds too). This relies on
+  FSDP2 internals, checked while planning: where they differ, or the group
+  cannot take the bias, the BN is left with the reason
+  (:func:`fusedconv.distributed.why_no_new_bias`). An optimizer made before
+  the fold does not hold the new biases: make it after;
 * BatchNorm statistics are small: DTensor ones are gathered whole
   (``full_tensor``), so that every rank computes the same float64 affine maps.
 
@@ -44,11 +52,16 @@ from . import kernels
 from .affine import BatchNormStats, ChannelAffine
 from .distributed import (
     Block,
+    FsdpWeight,
+    NewFsdpBiases,
     dtensor_class,
+    fsdp_bias_placements,
     fsdp_modules,
+    fsdp_weight,
     is_dtensor,
     local_block,
     local_tensor,
+    managed_by_fsdp,
     placed_block,
     why_input_sum_not_local,
     why_no_new_bias,
@@ -133,6 +146,7 @@ class _Layout:
     weight: Block  # the block of the weight this rank holds
     bias: Block  # the block of the bias (of the new bias, for a layer without one)
     new_bias_placements: tuple | None  # the new DTensor bias's placements; None: a bias exists, or a plain one
+    fsdp_weight: FsdpWeight | None  # for a new bias that joins the FSDP2 group of the weight
 
     def digest(self) -> tuple:
         weight, bias = self.layer.weight, self.layer.bias
@@ -158,15 +172,19 @@ def _layout(index: ModelIndex, fold: Fold) -> _Layout:
     if problem:
         raise FoldError(f"{name}: {problem}")
     weight_block = local_block(weight, f"{name}.weight")
-    placements = None
+    placements, weight_in_fsdp = None, None
     if bias is not None:
         bias_block = local_block(bias, f"{name}.bias")
+    elif managed_by_fsdp(layer):  # why_no_new_bias found its weight's group, sharded after fuse_sharded's reshard
+        weight_in_fsdp = fsdp_weight(layer)
+        placements = fsdp_bias_placements(weight)
+        bias_block = placed_block((layer_out_channels(layer),), weight.device_mesh, placements)
     elif is_dtensor(weight):
         placements = _new_bias_placements(weight, kind, layer_groups(layer))
         bias_block = placed_block((layer_out_channels(layer),), weight.device_mesh, placements)
     else:
         bias_block = Block((0,), (layer_out_channels(layer),))
-    return _Layout(name, layer, kind, weight_block, bias_block, placements)
+    return _Layout(name, layer, kind, weight_block, bias_block, placements, weight_in_fsdp)
 
 
 def _planned(model: nn.Module, plan: FusionPlan | None,
@@ -326,10 +344,14 @@ def _checked(index: ModelIndex, plan: FusionPlan, layouts: list[_Layout], whole:
     return _Checked(folds, weights, smallest), _affines_digest(affines)
 
 
-def _new_bias(layouts: dict[int, _Layout], layer: nn.Module, values: torch.Tensor) -> nn.Parameter:
+def _new_bias(layouts: dict[int, _Layout], layer: nn.Module, values: torch.Tensor,
+              fsdp_biases: NewFsdpBiases) -> nn.Parameter:
     """A new bias for ``layer``, whose local part will hold ``values``: a DTensor on
-    the weight's mesh when the weight is one."""
+    the weight's mesh when the weight is one, in the FSDP2 parameter group of the
+    weight when FSDP2 manages the layer."""
     layout = layouts[id(layer)]
+    if layout.fsdp_weight is not None:
+        return fsdp_biases.add(layer, layout.fsdp_weight, layer_out_channels(layer))
     if layout.new_bias_placements is None:
         return new_bias_parameter(layer, values)
     local = torch.empty_like(values, memory_format=torch.contiguous_format)
@@ -341,14 +363,15 @@ def _new_bias(layouts: dict[int, _Layout], layer: nn.Module, values: torch.Tenso
 def _write(index: ModelIndex, plan: FusionPlan, layouts: list[_Layout], checked: _Checked, *,
            backend: str | None, flush_subnormals: bool) -> tuple[None, None]:
     """Swap the BNs out, store the bias channels and scale the weight blocks this
-    rank holds (one batched call); a failure undoes what was written before it."""
+    rank holds (one batched call); a failure undoes what was written before it,
+    new biases added to FSDP2's groups included."""
     bn_paths = {name: index.paths[id(module_at(index.by_path, name))]
                 for fold in plan.folds for name in fold.batchnorms}
     by_layer = {id(layout.layer): layout for layout in layouts}
-    with Rollback() as rollback:
+    with Rollback() as rollback, NewFsdpBiases() as fsdp_biases:
         swap_batchnorms(index.by_path, bn_paths, rollback)
         set_biases([layout.layer for layout in layouts], [fold.bias for fold in checked.folds], rollback,
-                   new_bias=lambda layer, values: _new_bias(by_layer, layer, values))
+                   new_bias=lambda layer, values: _new_bias(by_layer, layer, values, fsdp_biases))
         rescale_weights(checked.weights, checked.folds, backend)
     subnormal_weights(checked.weights, checked.folds, [layout.name for layout in layouts], flush=flush_subnormals,
                       smallest=checked.smallest_factors)

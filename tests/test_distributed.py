@@ -283,13 +283,13 @@ def case_fsdp_root_only(rank: int, device: str = "cpu") -> None:
 def case_fsdp_per_layer(rank: int) -> None:
     """fully_shard on every layer, then on the root, folded before the first
     forward (FSDP's lazy initialisation then meets the folded model). A layer
-    without a bias is left with FSDP2's reason (FSDP keeps the parameters it was
-    given), so is a BN that fully_shard was applied to, and a user hook on a
-    sharded layer is still a hook."""
+    without a bias gets one in its FSDP2 group; a BN that fully_shard was
+    applied to is left with the reason, and a user hook on a sharded layer is
+    still a hook."""
     from torch.distributed.fsdp import fully_shard
 
     model = _net(bias=True)
-    model[0] = nn.Conv2d(3, 5, 3, bias=False)  # FSDP2 cannot give it a bias
+    model[0] = nn.Conv2d(3, 5, 3, bias=False)  # its new bias joins the FSDP2 group of model[0]
     model[11].register_forward_hook(lambda module, args, output: output)  # a user's hook
     unsharded = copy.deepcopy(model)
     mesh = _mesh()
@@ -300,15 +300,216 @@ def case_fsdp_per_layer(rank: int) -> None:
     with torch.no_grad():
         before = unsharded(x)
     plan = fusedconv.plan(model)
-    assert _folds(plan) == {"3": ("4",), "9": ("8",)}
+    assert _folds(plan) == {"0": ("1",), "3": ("4",), "9": ("8",)}
     reasons = {skip.module: skip.reason for skip in plan.skipped}
-    assert "FSDP2 (fully_shard) manages its parameters" in reasons["1"]
     assert "fully_shard was applied to it" in reasons["6"]
     assert "forward hooks" in reasons["12"]
     assert fusedconv.fuse(model, inplace=True) is model
     with torch.no_grad():
         _assert_close(model(x), before)
     _assert_folded_like_unsharded(model, unsharded, plan)
+
+
+def _fully_shard(model: nn.Module, layers: tuple[str, ...], **options) -> nn.Module:
+    """fully_shard on each of ``layers``, then on the root (``options`` for every call)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _mesh()
+    for name in layers:
+        fully_shard(model.get_submodule(name), mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)
+    return model
+
+
+# fully_shard on the root only, FSDP2's lazy initialisation run before the fold (by a
+# forward where one can run, after which the root holds its parameters gathered), or on
+# each layer to fold and then on the root, folded before the lazy initialisation (the
+# first forward's, which then meets the new biases).
+FSDP_LAYOUTS = {"root": (), "layers": tuple(NET_FOLDS)}
+
+
+def _fsdp_groups(model: nn.Module) -> list:
+    """The FSDP2 parameter groups of ``model``'s fully_shard modules."""
+    return [group for module in fusedconv.distributed.fsdp_modules(model)
+            for group in module._get_fsdp_state()._fsdp_param_groups]
+
+
+def _assert_no_batchnorm(model: nn.Module) -> None:
+    left = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert not left, f"BatchNorms left: {left}"
+
+
+def case_fsdp_new_biases(rank: int, layout: str) -> None:
+    """Layers without a bias under FSDP2 (every kind of fold of _net, a BN before
+    a 1x1 conv included; 5, 3 and 7 output channels, which FSDP pads over two
+    ranks): each new bias joins its weight's FSDP2 group, split along dim 0 as
+    FSDP2 splits any parameter; FSDP2's full state dict equals the unsharded
+    fold's bit for bit, and in float64 the output changes by rounding only."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor, Shard
+
+    unsharded = _net(bias=False).double()
+    model = _fully_shard(copy.deepcopy(unsharded), FSDP_LAYOUTS[layout])
+    x = _input().double()
+    with torch.no_grad():
+        before = unsharded(x)
+        if layout == "root":
+            model(x)
+    plan = fusedconv.plan(model)
+    assert _folds(plan) == NET_FOLDS
+    fusedconv.fuse(model, inplace=True)
+    _assert_no_batchnorm(model)
+    for name in NET_FOLDS:
+        bias = model.get_submodule(name).bias
+        assert isinstance(bias, DTensor) and bias.placements == (Shard(0),)
+        assert any(param.sharded_param is bias for group in _fsdp_groups(model) for param in group.fsdp_params)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    reference = fusedconv.fuse(unsharded, plan=plan).state_dict()
+    assert state.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(state[name], tensor), f"{name} differs from the unsharded fold"
+    with torch.no_grad():
+        after = model(x)
+        model.load_state_dict(model.state_dict())  # FSDP2's post-load hook on each new bias
+        assert torch.equal(model(x), after)
+    error = float((after - before).norm() / before.norm())
+    assert error < 1e-12, f"the fold changed the float64 output: relative difference {error:.3g}"
+
+
+def case_fsdp_new_biases_mixed_precision(rank: int, layout: str) -> None:
+    """A bfloat16 mixed-precision policy: FSDP2 casts the new biases with the
+    weights (a bias outside its groups stayed float32, and the forward failed),
+    so the folded model runs, and as the unsharded fold cast to bfloat16 does.
+    With the root only, FSDP2's lazy initialisation (which sets its parameters'
+    dtypes) runs before the fold; a forward cannot run it here, as the unfolded
+    BNs' float32 running statistics meet bfloat16 inputs."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    unsharded = _net(bias=False)
+    model = _fully_shard(copy.deepcopy(unsharded), FSDP_LAYOUTS[layout],
+                         mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    x = _input()
+    if layout == "root":
+        model._get_fsdp_state()._lazy_init()
+    plan = fusedconv.plan(model)
+    fusedconv.fuse(model, inplace=True)
+    _assert_no_batchnorm(model)
+    _assert_folded_like_unsharded(model, unsharded, plan)  # the float32 shards, before a forward gathers them
+    with torch.no_grad():
+        got = model(x)
+        want = fusedconv.fuse(unsharded, plan=plan).to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2 * float(want.abs().max()))
+
+
+def case_fsdp_training_after_fold(rank: int) -> None:
+    """One SGD step on the folded model (float64, fully_shard per layer and on the
+    root), each rank on its half of a batch: FSDP2 reduces every gradient, the
+    new biases' included, to the mean of the ranks' (a bias outside its groups
+    kept each rank's own, and the ranks drifted apart), which the unsharded
+    fold's gradients on the two halves match; after the step each new bias is
+    the same on every rank, and moved."""
+    unsharded = _net(bias=False).double()
+    model = _fully_shard(copy.deepcopy(unsharded), FSDP_LAYOUTS["layers"])
+    plan = fusedconv.plan(model)
+    fusedconv.fuse(model, inplace=True)
+    reference = fusedconv.fuse(unsharded, plan=plan)
+    halves = torch.randn(2 * WORLD, 3, 8, 8, generator=torch.Generator().manual_seed(11),
+                         dtype=torch.float64).chunk(WORLD)
+
+    def loss(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return net(x).square().mean()
+
+    loss(model, halves[rank]).backward()
+    (sum(loss(reference, half) for half in halves) / WORLD).backward()  # FSDP2 averages over the ranks
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad.full_tensor(), reference.get_parameter(name).grad,
+                                   rtol=1e-10, atol=1e-13, msg=f"{name}'s gradient is not the ranks' mean")
+    new_biases = [f"{name}.bias" for name in NET_FOLDS]
+    before = {name: model.get_parameter(name).full_tensor() for name in new_biases}
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    for name in new_biases:
+        after = model.get_parameter(name).full_tensor()
+        on_every_rank: list = [None] * WORLD
+        dist.all_gather_object(on_every_rank, after)
+        assert all(torch.equal(other, after) for other in on_every_rank), f"{name} differs across ranks"
+        assert not torch.equal(after, before[name]), f"{name} did not move"
+        torch.testing.assert_close(after, reference.get_parameter(name), rtol=1e-10, atol=1e-13)
+
+
+def case_fsdp_new_bias_refused_or_undone(rank: int) -> None:
+    """Where the new bias cannot join FSDP2's group, the BN is left with the
+    reason: on a torch whose FSDPParam takes other arguments, and for a group
+    held gathered in the middle of a forward (set here by hand: fusedconv's
+    reshard cannot shard it then). A write that fails after the biases were
+    added takes them out of FSDP2's groups again, so a later fold starts clean."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_common, _fsdp_param
+
+    def build() -> nn.Module:
+        return _fully_shard(_net(bias=False), ("3", "5", "9", "11"))  # conv 0 in the root's group
+
+    model, x = build(), _input()
+    snapshot = _snapshot(model)
+    original = _fsdp_param.FSDPParam
+
+    class OtherFSDPParam(original):
+        def __init__(self, param, module_info, mesh_info, device, mp_policy):
+            raise AssertionError("fusedconv called an FSDPParam it does not know")
+
+    _fsdp_param.FSDPParam = OtherFSDPParam
+    try:
+        plan = fusedconv.plan(model)
+        assert _folds(plan) == {}
+        reason = {skip.module: skip.reason for skip in plan.skipped}["1"]
+        assert "this torch's FSDP2 is not the one fusedconv adds a parameter to (its FSDPParam takes " \
+               "(param, module_info, mesh_info, device, mp_policy)" in reason
+        fusedconv.fuse(model, inplace=True)
+        _assert_unchanged(model, snapshot)
+    finally:
+        _fsdp_param.FSDPParam = original
+
+    with torch.no_grad():
+        before = model(x)  # the root keeps its parameters gathered after it
+    root_group = model._get_fsdp_state()._fsdp_param_groups[0]
+    root_group._training_state = _fsdp_common.TrainingState.FORWARD
+    try:
+        plan = fusedconv.plan(model)
+        assert "in the middle of a forward or backward" in {skip.module: skip.reason for skip in plan.skipped}["1"]
+        assert _folds(plan) == {name: bns for name, bns in NET_FOLDS.items() if name != "0"}
+        fusedconv.fuse(model, inplace=True)
+    finally:
+        root_group._training_state = _fsdp_common.TrainingState.IDLE
+    assert model[0].bias is None and isinstance(model[1], nn.BatchNorm2d)
+    with torch.no_grad():
+        _assert_close(model(x), before)
+
+    model = build()
+    snapshot = _snapshot(model)
+    groups = _fsdp_groups(model)
+    counts = [len(group.fsdp_params) for group in groups]
+    hooks = [dict(m._load_state_dict_post_hooks) for m in model.modules()]
+    rescale = fusedconv.sharded.rescale_weights
+
+    def failing_rescale(*args, **kwargs):
+        raise RuntimeError("a write failed after the new biases were added")
+
+    fusedconv.sharded.rescale_weights = failing_rescale
+    try:
+        with pytest.raises(RuntimeError, match="a write failed after the new biases were added"):
+            fusedconv.fuse(model, inplace=True)
+    finally:
+        fusedconv.sharded.rescale_weights = rescale
+    assert [len(group.fsdp_params) for group in groups] == counts
+    assert [dict(m._load_state_dict_post_hooks) for m in model.modules()] == hooks
+    _assert_unchanged(model, snapshot)
+    with torch.no_grad():
+        model.load_state_dict(model.state_dict())
+        assert torch.equal(model(x), before)
+    plan = fusedconv.plan(model)
+    fusedconv.fuse(model, inplace=True)
+    _assert_no_batchnorm(model)
+    _assert_folded_like_unsharded(model, _net(bias=False), plan)
 
 
 class ConvBN(nn.Module):
@@ -591,6 +792,24 @@ def test_fsdp_root_only(ranks):
 
 def test_fsdp_per_layer(ranks):
     ranks.run(case_fsdp_per_layer)
+
+
+@pytest.mark.parametrize("layout", FSDP_LAYOUTS)
+def test_fsdp_new_biases(ranks, layout):
+    ranks.run(case_fsdp_new_biases, layout)
+
+
+@pytest.mark.parametrize("layout", FSDP_LAYOUTS)
+def test_fsdp_new_biases_mixed_precision(ranks, layout):
+    ranks.run(case_fsdp_new_biases_mixed_precision, layout)
+
+
+def test_fsdp_training_after_fold(ranks):
+    ranks.run(case_fsdp_training_after_fold)
+
+
+def test_fsdp_new_bias_refused_or_undone(ranks):
+    ranks.run(case_fsdp_new_bias_refused_or_undone)
 
 
 def test_fsdp_blocks_of_the_models_own_class(ranks):
