@@ -190,7 +190,7 @@ _FSDP_PARAM_ARGUMENTS = ("param", "module_info", "mesh_info", "post_forward_mesh
                          "shard_placement_fn", "mp_policy", "offload_policy")
 # What NewFsdpBiases reads of the parameter group of the layer's weight.
 _PARAM_GROUP_ATTRIBUTES = ("fsdp_params", "mesh_info", "post_forward_mesh_info", "device", "mp_policy",
-                           "offload_policy", "is_sharded", "_training_state")
+                           "offload_policy")
 
 
 def _why_fsdp_internals_unknown() -> str | None:
@@ -313,11 +313,29 @@ def _why_fsdp_group_cannot_take_bias(layer: nn.Module) -> str | None:
     if not (is_dtensor(sharded) and sharded.device_mesh == getattr(group.mesh_info, "mesh", None)):
         return ("its weight is not split by FSDP2 alone over its group's mesh (tensor parallelism, a mesh of its "
                 "own), where the new bias would be")
-    if not group.is_sharded and group._training_state is not sys.modules[_FSDP_COMMON].TrainingState.IDLE:
-        # Outside a forward and backward, fusedconv's reshard before folding shards the group.
-        return ("FSDP2 holds its parameters gathered in the middle of a forward or backward, when its group cannot "
-                "be resharded to take the new bias: fold outside the forward and backward")
     return None
+
+
+def why_fsdp_holds_gathered(layer: nn.Module) -> str | None:
+    """Why FSDP2 may still hold ``layer``'s parameters gathered when a fold writes
+    them, or None.
+
+    A fold writes FSDP2's sharded parameters (DTensors): :func:`fusedconv.fuse`
+    reshards FSDP2's modules first, and the gathered copies a forward leaves
+    are dropped at the next reshard. In the middle of a forward or backward a
+    group cannot be resharded, and a fold would write copies about to be
+    dropped while the BNs are gone for good. A layer whose weight is not a
+    DTensor is therefore folded only when its FSDP2 group is idle (gathered
+    after a forward: the reshard shards it)."""
+    if not managed_by_fsdp(layer) or is_dtensor(layer.weight):
+        return None
+    weight = fsdp_weight(layer) if _why_fsdp_internals_unknown() is None else None
+    if weight is not None and getattr(weight.group, "_training_state", None) is \
+            sys.modules[_FSDP_COMMON].TrainingState.IDLE:
+        return None
+    return ("FSDP2 holds its parameters gathered, in the middle of a forward or backward (or fusedconv cannot tell "
+            "whether it is), where its FSDP2 group cannot be resharded before the fold writes it: fold outside "
+            "the forward and backward")
 
 
 def why_no_new_bias(layer: nn.Module) -> str | None:

@@ -440,9 +440,9 @@ def case_fsdp_training_after_fold(rank: int) -> None:
 
 def case_fsdp_new_bias_refused_or_undone(rank: int) -> None:
     """Where the new bias cannot join FSDP2's group, the BN is left with the
-    reason: on a torch whose FSDPParam takes other arguments, and for a group
-    held gathered in the middle of a forward (set here by hand: fusedconv's
-    reshard cannot shard it then). A write that fails after the biases were
+    reason: on a torch whose FSDPParam takes other arguments. A layer whose
+    group is held gathered in the middle of a forward (set here by hand:
+    fusedconv's reshard cannot shard it then) keeps its BN, bias or not. A write that fails after the biases were
     added takes them out of FSDP2's groups again, so a later fold starts clean."""
     from torch.distributed.fsdp._fully_shard import _fsdp_common, _fsdp_param
 
@@ -470,19 +470,27 @@ def case_fsdp_new_bias_refused_or_undone(rank: int) -> None:
         _fsdp_param.FSDPParam = original
 
     with torch.no_grad():
-        before = model(x)  # the root keeps its parameters gathered after it
-    root_group = model._get_fsdp_state()._fsdp_param_groups[0]
-    root_group._training_state = _fsdp_common.TrainingState.FORWARD
-    try:
-        plan = fusedconv.plan(model)
-        assert "in the middle of a forward or backward" in {skip.module: skip.reason for skip in plan.skipped}["1"]
-        assert _folds(plan) == {name: bns for name, bns in NET_FOLDS.items() if name != "0"}
-        fusedconv.fuse(model, inplace=True)
-    finally:
-        root_group._training_state = _fsdp_common.TrainingState.IDLE
-    assert model[0].bias is None and isinstance(model[1], nn.BatchNorm2d)
-    with torch.no_grad():
-        _assert_close(model(x), before)
+        before = model(x)
+    # Mid-forward, with or without a bias: the gathered copies would be written, then dropped.
+    for mid_forward in (model, _fully_shard(_net(bias=True), ("3", "5", "9", "11"))):
+        with torch.no_grad():
+            unfolded = mid_forward(x)  # the root keeps its parameters gathered after it
+        first_bias = None if mid_forward[0].bias is None else _whole(mid_forward[0].bias).clone()
+        root_group = mid_forward._get_fsdp_state()._fsdp_param_groups[0]
+        root_group._training_state = _fsdp_common.TrainingState.FORWARD
+        try:
+            plan = fusedconv.plan(mid_forward)
+            assert "in the middle of a forward or backward" in \
+                {skip.module: skip.reason for skip in plan.skipped}["1"]
+            assert _folds(plan) == {name: bns for name, bns in NET_FOLDS.items() if name != "0"}
+            fusedconv.fuse(mid_forward, inplace=True)
+        finally:
+            root_group._training_state = _fsdp_common.TrainingState.IDLE
+        assert isinstance(mid_forward[1], nn.BatchNorm2d)
+        assert mid_forward[0].bias is None if first_bias is None else torch.equal(_whole(mid_forward[0].bias),
+                                                                                   first_bias)
+        with torch.no_grad():
+            _assert_close(mid_forward(x), unfolded)
 
     model = build()
     snapshot = _snapshot(model)
