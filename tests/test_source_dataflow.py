@@ -630,3 +630,66 @@ def test_timm_resnet50_is_read_through_checkpoint_seq(monkeypatch):
     trace_only(monkeypatch)
     traced = fusedconv.plan(model)
     assert traced.source == "torch.fx" and traced.folds == plan.folds
+
+
+# --------------------------------------------------------------------------- functional batch norms, cheaply
+
+_PLAIN_SOURCE = '''
+from torch import nn
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.linear(x)
+'''
+
+_FUNCTIONAL_SOURCE = '''
+import torch
+import torch.nn.functional as F
+
+
+def forward(self, x):
+    return F.batch_norm(self.linear(x), self.mean, self.var)
+'''
+
+
+def _module_from(path, source: str):
+    import importlib.util
+
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)  # not put in sys.modules: nothing to restore
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_functional_batch_norms_found_without_reading_classes_that_cannot_spell_them(tmp_path, monkeypatch):
+    """A model whose BNs all sit in blocks has its other classes scanned for
+    functional batch norms; a class whose methods come from files that never
+    contain the word is not read (most of a first fold's time), and a method
+    replaced by one from a file that does is read again and reported."""
+    from fusedconv.dataflow import source
+
+    head_class = _module_from(tmp_path / "plain_head.py", _PLAIN_SOURCE).Head
+    functional_forward = _module_from(tmp_path / "functional_forward.py", _FUNCTIONAL_SOURCE).forward
+    model = nn.Sequential(fusedconv.blocks.RepVGGBlock(3, 4, 3, padding=1), nn.Flatten(1), nn.Linear(16, 4),
+                          head_class())
+    model[3].register_buffer("mean", torch.randn(2))
+    model[3].register_buffer("var", torch.rand(2) + 0.5)
+    read = []
+    real_read_class = source.read_class
+    monkeypatch.setattr(source, "read_class", lambda cls: read.append(cls) or real_read_class(cls))
+    model = randomize_batchnorm_stats(model, torch.Generator().manual_seed(0)).eval()
+
+    plan = fusedconv.plan(model)
+    assert head_class not in read and plan.merges == ["0"] and plan.skipped == []
+    monkeypatch.setattr(head_class, "forward", functional_forward)
+    plan = fusedconv.plan(model)
+    assert head_class in read
+    assert [skip.reason.split(":")[0] for skip in plan.skipped] == ["a batch norm computed by a function call, not "
+                                                                     "a module"]
+    assert "F.batch_norm" in plan.skipped[0].module

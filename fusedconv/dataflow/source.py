@@ -34,6 +34,7 @@ import ast
 import collections
 import functools
 import inspect
+import linecache
 import sys
 import textwrap
 import types
@@ -632,5 +633,44 @@ def functional_batchnorm_calls(modules: Iterable[tuple[str, nn.Module]]) -> list
         if cls in read or cls.__module__.startswith("torch.nn.modules."):
             continue
         read.add(cls)
-        found.extend(f"{where}: {call}" for call in read_class(cls).functional_batchnorms)
+        if _may_spell_batch_norm(cls):
+            found.extend(f"{where}: {call}" for call in read_class(cls).functional_batchnorms)
     return found
+
+
+def _may_spell_batch_norm(cls: type) -> bool:
+    """Whether a method of ``cls`` may contain a call that the reading reports as
+    a functional batch norm: one spelled with ``batch_norm`` (as
+    :meth:`_Reader.read_uses` looks for them). The reading reads functions of
+    the classes of its MRO, so a class none of whose functions was written in
+    a file containing the word has none, and need not be read: reading every
+    class of a model is most of a first fold's time when all its BNs sit in
+    blocks. Only functions have code to read (a module or builtin held by the
+    class is called from a method, where the spelling would be). Looked up
+    afresh each time: a method may be replaced, a file edited."""
+    files = set()
+    for klass in cls.__mro__:
+        if klass is object or klass is nn.Module:
+            continue
+        for value in vars(klass).values():
+            if isinstance(value, property):
+                value = value.fget
+            function = getattr(value, "__func__", value)  # staticmethod, classmethod
+            if isinstance(function, types.FunctionType):
+                # The reading reads a wrapper's original (inspect.getsource unwraps).
+                files.update(candidate.__code__.co_filename for candidate in (function, inspect.unwrap(function))
+                             if hasattr(candidate, "__code__"))
+    return any(_file_spells_batch_norm(path) for path in files)
+
+
+# Each source file's lines as linecache last gave them, and whether they contain "batch_norm".
+_FILES_SPELLING: dict[str, tuple[list[str], bool]] = {}
+
+
+def _file_spells_batch_norm(path: str) -> bool:
+    linecache.checkcache(path)  # as inspect does before it reads a source: an edited file is read again
+    lines = linecache.getlines(path)
+    known = _FILES_SPELLING.get(path)
+    if known is None or known[0] is not lines:
+        known = _FILES_SPELLING[path] = (lines, not lines or any("batch_norm" in line for line in lines))
+    return known[1]
