@@ -63,6 +63,7 @@ from .distributed import (
     local_tensor,
     managed_by_fsdp,
     placed_block,
+    why_fsdp_holds_gathered,
     why_input_sum_not_local,
     why_no_new_bias,
 )
@@ -165,10 +166,12 @@ def _new_bias_placements(weight: torch.Tensor, kind: LayerKind, groups: int) -> 
 
 
 def _layout(index: ModelIndex, fold: Fold) -> _Layout:
-    """The layer's layout, after checking that this rank can fold its part of it."""
+    """The layer's layout, after checking that this rank can fold its part of it
+    now (the plan may have been made elsewhere, or before a forward began)."""
     name, layer = fold.layer, module_at(index.by_path, fold.layer)
     kind, weight, bias = layer_kind(layer), layer.weight, layer.bias
-    problem = why_no_new_bias(layer) or (why_input_sum_not_local(layer) if fold.before else None)
+    problem = why_fsdp_holds_gathered(layer) or why_no_new_bias(layer) or \
+        (why_input_sum_not_local(layer) if fold.before else None)
     if problem:
         raise FoldError(f"{name}: {problem}")
     weight_block = local_block(weight, f"{name}.weight")

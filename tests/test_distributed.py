@@ -476,9 +476,13 @@ def case_fsdp_new_bias_refused_or_undone(rank: int) -> None:
         with torch.no_grad():
             unfolded = mid_forward(x)  # the root keeps its parameters gathered after it
         first_bias = None if mid_forward[0].bias is None else _whole(mid_forward[0].bias).clone()
+        idle_plan = fusedconv.plan(mid_forward)  # made while the root's group is idle: it folds layer 0
+        assert _folds(idle_plan) == NET_FOLDS
         root_group = mid_forward._get_fsdp_state()._fsdp_param_groups[0]
         root_group._training_state = _fsdp_common.TrainingState.FORWARD
         try:
+            with pytest.raises(fusedconv.FoldError, match="0: FSDP2 holds its parameters gathered, in the middle"):
+                fusedconv.fuse(mid_forward, plan=idle_plan, inplace=True)
             plan = fusedconv.plan(mid_forward)
             assert "in the middle of a forward or backward" in \
                 {skip.module: skip.reason for skip in plan.skipped}["1"]
