@@ -456,12 +456,17 @@ def print_ratios(results: list[Result]) -> list[dict]:
                 print(f"  {model:<16} ultralytics fuse / {ours}, per BN: {ratio:.2f}x "
                       f"({b.per_bn * 1e6:.0f} vs {o.per_bn * 1e6:.0f} us per BN)")
 
+    # This release's targets: never below 4x torch.fx in place on resnet50, within 1.5
+    # passes warm and 2 cold there, and no slower than each zoo's own merge.
     print("\nTargets")
+    zoo_models = {name: ZOO_TOOL[spec.zoo] for name, spec in model_specs(224, 64).items() if spec.zoo}
     for model, base, key, target in (
         ("resnet50", "fx fuse inplace", "time_ratio", 4.0),
-        *((model, ZOO_TOOL[spec.zoo], "time_ratio", 1.0) for model, spec in model_specs(224, 64).items() if spec.zoo),
+        *((model, zoo_tool, "time_ratio", 1.0) for model, zoo_tool in zoo_models.items()),
     ):
         found = [r for r in ratios if r["model"] == model and r["baseline"] == base and key in r]
+        if not found and any(r.model == model for r in results):
+            print(f"  {model}: {base} / fusedconv inplace: not measured")
         for r in found:
             verdict = "OK" if r[key] >= target else "MISSED"
             print(f"  {model}: {base} / {r['fusedconv']} = {r[key]:.2f}x, target >= {target:g}x: {verdict}")

@@ -19,6 +19,7 @@ from .model_index import ModelIndex
 from .registry import converter_for, plan_blocks, plan_found_blocks
 from .reparam import apply_reparameterizations, write_merged_weights
 from .rules import checked_affines, module_at
+from .walking import submodules
 from .writing import Rollback, check_folded_range, check_writable, subnormal_weights, swap_batchnorms
 
 
@@ -74,7 +75,7 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
     weights = [layer.weight for layer in targets]
     with Rollback() as rollback:
         if merges:  # a converter's install may fail: every module swap before the weights are written is undone
-            rollback.keep_modules({id(module): module for module in target_modules.values()}.values())
+            rollback.keep_modules(submodules(target_modules[""]))  # walked now: a run may have added modules
         swap_batchnorms(target_modules, prepared.bn_paths, rollback, kinds)
         set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback)
         for merge in merges:  # module swaps only, before any weight is written
@@ -109,14 +110,15 @@ def _fold_structure(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Mo
     target = model if inplace else copy.deepcopy(model)
     target_modules = modules if inplace else dict(target.named_modules(remove_duplicate=False))
     paths = _paths_by_module(target_modules)
-    for fold in plan.folds:
-        layer = module_at(target_modules, fold.layer)
-        if layer.bias is None:
-            layer.bias = nn.Parameter(torch.empty(layer_out_channels(layer), device="meta", dtype=layer.weight.dtype),
-                                      requires_grad=layer.weight.requires_grad)
-    # Nothing here can fail halfway, so the swaps' record is not needed.
-    swap_batchnorms(target_modules, {name: paths[id(module_at(target_modules, name))] for fold in plan.folds
-                                     for name in fold.batchnorms}, Rollback())
+    with Rollback() as rollback:  # a plan that does not fit the model raises halfway
+        for fold in plan.folds:
+            layer = module_at(target_modules, fold.layer)
+            if layer.bias is None:
+                rollback.setattr(layer, "bias", nn.Parameter(
+                    torch.empty(layer_out_channels(layer), device="meta", dtype=layer.weight.dtype),
+                    requires_grad=layer.weight.requires_grad))
+        swap_batchnorms(target_modules, {name: paths[id(module_at(target_modules, name))] for fold in plan.folds
+                                         for name in fold.batchnorms}, rollback)
     for name, block in merged.items():
         for path in paths[id(target_modules[name])]:
             parent, _, attr = path.rpartition(".")

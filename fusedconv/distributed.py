@@ -250,27 +250,35 @@ def _param_groups(state: object) -> list:
 
 def fsdp_weight(layer: nn.Module) -> FsdpWeight | None:
     """Where FSDP2 holds ``layer``'s weight, or None when no one parameter group
-    of a live FSDP2 state holds it. A layer does not know the module that
-    ``fully_shard`` was applied to above it, so the FSDP2 states are searched
-    (:func:`_search_fsdp_weights`), once for all layers: each layer without a
-    bias asks a few times per fold. Call only once
-    :func:`_why_fsdp_internals_unknown` has found nothing."""
-    known = _fsdp_weight_of.get(layer)
-    if known is None or not _still_holds(known, layer):
+    of a live FSDP2 state holds it (an ``ignored_params`` weight, say). A layer
+    does not know the module that ``fully_shard`` was applied to above it, so
+    the FSDP2 states are searched (:func:`_search_fsdp_weights`), once for all
+    the layers they hold: each layer without a bias asks a few times per fold.
+    Call only once :func:`_why_fsdp_internals_unknown` has found nothing."""
+    found = _held_weight(layer)
+    if found is None:
         _search_fsdp_weights()
-        known = _fsdp_weight_of.get(layer)
-    return known
+        found = _held_weight(layer)
+    return found
 
 
-# What the last search found: each layer whose weight one FSDP2 parameter group holds.
-_fsdp_weight_of: "weakref.WeakKeyDictionary[nn.Module, FsdpWeight]" = weakref.WeakKeyDictionary()
+# What the last search found: for each layer whose weight one FSDP2 parameter group
+# holds, that FSDPParam and group, weakly (the cache must not keep a model alive).
+_fsdp_weight_of: "weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, weakref.ref]]" = \
+    weakref.WeakKeyDictionary()
 
 
-def _still_holds(weight: FsdpWeight, layer: nn.Module) -> bool:
-    """Whether the group found for ``layer`` still holds its weight."""
-    info = weight.param._module_info
-    return info.module is layer and info.param_name == "weight" and \
-        any(param is weight.param for param in weight.group.fsdp_params)
+def _held_weight(layer: nn.Module) -> FsdpWeight | None:
+    """The last search's answer for ``layer``, if its FSDPParam and group are alive
+    and the FSDPParam is still the one of ``layer``'s weight."""
+    references = _fsdp_weight_of.get(layer)
+    if references is None:
+        return None
+    param, group = references[0](), references[1]()
+    if param is None or group is None:
+        return None
+    info = param._module_info
+    return FsdpWeight(param, group) if info.module is layer and info.param_name == "weight" else None
 
 
 def _search_fsdp_weights() -> None:
@@ -281,17 +289,17 @@ def _search_fsdp_weights() -> None:
     fsdp_state = sys.modules[_FSDP_STATE].FSDPState
     states = {id(state): state for state in (reference() for reference in list(registry.values()))
               if isinstance(state, fsdp_state)}
-    found: dict[int, tuple[nn.Module, list[FsdpWeight]]] = {}
+    found: dict[int, tuple[nn.Module, list[tuple[object, object]]]] = {}
     for state in states.values():
         for group in _param_groups(state):
             for param in getattr(group, "fsdp_params", ()):
                 info = getattr(param, "_module_info", None)
                 layer = getattr(info, "module", None)
                 if getattr(info, "param_name", None) == "weight" and isinstance(layer, nn.Module):
-                    found.setdefault(id(layer), (layer, []))[1].append(FsdpWeight(param, group))
-    for layer, weights in found.values():
-        if len(weights) == 1:
-            _fsdp_weight_of[layer] = weights[0]
+                    found.setdefault(id(layer), (layer, []))[1].append((param, group))
+    for layer, holders in found.values():
+        if len(holders) == 1:
+            _fsdp_weight_of[layer] = (weakref.ref(holders[0][0]), weakref.ref(holders[0][1]))
         else:
             _fsdp_weight_of.pop(layer, None)
 
@@ -329,13 +337,24 @@ def why_fsdp_holds_gathered(layer: nn.Module) -> str | None:
     after a forward: the reshard shards it)."""
     if not managed_by_fsdp(layer) or is_dtensor(layer.weight):
         return None
-    weight = fsdp_weight(layer) if _why_fsdp_internals_unknown() is None else None
-    if weight is not None and getattr(weight.group, "_training_state", None) is \
+    unknown = _why_fsdp_internals_unknown()
+    if unknown:
+        return (f"FSDP2 holds its weight gathered, and fusedconv cannot tell whether in the middle of a forward or "
+                f"backward, where its group cannot be resharded before the fold writes it: this torch's FSDP2 is "
+                f"not the one it knows ({unknown}); fold outside the forward and backward")
+    weight = fsdp_weight(layer)
+    if weight is None or getattr(weight.group, "_training_state", None) is \
             sys.modules[_FSDP_COMMON].TrainingState.IDLE:
-        return None
-    return ("FSDP2 holds its parameters gathered, in the middle of a forward or backward (or fusedconv cannot tell "
-            "whether it is), where its FSDP2 group cannot be resharded before the fold writes it: fold outside "
-            "the forward and backward")
+        return None  # a weight FSDP2 does not hold (ignored_params), or one the reshard shards
+    return ("FSDP2 holds its parameters gathered, in the middle of a forward or backward, where its FSDP2 group "
+            "cannot be resharded before the fold writes it: fold outside the forward and backward")
+
+
+def why_fsdp_stops_fold(layer: nn.Module) -> str | None:
+    """Why FSDP2's hold on ``layer`` stops a fold into it now, or None: its
+    parameters held gathered mid-forward (:func:`why_fsdp_holds_gathered`), or
+    a new bias that its FSDP2 group cannot take (:func:`why_no_new_bias`)."""
+    return why_fsdp_holds_gathered(layer) or why_no_new_bias(layer)
 
 
 def why_no_new_bias(layer: nn.Module) -> str | None:
@@ -347,8 +366,8 @@ def why_no_new_bias(layer: nn.Module) -> str | None:
     tensor would be none of these. Adding it relies on FSDP2 internals
     (``FSDPParam``, ``FSDPParamGroup``, the registry of FSDP2 states), checked
     here by name and signature: on another torch, with no group found for the
-    weight, a weight that another parallelism splits too, or a group held
-    gathered mid-forward, the BN is left with the reason.
+    weight, or a weight that another parallelism splits too, the BN is left
+    with the reason.
     """
     if layer.bias is not None or not managed_by_fsdp(layer):
         return None
@@ -400,14 +419,22 @@ class NewFsdpBiases:
         known_hooks = set(hooks)
         whole = nn.Parameter(torch.empty(channels, dtype=sharded_weight.dtype, device=group.device),
                              requires_grad=sharded_weight.requires_grad)
-        bias = fsdp_param.FSDPParam(whole, fsdp_param.ParamModuleInfo(layer, "bias"), group.mesh_info,
-                                    group.post_forward_mesh_info, group.device, None, group.mp_policy,
-                                    group.offload_policy)
-        group.fsdp_params.append(bias)
-        self._added.append((group, bias, layer, [key for key in hooks if key not in known_hooks]))
-        # FSDPParam registered the sharded bias on the layer itself: taken off again, so that the
-        # caller registers it and records "no bias" as what to restore should the fold fail.
+        # FSDPParam registers the sharded bias (and a load hook) on the layer itself, before it may
+        # still fail: the bias is taken off again either way, so that the caller registers it and
+        # records "no bias" as what to restore should the fold fail.
+        try:
+            bias = fsdp_param.FSDPParam(whole, fsdp_param.ParamModuleInfo(layer, "bias"), group.mesh_info,
+                                        group.post_forward_mesh_info, group.device, None, group.mp_policy,
+                                        group.offload_policy)
+        except BaseException:
+            layer._parameters["bias"] = None
+            for key in [key for key in hooks if key not in known_hooks]:
+                hooks.pop(key)
+            raise
         layer._parameters["bias"] = None
+        new_hooks = [key for key in hooks if key not in known_hooks]
+        group.fsdp_params.append(bias)
+        self._added.append((group, bias, layer, new_hooks))
         bias.init_dtype_attrs(group.mp_policy)
         weight_name = getattr(weight.param, "_param_fqn", None)  # set by the lazy initialisation, for messages
         if weight_name is not None:
@@ -418,6 +445,7 @@ class NewFsdpBiases:
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
+        """On an error, undo every :meth:`add` (the error propagates)."""
         if error is not None:
             for group, bias, layer, hook_keys in reversed(self._added):
                 group.fsdp_params.remove(bias)

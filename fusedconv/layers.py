@@ -249,7 +249,7 @@ def why_layer_cannot_change(module: nn.Module, *, own_forward: bool = False) -> 
         return f"{type(module).__name__} is not a standard layer: {problem}"
     if distributed.has_other_forward_hooks(module):  # FSDP2's own gather the weight, as it is, for the forward
         return "it has forward hooks (weight_norm, pruning or user hooks may rewrite its weight or output)"
-    problem = distributed.why_fsdp_holds_gathered(module) or distributed.why_no_new_bias(module)
+    problem = distributed.why_fsdp_stops_fold(module)
     if problem:
         return problem
     if isinstance(_tensor_of(module, "weight"), nn.parameter.UninitializedParameter):

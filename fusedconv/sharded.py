@@ -63,9 +63,8 @@ from .distributed import (
     local_tensor,
     managed_by_fsdp,
     placed_block,
-    why_fsdp_holds_gathered,
+    why_fsdp_stops_fold,
     why_input_sum_not_local,
-    why_no_new_bias,
 )
 from .errors import FoldError
 from .fold import LayerFold, new_bias_parameter, rescale_weights, scale_grid, set_biases, shift_sums
@@ -170,8 +169,7 @@ def _layout(index: ModelIndex, fold: Fold) -> _Layout:
     now (the plan may have been made elsewhere, or before a forward began)."""
     name, layer = fold.layer, module_at(index.by_path, fold.layer)
     kind, weight, bias = layer_kind(layer), layer.weight, layer.bias
-    problem = why_fsdp_holds_gathered(layer) or why_no_new_bias(layer) or \
-        (why_input_sum_not_local(layer) if fold.before else None)
+    problem = why_fsdp_stops_fold(layer) or (why_input_sum_not_local(layer) if fold.before else None)
     if problem:
         raise FoldError(f"{name}: {problem}")
     weight_block = local_block(weight, f"{name}.weight")

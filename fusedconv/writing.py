@@ -179,8 +179,10 @@ def swap_batchnorms(modules: dict[str, nn.Module], bn_paths: dict[str, list[str]
         bn = modules[name]
         if isinstance(bn, nn.Identity):  # already replaced through a copy's memo
             continue
-        kind = kinds.get(name) if kinds is not None else None
-        replacement = (kind or batchnorm_kind(bn)).replacement(bn).train(bn.training)
+        kind = (kinds.get(name) if kinds is not None else None) or batchnorm_kind(bn)
+        if kind is None:  # a plan made for another model
+            raise FoldError(f"{name}: the plan folds it, but {type(bn).__name__} is not a BatchNorm fusedconv folds")
+        replacement = kind.replacement(bn).train(bn.training)
         for path in paths:
             parent, _, attr = path.rpartition(".")
             rollback.setattr(modules[parent], attr, replacement)

@@ -696,6 +696,49 @@ def case_bad_statistics_on_one_rank(rank: int) -> None:
     _assert_unchanged(model, snapshot)
 
 
+def case_fsdp_ignored_weight_and_no_model_kept(rank: int) -> None:
+    """A weight FSDP2 was told to ignore (``ignored_params``) is a plain tensor
+    every rank holds whole: after a forward its layer folds like the rest
+    (FSDP2 does not hold it gathered). And nothing fusedconv keeps between
+    folds holds a model alive: FSDP2 models are large."""
+    import gc
+    import weakref
+
+    from torch.distributed.fsdp import fully_shard
+
+    model = _net(bias=False)
+    fully_shard(model, mesh=_mesh(), ignored_params={model[0].weight})
+    with torch.no_grad():
+        model(_input())  # the root keeps the others gathered, idle
+    plan = fusedconv.plan(model)
+    assert _folds(plan) == NET_FOLDS and plan.skipped == []
+    fusedconv.fuse(model, plan=plan, inplace=True)
+    _assert_no_batchnorm(model)
+    _assert_folded_like_unsharded(model, _net(bias=False), plan)
+
+    planned_only = _fully_shard(_net(bias=False), ("3",))
+    fusedconv.plan(planned_only)
+    folded, planned_only = weakref.ref(model), weakref.ref(planned_only)
+    del model
+    gc.collect()
+    assert folded() is None and planned_only() is None
+
+
+def case_training_mode_on_one_rank(rank: int) -> None:
+    """A model left in training mode on rank 0 only: the check that refuses it
+    runs where every rank reaches the agreement, so every rank raises (none
+    waits in a collective the other never reaches) and nothing is written."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _net(bias=True)
+    fully_shard(model, mesh=_mesh())
+    model.train(rank == 0)
+    snapshot = _snapshot(model)
+    with pytest.raises(fusedconv.FoldError, match="training mode" if rank == 0 else "failed on rank 0"):
+        fusedconv.fuse(model, inplace=True)
+    _assert_unchanged(model, snapshot)
+
+
 def case_bad_value_in_one_shard(rank: int) -> None:
     """A NaN in rank 1's shard of a BN weight (a DTensor): the statistics are
     gathered whole, so every rank finds it and raises; nothing is written."""
@@ -851,6 +894,14 @@ def test_tensor_parallel_plans(ranks):
 
 def test_bad_statistics_on_one_rank(ranks):
     ranks.run(case_bad_statistics_on_one_rank)
+
+
+def test_fsdp_ignored_weight_and_no_model_kept(ranks):
+    ranks.run(case_fsdp_ignored_weight_and_no_model_kept)
+
+
+def test_training_mode_on_one_rank(ranks):
+    ranks.run(case_training_mode_on_one_rank)
 
 
 def test_bad_value_in_one_shard(ranks):

@@ -83,3 +83,14 @@ def test_a_model_that_is_a_block_folds_its_structure_into_a_copy():
     assert fusedconv.count_batchnorms(block) == 3  # the caller's block is as it was
     with pytest.raises(fusedconv.FoldError, match="itself a block.*inplace=False"):
         fusedconv.fuse(block, inplace=True)
+
+def test_a_plan_that_does_not_fit_leaves_the_meta_model_as_it_was():
+    """A plan made for another model fails halfway through the structure's fold
+    (the layer gains its bias before the BN's swap is found impossible): every
+    change is undone."""
+    plan = fusedconv.plan(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)).eval())
+    with torch.device("meta"):
+        other = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU()).eval()
+    with pytest.raises(fusedconv.FoldError, match="1: the plan folds it, but ReLU is not a BatchNorm"):
+        fusedconv.fuse(other, plan=plan, inplace=True)
+    assert other[0].bias is None and "bias" in other[0]._parameters and isinstance(other[1], nn.ReLU)

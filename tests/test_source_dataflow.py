@@ -693,3 +693,7 @@ def test_functional_batch_norms_found_without_reading_classes_that_cannot_spell_
     assert [skip.reason.split(":")[0] for skip in plan.skipped] == ["a batch norm computed by a function call, not "
                                                                      "a module"]
     assert "F.batch_norm" in plan.skipped[0].module
+    # Python reads identifiers in NFKC form: a full-width letter still spells the call.
+    monkeypatch.setattr(head_class, "forward", _module_from(
+        tmp_path / "full_width.py", _FUNCTIONAL_SOURCE.replace("F.batch_norm", "F.\uff42atch_norm")).forward)
+    assert [skip.module for skip in fusedconv.plan(model).skipped] == ["3: Head: F.batch_norm(...)"]

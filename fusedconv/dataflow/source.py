@@ -38,6 +38,7 @@ import linecache
 import sys
 import textwrap
 import types
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -672,5 +673,11 @@ def _file_spells_batch_norm(path: str) -> bool:
     lines = linecache.getlines(path)
     known = _FILES_SPELLING.get(path)
     if known is None or known[0] is not lines:
-        known = _FILES_SPELLING[path] = (lines, not lines or any("batch_norm" in line for line in lines))
+        known = _FILES_SPELLING[path] = (lines, not lines or any("batch_norm" in _as_parsed(line) for line in lines))
     return known[1]
+
+
+def _as_parsed(line: str) -> str:
+    """The line with its letters as Python reads identifiers (NFKC: a full-width
+    ``ｂatch_norm`` names ``batch_norm``)."""
+    return line if line.isascii() else unicodedata.normalize("NFKC", line)
