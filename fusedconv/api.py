@@ -116,7 +116,7 @@ def fuse(
         index = None
         if plan is None:  # one walk of the module tree serves planning and applying
             check_foldable(network)
-            index = ModelIndex(network)
+            index = ModelIndex(network, sharded=False)
             plan = make_plan(network, as_input_tuple(example_inputs), check_stats=False, index=index)
         fused = apply_plan(network, plan, inplace=inplace, backend=backend, flush_subnormals=flush_subnormals,
                            index=index)

@@ -195,7 +195,7 @@ _PARAM_GROUP_ATTRIBUTES = ("fsdp_params", "mesh_info", "post_forward_mesh_info",
 
 def _why_fsdp_internals_unknown() -> str | None:
     """Why this torch's FSDP2 lacks an internal that finding a weight's parameter
-    group (:func:`fsdp_weight`) or adding a bias to it (:class:`NewFsdpBiases`)
+    group (:func:`fsdp_hold`) or adding a bias to it (:class:`NewFsdpBiases`)
     relies on, or None. Names and the constructor's parameters are checked, so
     that another torch version refuses the fold rather than fail in it."""
     param_module = sys.modules.get(_FSDP_PARAM)
@@ -230,8 +230,8 @@ def _why_classes_unknown(fsdp_param: type, module_info: type) -> str | None:
 
 
 @dataclass(frozen=True)
-class FsdpWeight:
-    """Where FSDP2 holds a layer's weight: its ``FSDPParam`` and the
+class FsdpHold:
+    """Where FSDP2 holds one of a layer's parameters: its ``FSDPParam`` and the
     ``FSDPParamGroup`` that gathers and reduces it."""
 
     param: object
@@ -248,60 +248,63 @@ def _param_groups(state: object) -> list:
     return [] if group is None else [group]
 
 
-def fsdp_weight(layer: nn.Module) -> FsdpWeight | None:
-    """Where FSDP2 holds ``layer``'s weight, or None when no one parameter group
-    of a live FSDP2 state holds it (an ``ignored_params`` weight, say). A layer
-    does not know the module that ``fully_shard`` was applied to above it, so
-    the FSDP2 states are searched (:func:`_search_fsdp_weights`), once for all
-    the layers they hold: each layer without a bias asks a few times per fold.
-    Call only once :func:`_why_fsdp_internals_unknown` has found nothing."""
-    found = _held_weight(layer)
+def fsdp_hold(layer: nn.Module, name: str = "weight") -> FsdpHold | None:
+    """Where FSDP2 holds ``layer``'s parameter ``name``, or None when no one
+    parameter group of a live FSDP2 state holds it (an ``ignored_params``
+    weight, say). A layer does not know the module that ``fully_shard`` was
+    applied to above it, so the FSDP2 states are searched
+    (:func:`_search_fsdp_params`), once for all the layers they hold: each
+    layer asks a few times per fold. Call only once
+    :func:`_why_fsdp_internals_unknown` has found nothing."""
+    found = _held(layer, name)
     if found is None:
-        _search_fsdp_weights()
-        found = _held_weight(layer)
+        _search_fsdp_params()
+        found = _held(layer, name)
     return found
 
 
-# What the last search found: for each layer whose weight one FSDP2 parameter group
-# holds, that FSDPParam and group, weakly (the cache must not keep a model alive).
-_fsdp_weight_of: "weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, weakref.ref]]" = \
+# What the last search found: for each layer, each of its parameters that one FSDP2
+# parameter group holds, with that FSDPParam and group, weakly (the cache must not
+# keep a model alive).
+_fsdp_params_of: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[weakref.ref, weakref.ref]]]" = \
     weakref.WeakKeyDictionary()
 
 
-def _held_weight(layer: nn.Module) -> FsdpWeight | None:
-    """The last search's answer for ``layer``, if its FSDPParam and group are alive
-    and the FSDPParam is still the one of ``layer``'s weight."""
-    references = _fsdp_weight_of.get(layer)
+def _held(layer: nn.Module, name: str) -> FsdpHold | None:
+    """The last search's answer for ``layer.<name>``, if its FSDPParam and group
+    are alive and the FSDPParam is still the one of that parameter."""
+    references = _fsdp_params_of.get(layer, {}).get(name)
     if references is None:
         return None
     param, group = references[0](), references[1]()
     if param is None or group is None:
         return None
     info = param._module_info
-    return FsdpWeight(param, group) if info.module is layer and info.param_name == "weight" else None
+    return FsdpHold(param, group) if info.module is layer and info.param_name == name else None
 
 
-def _search_fsdp_weights() -> None:
-    """Record in ``_fsdp_weight_of`` the parameter group of every weight that one
-    group of a live FSDP2 state holds (FSDP's registry of states: one per
-    ``fully_shard`` call); a weight found in two groups has no one group."""
+def _search_fsdp_params() -> None:
+    """Record in ``_fsdp_params_of`` the parameter group of every parameter that
+    one group of a live FSDP2 state holds (FSDP's registry of states: one per
+    ``fully_shard`` call); a parameter found in two groups has no one group."""
     registry = sys.modules[_COMPOSABLE_STATE]._module_state_mapping
     fsdp_state = sys.modules[_FSDP_STATE].FSDPState
     states = {id(state): state for state in (reference() for reference in list(registry.values()))
               if isinstance(state, fsdp_state)}
-    found: dict[int, tuple[nn.Module, list[tuple[object, object]]]] = {}
+    found: dict[tuple[int, str], tuple[nn.Module, str, list[tuple[object, object]]]] = {}
     for state in states.values():
         for group in _param_groups(state):
             for param in getattr(group, "fsdp_params", ()):
                 info = getattr(param, "_module_info", None)
-                layer = getattr(info, "module", None)
-                if getattr(info, "param_name", None) == "weight" and isinstance(layer, nn.Module):
-                    found.setdefault(id(layer), (layer, []))[1].append((param, group))
-    for layer, holders in found.values():
+                layer, name = getattr(info, "module", None), getattr(info, "param_name", None)
+                if isinstance(layer, nn.Module) and isinstance(name, str):
+                    found.setdefault((id(layer), name), (layer, name, []))[2].append((param, group))
+    for layer, name, holders in found.values():
+        held = _fsdp_params_of.setdefault(layer, {})
         if len(holders) == 1:
-            _fsdp_weight_of[layer] = (weakref.ref(holders[0][0]), weakref.ref(holders[0][1]))
+            held[name] = (weakref.ref(holders[0][0]), weakref.ref(holders[0][1]))
         else:
-            _fsdp_weight_of.pop(layer, None)
+            held.pop(name, None)
 
 
 def _why_fsdp_group_cannot_take_bias(layer: nn.Module) -> str | None:
@@ -310,7 +313,7 @@ def _why_fsdp_group_cannot_take_bias(layer: nn.Module) -> str | None:
     unknown = _why_fsdp_internals_unknown()
     if unknown:
         return f"this torch's FSDP2 is not the one fusedconv adds a parameter to ({unknown})"
-    weight = fsdp_weight(layer)
+    weight = fsdp_hold(layer)
     if weight is None:
         return "fusedconv finds its weight in no single FSDP2 parameter group, which the new bias would join"
     group = weight.group
@@ -332,20 +335,29 @@ def why_fsdp_holds_gathered(layer: nn.Module) -> str | None:
     reshards FSDP2's modules first, and the gathered copies a forward leaves
     are dropped at the next reshard. In the middle of a forward or backward a
     group cannot be resharded, and a fold would write copies about to be
-    dropped while the BNs are gone for good. A layer whose weight is not a
-    DTensor is therefore folded only when its FSDP2 group is idle (gathered
-    after a forward: the reshard shards it)."""
-    if not managed_by_fsdp(layer) or is_dtensor(layer.weight):
+    dropped while the BNs are gone for good. So each of the layer's parameters
+    that is not a DTensor must be one that FSDP2 does not hold
+    (``ignored_params``: a plain tensor, whole on every rank) or one whose
+    group is idle (gathered after a forward: the reshard shards it). Where
+    fusedconv cannot see which (another torch's FSDP2; no parameter of the
+    layer sharded and none found in a group), the BN is left."""
+    if not managed_by_fsdp(layer):
+        return None
+    tensors = {name: getattr(layer, name, None) for name in ("weight", "bias")}
+    plain = [name for name, tensor in tensors.items() if isinstance(tensor, torch.Tensor) and not is_dtensor(tensor)]
+    if not plain:
         return None
     unknown = _why_fsdp_internals_unknown()
-    if unknown:
-        return (f"FSDP2 holds its weight gathered, and fusedconv cannot tell whether in the middle of a forward or "
-                f"backward, where its group cannot be resharded before the fold writes it: this torch's FSDP2 is "
-                f"not the one it knows ({unknown}); fold outside the forward and backward")
-    weight = fsdp_weight(layer)
-    if weight is None or getattr(weight.group, "_training_state", None) is \
-            sys.modules[_FSDP_COMMON].TrainingState.IDLE:
-        return None  # a weight FSDP2 does not hold (ignored_params), or one the reshard shards
+    holds = [] if unknown else [hold for hold in (fsdp_hold(layer, name) for name in plain) if hold is not None]
+    if unknown or not (holds or any(is_dtensor(tensor) for tensor in tensors.values())):
+        why = f"this torch's FSDP2 is not the one it knows ({unknown})" if unknown else \
+            "it finds none of them in an FSDP2 parameter group"
+        return (f"FSDP2 holds its parameters gathered, and fusedconv cannot tell whether in the middle of a "
+                f"forward or backward, where its group cannot be resharded before the fold writes it: {why}; fold "
+                "outside the forward and backward")
+    idle = sys.modules[_FSDP_COMMON].TrainingState.IDLE
+    if all(getattr(hold.group, "_training_state", None) is idle for hold in holds):
+        return None
     return ("FSDP2 holds its parameters gathered, in the middle of a forward or backward, where its FSDP2 group "
             "cannot be resharded before the fold writes it: fold outside the forward and backward")
 
@@ -399,7 +411,7 @@ class NewFsdpBiases:
     def __init__(self):
         self._added: list[tuple[object, object, nn.Module, list]] = []  # group, FSDPParam, layer, hook keys
 
-    def add(self, layer: nn.Module, weight: FsdpWeight, channels: int) -> nn.Parameter:
+    def add(self, layer: nn.Module, weight: FsdpHold, channels: int) -> nn.Parameter:
         """A new bias of ``channels`` for ``layer``, registered with ``weight.group``;
         returns the sharded bias (a DTensor Parameter, like the weight's, whose
         local tensor FSDP2 gathers), for the caller to write the channels this

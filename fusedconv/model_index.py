@@ -27,7 +27,8 @@ class ModelIndex:
     the blocks are opaque to the dataflow.
     """
 
-    def __init__(self, model: nn.Module, blocks: dict[str, nn.Module] | None = None):
+    def __init__(self, model: nn.Module, blocks: dict[str, nn.Module] | None = None, *,
+                 sharded: bool | None = None):
         self.model = model
         self.paths: dict[int, list[str]] = {}
         self.by_path: dict[str, nn.Module] = {}  # every path, duplicates included
@@ -41,8 +42,9 @@ class ModelIndex:
             else:
                 known.append(path)
         self.modules = modules
-        # Whether the model is sharded (DTensors, FSDP2): every fold asks, once.
-        self.sharded = any_sharded(m for _, m in modules)
+        # Whether the model is sharded (DTensors, FSDP2): every fold asks, once
+        # (``sharded``: the caller has just found out).
+        self.sharded = any_sharded(m for _, m in modules) if sharded is None else sharded
         values = {id(m): attribute_values(m) for _, m in modules}  # one look at each module's attributes
         # Modules holding a tensor that shares memory with another tensor of the
         # model (tied weights, ``.data`` assigned across modules, views), over

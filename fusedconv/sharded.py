@@ -52,12 +52,12 @@ from . import kernels
 from .affine import BatchNormStats, ChannelAffine
 from .distributed import (
     Block,
-    FsdpWeight,
+    FsdpHold,
     NewFsdpBiases,
     dtensor_class,
     fsdp_bias_placements,
+    fsdp_hold,
     fsdp_modules,
-    fsdp_weight,
     is_dtensor,
     local_block,
     local_tensor,
@@ -146,7 +146,7 @@ class _Layout:
     weight: Block  # the block of the weight this rank holds
     bias: Block  # the block of the bias (of the new bias, for a layer without one)
     new_bias_placements: tuple | None  # the new DTensor bias's placements; None: a bias exists, or a plain one
-    fsdp_weight: FsdpWeight | None  # for a new bias that joins the FSDP2 group of the weight
+    fsdp_weight: FsdpHold | None  # for a new bias that joins the FSDP2 group of the weight
 
     def digest(self) -> tuple:
         weight, bias = self.layer.weight, self.layer.bias
@@ -177,7 +177,7 @@ def _layout(index: ModelIndex, fold: Fold) -> _Layout:
     if bias is not None:
         bias_block = local_block(bias, f"{name}.bias")
     elif managed_by_fsdp(layer):  # why_no_new_bias found its weight's group, sharded after fuse_sharded's reshard
-        weight_in_fsdp = fsdp_weight(layer)
+        weight_in_fsdp = fsdp_hold(layer)
         placements = fsdp_bias_placements(weight)
         bias_block = placed_block((layer_out_channels(layer),), weight.device_mesh, placements)
     elif is_dtensor(weight):

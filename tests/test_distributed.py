@@ -698,30 +698,53 @@ def case_bad_statistics_on_one_rank(rank: int) -> None:
 
 def case_fsdp_ignored_weight_and_no_model_kept(rank: int) -> None:
     """A weight FSDP2 was told to ignore (``ignored_params``) is a plain tensor
-    every rank holds whole: after a forward its layer folds like the rest
-    (FSDP2 does not hold it gathered). And nothing fusedconv keeps between
-    folds holds a model alive: FSDP2 models are large."""
+    every rank holds whole, while FSDP2 holds its layer's bias: after a forward
+    the layer folds like the rest (the reshard shards the bias); in the middle
+    of one it keeps its BN (its bias is a gathered copy the next reshard
+    drops). And nothing fusedconv keeps between folds holds a model alive:
+    FSDP2 models are large."""
     import gc
     import weakref
 
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp._fully_shard import _fsdp_common
 
-    model = _net(bias=False)
-    fully_shard(model, mesh=_mesh(), ignored_params={model[0].weight})
-    with torch.no_grad():
-        model(_input())  # the root keeps the others gathered, idle
+    def build() -> nn.Module:
+        model, mesh = _net(bias=True), _mesh()
+        for name in ("3", "5", "9", "11"):
+            fully_shard(model.get_submodule(name), mesh=mesh)
+        fully_shard(model, mesh=mesh, ignored_params={model[0].weight})  # the root keeps layer 0's bias
+        with torch.no_grad():
+            model(_input())  # the root keeps its parameters gathered, idle
+        return model
+
+    model = build()
     plan = fusedconv.plan(model)
     assert _folds(plan) == NET_FOLDS and plan.skipped == []
     fusedconv.fuse(model, plan=plan, inplace=True)
     _assert_no_batchnorm(model)
-    _assert_folded_like_unsharded(model, _net(bias=False), plan)
+    _assert_folded_like_unsharded(model, _net(bias=True), plan)
+
+    mid_forward = build()
+    with torch.no_grad():
+        unfolded = mid_forward(_input())
+    root_group = mid_forward._get_fsdp_state()._fsdp_param_groups[0]
+    root_group._training_state = _fsdp_common.TrainingState.FORWARD
+    try:
+        fusedconv.fuse(mid_forward, inplace=True)
+    finally:
+        root_group._training_state = _fsdp_common.TrainingState.IDLE
+    assert isinstance(mid_forward[1], nn.BatchNorm2d)
+    mid_forward.reshard()
+    with torch.no_grad():
+        _assert_close(mid_forward(_input()), unfolded)
 
     planned_only = _fully_shard(_net(bias=False), ("3",))
     fusedconv.plan(planned_only)
-    folded, planned_only = weakref.ref(model), weakref.ref(planned_only)
-    del model
+    folded, mid_forward, planned_only = weakref.ref(model), weakref.ref(mid_forward), weakref.ref(planned_only)
+    del model, root_group
     gc.collect()
-    assert folded() is None and planned_only() is None
+    assert folded() is None and mid_forward() is None and planned_only() is None
 
 
 def case_training_mode_on_one_rank(rank: int) -> None:
