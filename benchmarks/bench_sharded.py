@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fusedconv.examples import randomize_batchnorm_stats  # noqa: E402
-from fusedconv.timing import machine_info, print_machine_info, print_table  # noqa: E402
+from fusedconv.timing import machine_info, measure, print_machine_info, print_table  # noqa: E402
 
 import fusedconv  # noqa: E402
 
@@ -90,18 +90,9 @@ def main(argv=None) -> int:
           f"{weights / 1e6:.0f} MB of float32 weights, 1 thread per process, median of {args.repeats}")
 
     torch.set_num_threads(1)
-    unsharded = []
-    for _ in range(args.repeats + 1):
-        model = deep_net(args.layers, args.channels)
-        gc.collect()
-        gc.disable()
-        try:
-            start = time.perf_counter()
-            fusedconv.fuse(model, inplace=True)
-            unsharded.append(time.perf_counter() - start)
-        finally:
-            gc.enable()
-    single = statistics.median(unsharded[1:])
+    single = measure(lambda model: fusedconv.fuse(model, inplace=True), repeats=args.repeats, warmup=1,
+                     setup=lambda: deep_net(args.layers, args.channels)).median
+    model = fusedconv.fuse(deep_net(args.layers, args.channels), inplace=True)  # for its BNs left
 
     context = mp.get_context("spawn")
     results = context.Queue()

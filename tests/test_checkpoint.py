@@ -20,7 +20,7 @@ import fusedconv
 from fusedconv import cli
 from fusedconv.blocks import RepVGGBlock
 from fusedconv.examples import DemoNet, build_demo_network
-from utils import randomize_batchnorm_stats
+from utils import assert_structure_takes_the_fold, randomize_batchnorm_stats
 
 pytestmark = pytest.mark.usefixtures("fixed_seed")  # tests/conftest.py
 
@@ -262,13 +262,7 @@ def test_blocks_fold_their_structure_on_meta():
     for name in ("repvgg_a0", "mobileone_s0"):
         real, architecture = _real_and_meta(lambda: timm.create_model(name))
         structure = fusedconv.fuse(architecture.eval())
-        folded = fusedconv.fuse(real)
-        assert list(structure.state_dict()) == list(folded.state_dict())
-        assert all(t.is_meta for t in structure.state_dict().values())
-        structure.load_state_dict(folded.state_dict(), assign=True)
-        x = torch.randn(1, 3, 32, 32)
-        with torch.no_grad():
-            assert torch.equal(structure(x), folded(x))
+        assert_structure_takes_the_fold(structure, fusedconv.fuse(real), torch.randn(1, 3, 32, 32))
 
 
 # --------------------------------------------------------------------------- regressions from review

@@ -14,7 +14,7 @@ from torch import nn
 
 import fusedconv
 from fusedconv.blocks import RepVGGBlock
-from utils import randomize_batchnorm_stats
+from utils import assert_structure_takes_the_fold, randomize_batchnorm_stats
 
 MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0"]
 
@@ -36,13 +36,7 @@ def test_meta_structure_loads_the_real_fold(name, inplace):
 
     structure = fusedconv.fuse(skeleton, inplace=inplace)
     assert (structure is skeleton) == inplace
-    assert all(t.is_meta for t in structure.state_dict().values())
-    folded = fusedconv.fuse(real)
-    assert set(structure.state_dict()) == set(folded.state_dict())
-    structure.load_state_dict(folded.state_dict(), assign=True)  # strict: every key matches
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(structure(x), folded(x))
+    assert_structure_takes_the_fold(structure, fusedconv.fuse(real), torch.randn(1, 3, 64, 64))
 
 
 def test_mixed_meta_and_real_layers_are_refused():
@@ -66,13 +60,7 @@ def test_blocks_merge_their_structure_on_meta(with_a_fold, inplace):
     structure = fusedconv.fuse(model, inplace=inplace)
     assert (structure is model) == inplace
     real = randomize_batchnorm_stats(build(), torch.Generator().manual_seed(2))
-    folded = fusedconv.fuse(real)
-    assert list(structure.state_dict()) == list(folded.state_dict())
-    assert all(t.is_meta for t in structure.state_dict().values())
-    structure.load_state_dict(folded.state_dict(), assign=True)
-    x = torch.randn(2, 4, 8, 8)
-    with torch.no_grad():
-        assert torch.equal(structure(x), folded(x))
+    assert_structure_takes_the_fold(structure, fusedconv.fuse(real), torch.randn(2, 4, 8, 8))
 
 
 def test_a_model_that_is_a_block_folds_its_structure_into_a_copy():

@@ -76,3 +76,14 @@ class Residual(nn.Module):
     def forward(self, x):
         y = self.conv(x)
         return self.bn(y) + y
+
+
+def assert_structure_takes_the_fold(structure: nn.Module, folded: nn.Module, x: torch.Tensor) -> None:
+    """A folded structure on the meta device has the real fold's state-dict keys,
+    in order, loads its state dict (strict, ``assign=True``) and then computes
+    what the real fold computes, bit for bit."""
+    assert list(structure.state_dict()) == list(folded.state_dict())
+    assert all(t.is_meta for t in structure.state_dict().values())
+    structure.load_state_dict(folded.state_dict(), assign=True)
+    with torch.no_grad():
+        assert torch.equal(structure(x), folded(x))
