@@ -119,7 +119,8 @@ def batchnorm_affines(all_stats: Sequence[BatchNormStats]) -> list[ChannelAffine
                 _raise_for_bad_stats(all_stats[i])
         scale = gamma / torch.sqrt(var_eps)
         shift = beta - mean * scale
-        for i, s, t in zip(indices, scale.split(sizes), shift.split(sizes)):
+        # torch.split_with_sizes, not Tensor.split: the Python wrapper costs more than the views
+        for i, s, t in zip(indices, torch.split_with_sizes(scale, sizes), torch.split_with_sizes(shift, sizes)):
             affines[i] = ChannelAffine(s, t)
     return affines
 

@@ -147,7 +147,7 @@ def reparameterize(model: nn.Module, *, backend: str | None = None) -> nn.Module
     if index.entangled:
         name, why = next(iter(index.entangled.items()))
         raise FoldError(f"{name or type(model).__name__}: {why}")
-    plans = plan_blocks(model, list(index.blocks), modules=index.by_path)
+    plans = plan_blocks(model, list(index.blocks), modules=index.by_path, members=index.members)
     apply_reparameterizations(plans, backend)
     logger.info("merged %d blocks", len(plans))
     return model

@@ -176,7 +176,8 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
         target = copy_for_folding(model, replaced, sources)
         target_modules = dict(target.named_modules(remove_duplicate=False)) if modules else {}
     # Blocks are planned on the model that will change (nothing is modified yet).
-    merges = plan_blocks(target, plan.merges, modules=target_modules) if plan.merges else []
+    merges = plan_blocks(target, plan.merges, modules=target_modules,
+                         members=index.members if inplace and index is not None else None) if plan.merges else []
     check_writable(((f"{merge.name}: {part}", getattr(merge.target, part)) for merge in merges
                     for part in ("weight", "bias")), in_place=True)
     _write(target_modules, prepared, merges, backend=backend, sources=sources, flush_subnormals=flush_subnormals,

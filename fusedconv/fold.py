@@ -210,7 +210,8 @@ def plan_layer_folds(
             none = torch.zeros(max(sizes), dtype=torch.float64, device=device)
             new_biases += torch.cat([none[:n] if extra_biases[i] is None else extra_biases[i].to(device)
                                      for i, n in zip(members, sizes)])
-        for i, scale, bias in zip(members, scales.split(sizes), new_biases.to(dtype).split(sizes)):
+        for i, scale, bias in zip(members, torch.split_with_sizes(scales, sizes),
+                                  torch.split_with_sizes(new_biases.to(dtype), sizes)):
             row, col = scale_grid(layer_kind(layers[i]), None, scale)
             folds[i] = LayerFold(row, col, layer_groups(layers[i]), bias)
     return folds

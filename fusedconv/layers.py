@@ -208,11 +208,17 @@ def _tensor_of(module: nn.Module, name: str) -> object:
     failed and raised an AttributeError, a microsecond per read; nn.Module's
     ``__setattr__`` and ``register_*`` keep a registered name out of the
     instance and class dicts, so that ordinary lookup would not find it anyway.
+    A name found nowhere (``running_mean`` of a conv) is answered without that
+    raise too.
     """
     if name in module._parameters:
         return module._parameters[name]
     if name in module._buffers:
         return module._buffers[name]
+    klass = type(module)
+    if klass.__getattr__ is nn.Module.__getattr__ and klass.__getattribute__ is object.__getattribute__ and \
+            name not in module.__dict__ and name not in module._modules and not hasattr(klass, name):
+        return None  # where the ordinary lookup would end, after raising inside nn.Module.__getattr__
     return getattr(module, name, None)
 
 

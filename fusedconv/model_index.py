@@ -24,7 +24,8 @@ class ModelIndex:
 
     Modules inside ``blocks`` (re-parameterizable blocks, merged by their
     converters; by default every known block of the model) are not tracked:
-    the blocks are opaque to the dataflow.
+    the blocks are opaque to the dataflow. ``members`` lists each block's
+    modules (itself first), for the steps that look inside blocks.
     """
 
     def __init__(self, model: nn.Module, blocks: dict[str, nn.Module] | None = None, *,
@@ -57,9 +58,12 @@ class ModelIndex:
         self.entangled: dict[str, str] = {}  # blocks a merge would change outside themselves -> why
         if blocks is None:  # every known block, but the entangled ones
             found = blocks_among(modules)
+            self.members = _block_members(self.by_path, [name for name, _, _ in found])
             self.entangled = entangled_blocks(found, self.paths, {id(self.by_path[name]) for name in holders},
-                                              None if self.held_elsewhere is None else holder_paths)
+                                              None if self.held_elsewhere is None else holder_paths, self.members)
             blocks = {name: block for name, block, _ in found if name not in self.entangled}
+        else:
+            self.members = _block_members(self.by_path, list(blocks))
         self.blocks = blocks
         self.layers: dict[str, nn.Module] = {}
         self.batchnorms: dict[str, nn.Module] = {}
@@ -89,6 +93,26 @@ class ModelIndex:
                 if key is not None and name not in owners[key]:
                     owners[key] += (name,)
         return owners
+
+
+def _block_members(by_path: dict[str, nn.Module], names: list[str]) -> dict[str, list[nn.Module]]:
+    """Block path -> ``walking.submodules`` of the block there, cut from the walk
+    the index made: ``by_path`` lists every path depth first, so the paths of a
+    block's subtree follow the block's own path."""
+    members: dict[str, list[nn.Module]] = {}
+    wanted = set(names)
+    prefix, current, seen = None, None, set()
+    for path, module in by_path.items():
+        if prefix is not None and (path.startswith(prefix) or not prefix):
+            if id(module) not in seen:
+                seen.add(id(module))
+                current.append(module)
+            continue
+        prefix = None
+        if path in wanted and path not in members:
+            prefix, current, seen = f"{path}." if path else "", [module], {id(module)}
+            members[path] = current
+    return members
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:

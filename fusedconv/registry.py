@@ -94,7 +94,8 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, Converter]]:
 
 
 def entangled_blocks(found: Sequence[tuple[str, nn.Module, Converter]], paths: dict[int, list[str]],
-                     sharing_memory: set[int], holders: dict[int, list[str]] | None) -> dict[str, str]:
+                     sharing_memory: set[int], holders: dict[int, list[str]] | None,
+                     members: dict[str, list[nn.Module]] | None = None) -> dict[str, str]:
     """The blocks among ``found`` that a merge would change outside themselves,
     or whose own behaviour it would change, with the reason. A merge writes its
     layers' weights in place and stops calling the block's inner modules, so it
@@ -105,25 +106,27 @@ def entangled_blocks(found: Sequence[tuple[str, nn.Module, Converter]], paths: d
     that shares memory with another tensor of the model (``sharing_memory``:
     the ids of such modules), and no module inside the block has forward hooks
     (which the merged conv would no longer run). ``paths``: id(module) -> every
-    path where the model registers it."""
+    path where the model registers it. ``members``: each block's
+    :func:`fusedconv.walking.submodules`, when the caller has them."""
     entangled = {}
     for name, block, _ in found:
-        why = _why_entangled(block, paths, sharing_memory, holders)
+        inner = members[name] if members is not None else submodules(block)
+        why = _why_entangled(block, inner, paths, sharing_memory, holders)
         if why is not None:
             entangled[name] = why
     return entangled
 
 
-def _why_entangled(block: nn.Module, paths: dict[int, list[str]], sharing_memory: set[int],
+def _why_entangled(block: nn.Module, inner: list[nn.Module], paths: dict[int, list[str]], sharing_memory: set[int],
                    holders: dict[int, list[str]] | None) -> str | None:
-    """:func:`entangled_blocks`' reason for one block, or None."""
+    """:func:`entangled_blocks`' reason for one block (``inner``: its submodules), or None."""
     own_paths = paths[id(block)]
     inside = tuple(f"{path}." if path else "" for path in own_paths)
 
     def outside(candidates: Iterable[str]) -> str | None:
         return next((path for path in candidates if not (path.startswith(inside) or path in own_paths)), None)
 
-    for module in submodules(block):
+    for module in inner:
         what = type(module).__name__
         if module is not block and (module._forward_hooks or module._forward_pre_hooks):
             return f"its {what} has forward hooks, which the merged conv would no longer run"
@@ -163,10 +166,12 @@ def blocks_among(named_modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[s
 
 
 def plan_blocks(model: nn.Module, names: Sequence[str] | None = None, *,
-                modules: dict[str, nn.Module] | None = None) -> list[Reparameterization]:
+                modules: dict[str, nn.Module] | None = None,
+                members: dict[str, list[nn.Module]] | None = None) -> list[Reparameterization]:
     """Checked merges of every known block in ``model`` (or of the blocks at
     ``names``, as :func:`find_blocks` found them; ``modules``, the model's
-    path -> module map when the caller has it, saves looking each one up).
+    path -> module map, and ``members``, each block's submodules, when the
+    caller has them, save looking them up again).
     Nothing is modified; raises :class:`fusedconv.FoldError` naming the block at fault."""
     if names is None:
         return plan_found_blocks(find_blocks(model))
@@ -176,12 +181,14 @@ def plan_blocks(model: nn.Module, names: Sequence[str] | None = None, *,
         if name not in modules:
             raise FoldError(f"the plan names block {name!r}, which this model does not have")
         found.append((name, modules[name], converter_for(modules[name])))
-    return plan_found_blocks(found)
+    return plan_found_blocks(found, members)
 
 
-def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]]) -> list[Reparameterization]:
+def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]],
+                      members: dict[str, list[nn.Module]] | None = None) -> list[Reparameterization]:
     """Checked merges of ``(name, block, converter)`` triples, the BNs'
-    statistics read together; errors name each block by ``name``."""
+    statistics read together; errors name each block by ``name``.
+    ``members``: each block's submodules, when the caller has them."""
     for name, module, _ in found:
         if module.training:
             raise FoldError(
@@ -189,7 +196,8 @@ def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]]) -> list
                 "BatchNorms use batch statistics: call model.eval() before merging"
             )
     plans: list[Reparameterization] = []
-    batchnorms = [m for _, block, _ in found for m in submodules(block) if has_running_stats(m)]
+    batchnorms = [m for name, block, _ in found
+                  for m in (members or {}).get(name) or submodules(block) if has_running_stats(m)]
     with prefetched_bn_affines(batchnorms):
         for name, module, converter in found:
             planned = converter(module, name or type(module).__name__)

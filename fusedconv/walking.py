@@ -38,5 +38,7 @@ def submodules(root: nn.Module) -> list[nn.Module]:
         seen.add(id(module))
         found.append(module)
         if module._modules:
-            stack.extend(child for child in reversed(module._modules.values()) if child is not None)
+            children = [child for child in module._modules.values() if child is not None]
+            children.reverse()
+            stack += children
     return found

@@ -171,3 +171,54 @@ def test_readme_register_block_example_leaves_no_batchnorm():
         assert sorted(again.state_dict()) == sorted(fused.state_dict())
     finally:
         registry._CONVERTERS.pop(block_class, None)
+
+
+def test_index_lists_each_blocks_modules_as_a_walk_of_the_block_would(my_block_registered):
+    """The index cuts each block's modules from its one walk of the model; they
+    must be what walking the block gives, in its order, with a module that is
+    also registered outside (first there, and twice inside), a block
+    registered at two paths, and the model itself as the block."""
+    from fusedconv.model_index import ModelIndex
+    from fusedconv.walking import submodules
+
+    shared_act = nn.ReLU()
+    first, second = MyBlock(), MyBlock()
+    second.act, second.again = shared_act, shared_act  # registered twice inside, once before the block
+    model = nn.Sequential(shared_act, first, nn.Conv2d(6, 6, 1), second, first).eval()
+    index = ModelIndex(model)
+    assert set(index.members) == {"1", "3"}
+    for name in index.members:
+        assert [id(m) for m in index.members[name]] == [id(m) for m in submodules(model.get_submodule(name))]
+    root = MyBlock().eval()
+    assert [id(m) for m in ModelIndex(root).members[""]] == [id(m) for m in submodules(root)]
+
+
+class _StatsByProperty(nn.Module):
+    """Running statistics reached in three ways other than a registered buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("stored_mean", torch.randn(4))
+        self.running_var = torch.rand(4) + 0.5  # plain tensor attribute: __dict__, not _buffers
+
+    @property
+    def running_mean(self):
+        return self.stored_mean
+
+
+class _StatsByGetattr(nn.Module):
+    def __getattr__(self, name):
+        if name in ("running_mean", "running_var"):
+            return torch.ones(3)
+        return super().__getattr__(name)
+
+
+def test_statistics_are_found_wherever_attribute_lookup_finds_them():
+    """The fast answer for a name registered nowhere must not hide a property,
+    a plain attribute or a ``__getattr__`` that serves it."""
+    from fusedconv.layers import has_running_stats
+
+    assert has_running_stats(_StatsByProperty())
+    assert has_running_stats(_StatsByGetattr())
+    assert not has_running_stats(nn.Conv2d(3, 3, 1))
+    assert has_running_stats(nn.BatchNorm2d(3))

@@ -135,7 +135,7 @@ _PLAIN = frozenset({int, float, bool, str, type(None)})  # most attributes: a la
 
 
 def _plain_tuple(value: object) -> bool:
-    return type(value) is tuple and all(type(item) in _PLAIN for item in value)
+    return type(value) is tuple and _PLAIN.issuperset(map(type, value))  # no generator: this runs per attribute
 
 
 def attribute_values(module: nn.Module) -> list[object]:

@@ -60,9 +60,19 @@ def _deploy(block: nn.Module, *, delete: tuple[str, ...], conv_attr: str) -> Cal
         for attr in delete:
             if hasattr(block, attr):
                 delattr(block, attr)
-        setattr(block, conv_attr, conv.requires_grad_(False))
+        _freeze(conv)
+        setattr(block, conv_attr, conv)
         block.forward = block.forward_fuse
     return install
+
+
+def _freeze(conv: nn.Module) -> None:
+    """``conv.requires_grad_(False)``, without the generator chain of
+    ``parameters()`` that would cost more than the rest of an install."""
+    for module in submodules(conv):
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                parameter.requires_grad_(False)
 
 
 def _linear_conv_bn(part: nn.Module, name: str) -> tuple[nn.Module, ChannelAffine | None]:
