@@ -30,6 +30,7 @@ from .layers import (
     batched_rank,
     bn_statistics,
     check_not_training,
+    is_batchnorm_like,
     layer_in_channels,
     layer_out_channels,
     num_features,
@@ -287,11 +288,32 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
     reuse = earlier is not None and earlier[0] is flow and flow.note is None  # a note changes the reasons
     plan = earlier[1] if reuse else Matcher(index, flow).plan()
     plan.merges = list(index.blocks)
+    plan.skipped.extend(_kept_outside_merged_blocks(index))
     if check_stats and not _on_meta(model) and not sharded:  # no values here to check yet
         checked_affines(index.batchnorms, plan.folds)
-        plan_blocks(model, plan.merges, modules=index.by_path)
+        plan_blocks(model, plan.merges, modules=index.by_path, members=index.members)
     _warn_about(plan, flow)
     return plan
+
+
+def _kept_outside_merged_blocks(index: ModelIndex) -> list[Skip]:
+    """The BNs that a merged block holds and that stay in the model all the same,
+    registered at a path outside every merged block too: the rules never see
+    them (their first path is inside a block, opaque to the dataflow), the merge
+    only reads them, and their other use goes on running them."""
+    inside = tuple(f"{name}." if name else "" for name in index.blocks)
+    kept, seen = [], set()
+    for block in index.blocks:
+        for module in index.members.get(block, ()):
+            if id(module) in seen or id(module) in index.tracked or not is_batchnorm_like(module):
+                continue
+            seen.add(id(module))
+            outside = next((path for path in index.paths.get(id(module), ())
+                            if not path.startswith(inside) and path not in index.blocks), None)
+            if outside is not None:
+                kept.append(Skip(outside, f"it is also registered inside the block {block}, whose merge only reads "
+                                          "it: its use here is left as it is"))
+    return kept
 
 
 def _on_meta(model: nn.Module) -> bool:

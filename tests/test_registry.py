@@ -222,3 +222,20 @@ def test_statistics_are_found_wherever_attribute_lookup_finds_them():
     assert has_running_stats(_StatsByGetattr())
     assert not has_running_stats(nn.Conv2d(3, 3, 1))
     assert has_running_stats(nn.BatchNorm2d(3))
+
+
+def test_batchnorm_of_a_merged_block_used_outside_it_is_reported_left():
+    """A BN registered inside a merged block and at a path outside it stays in
+    the model (the merge ends only the block's use): the plan lists it as left,
+    and the outputs do not change."""
+    block = blocks.RepVGGBlock(6, 6, 3, activation=nn.ReLU())
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), block, block.identity)
+    randomize_batchnorm_stats(model, torch.Generator().manual_seed(3)).eval()
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(4))
+    reference = float64_reference(model, (x,))
+    plan = fusedconv.plan(model)
+    assert [s.module for s in plan.skipped] == ["2"] and "inside the block 1" in plan.skipped[0].reason
+    fused = fusedconv.fuse(model)
+    assert fusedconv.count_batchnorms(fused) == 1 and isinstance(fused[2], nn.BatchNorm2d)
+    with torch.no_grad():
+        assert relative_error(fused(x), reference) <= max(2 * relative_error(model(x), reference), 1e-6)
