@@ -216,10 +216,19 @@ def _tensor_of(module: nn.Module, name: str) -> object:
     if name in module._buffers:
         return module._buffers[name]
     klass = type(module)
-    if klass.__getattr__ is nn.Module.__getattr__ and klass.__getattribute__ is object.__getattribute__ and \
-            name not in module.__dict__ and name not in module._modules and not hasattr(klass, name):
-        return None  # where the ordinary lookup would end, after raising inside nn.Module.__getattr__
+    if klass.__getattr__ is _MODULE_GETATTR and klass.__getattribute__ is object.__getattribute__ and \
+            name not in module.__dict__ and name not in module._modules:
+        # The class dicts, as object.__getattribute__ reads them (hasattr on the
+        # class would call a descriptor's __get__ without an instance).
+        for owner in klass.__mro__:
+            if name in owner.__dict__:
+                break
+        else:
+            return None  # where the ordinary lookup would end, after raising inside nn.Module.__getattr__
     return getattr(module, name, None)
+
+
+_MODULE_GETATTR = nn.Module.__getattr__  # torch's own, should a library replace it later
 
 
 def has_own_forward(module: nn.Module) -> bool:

@@ -15,7 +15,7 @@ from .distributed import any_sharded
 from .layers import BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
 from .memory import sharing_memory, storage_key
 from .registry import blocks_among, entangled_blocks
-from .walking import every_path
+from .walking import every_path, submodules
 
 
 class ModelIndex:
@@ -24,8 +24,9 @@ class ModelIndex:
 
     Modules inside ``blocks`` (re-parameterizable blocks, merged by their
     converters; by default every known block of the model) are not tracked:
-    the blocks are opaque to the dataflow. ``members`` lists each block's
-    modules (itself first), for the steps that look inside blocks.
+    the blocks are opaque to the dataflow. ``members`` lists the modules of
+    each block (itself first; the entangled blocks, not merged, included), for
+    the steps that look inside blocks.
     """
 
     def __init__(self, model: nn.Module, blocks: dict[str, nn.Module] | None = None, *,
@@ -112,6 +113,9 @@ def _block_members(by_path: dict[str, nn.Module], names: list[str]) -> dict[str,
         if path in wanted and path not in members:
             prefix, current, seen = f"{path}." if path else "", [module], {id(module)}
             members[path] = current
+    for name in names:  # one inside another's subtree (only a caller's own ``blocks`` can say so)
+        if name not in members and name in by_path:
+            members[name] = submodules(by_path[name])
     return members
 
 

@@ -304,7 +304,7 @@ def _kept_outside_merged_blocks(index: ModelIndex) -> list[Skip]:
     inside = tuple(f"{name}." if name else "" for name in index.blocks)
     kept, seen = [], set()
     for block in index.blocks:
-        for module in index.members.get(block, ()):
+        for module in index.members[block]:
             if id(module) in seen or id(module) in index.tracked or not is_batchnorm_like(module):
                 continue
             seen.add(id(module))

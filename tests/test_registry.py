@@ -191,6 +191,8 @@ def test_index_lists_each_blocks_modules_as_a_walk_of_the_block_would(my_block_r
         assert [id(m) for m in index.members[name]] == [id(m) for m in submodules(model.get_submodule(name))]
     root = MyBlock().eval()
     assert [id(m) for m in ModelIndex(root).members[""]] == [id(m) for m in submodules(root)]
+    nested = ModelIndex(model, blocks={"": model, "3": second}).members  # a caller's blocks, one inside another
+    assert [id(m) for m in nested["3"]] == [id(m) for m in submodules(second)]
 
 
 class _StatsByProperty(nn.Module):
@@ -204,6 +206,24 @@ class _StatsByProperty(nn.Module):
     @property
     def running_mean(self):
         return self.stored_mean
+
+
+class _InstanceOnly:
+    """A descriptor that answers for instances only, as many caching ones do."""
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            raise AttributeError("read it from an instance")
+        return obj.stored_var
+
+
+class _StatsByDescriptor(nn.Module):
+    running_var = _InstanceOnly()
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("running_mean", torch.randn(4))
+        self.register_buffer("stored_var", torch.rand(4) + 0.5)
 
 
 class _StatsByGetattr(nn.Module):
@@ -220,6 +240,7 @@ def test_statistics_are_found_wherever_attribute_lookup_finds_them():
 
     assert has_running_stats(_StatsByProperty())
     assert has_running_stats(_StatsByGetattr())
+    assert has_running_stats(_StatsByDescriptor())
     assert not has_running_stats(nn.Conv2d(3, 3, 1))
     assert has_running_stats(nn.BatchNorm2d(3))
 
