@@ -300,19 +300,24 @@ def _kept_outside_merged_blocks(index: ModelIndex) -> list[Skip]:
     """The BNs that a merged block holds and that stay in the model all the same,
     registered at a path outside every merged block too: the rules never see
     them (their first path is inside a block, opaque to the dataflow), the merge
-    only reads them, and their other use goes on running them."""
-    inside = tuple(f"{name}." if name else "" for name in index.blocks)
-    kept, seen = [], set()
-    for block in index.blocks:
-        for module in index.members[block]:
-            if id(module) in seen or id(module) in index.tracked or not is_batchnorm_like(module):
-                continue
-            seen.add(id(module))
-            outside = next((path for path in index.paths.get(id(module), ())
-                            if not path.startswith(inside) and path not in index.blocks), None)
-            if outside is not None:
-                kept.append(Skip(outside, f"it is also registered inside the block {block}, whose merge only reads "
-                                          "it: its use here is left as it is"))
+    only reads them, and their other use goes on running them. Only a module
+    registered at two paths or more can be one, and few are."""
+    prefixes = {f"{name}." if name else "": name for name in index.blocks}
+    inside = tuple(prefixes)
+    kept = []
+    for paths in index.paths.values():
+        if len(paths) < 2:
+            continue
+        held = next((path for path in paths if path.startswith(inside)), None)
+        outside = next((path for path in paths if not path.startswith(inside) and path not in index.blocks), None)
+        if held is None or outside is None:
+            continue
+        module = index.by_path[outside]
+        if id(module) in index.tracked or not is_batchnorm_like(module):
+            continue
+        block = next(name for prefix, name in prefixes.items() if held.startswith(prefix))
+        kept.append(Skip(outside, f"it is also registered inside the block {block}, whose merge only reads it: "
+                                  "its use here is left as it is"))
     return kept
 
 
