@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .errors import FoldError
+from .walking import submodules
 
 _DTENSOR = "torch.distributed.tensor"
 _FULLY_SHARD = "torch.distributed.fsdp._fully_shard._fully_shard"
@@ -500,7 +501,7 @@ DTENSOR_REFUSAL = ("it is a DTensor (sharded, e.g. by FSDP2): fold the model in 
 def is_sharded(model: object) -> bool:
     """Whether ``model`` is a module holding DTensors or modules that ``fully_shard``
     was applied to (:func:`any_sharded`)."""
-    return isinstance(model, nn.Module) and any_sharded(model.modules())
+    return isinstance(model, nn.Module) and any_sharded(submodules(model))  # a list: no generator per level
 
 
 def any_sharded(modules: Iterable[nn.Module]) -> bool:
