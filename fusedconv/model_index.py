@@ -69,7 +69,9 @@ class ModelIndex:
         self.layers: dict[str, nn.Module] = {}
         self.batchnorms: dict[str, nn.Module] = {}
         self.kinds: dict[str, BatchNormKind | None] = {}  # each BN's, looked up once for the rules' many asks
-        inside = tuple(f"{name}." if name else "" for name in blocks)
+        # The path prefixes of the blocks' insides, in the order of ``blocks``
+        # ("" for a model that is itself a block).
+        self.block_prefixes = inside = tuple(f"{name}." if name else "" for name in blocks)
         for name, m in modules:
             if inside and name.startswith(inside):
                 continue  # merged with its block
@@ -101,6 +103,8 @@ def _block_members(by_path: dict[str, nn.Module], names: list[str]) -> dict[str,
     the index made: ``by_path`` lists every path depth first, so the paths of a
     block's subtree follow the block's own path."""
     members: dict[str, list[nn.Module]] = {}
+    if not names:
+        return members
     wanted = set(names)
     prefix, current, seen = None, None, set()
     for path, module in by_path.items():

@@ -302,8 +302,7 @@ def _kept_outside_merged_blocks(index: ModelIndex) -> list[Skip]:
     them (their first path is inside a block, opaque to the dataflow), the merge
     only reads them, and their other use goes on running them. Only a module
     registered at two paths or more can be one, and few are."""
-    prefixes = {f"{name}." if name else "": name for name in index.blocks}
-    inside = tuple(prefixes)
+    inside = index.block_prefixes
     kept = []
     for paths in index.paths.values():
         if len(paths) < 2:
@@ -315,7 +314,7 @@ def _kept_outside_merged_blocks(index: ModelIndex) -> list[Skip]:
         module = index.by_path[outside]
         if id(module) in index.tracked or not is_batchnorm_like(module):
             continue
-        block = next(name for prefix, name in prefixes.items() if held.startswith(prefix))
+        block = next(name for prefix, name in zip(inside, index.blocks) if held.startswith(prefix))
         kept.append(Skip(outside, f"it is also registered inside the block {block}, whose merge only reads it: "
                                   "its use here is left as it is"))
     return kept
