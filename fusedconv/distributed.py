@@ -501,6 +501,8 @@ DTENSOR_REFUSAL = ("it is a DTensor (sharded, e.g. by FSDP2): fold the model in 
 def is_sharded(model: object) -> bool:
     """Whether ``model`` is a module holding DTensors or modules that ``fully_shard``
     was applied to (:func:`any_sharded`)."""
+    if dtensor_class() is None and fsdp_module_class() is None:
+        return False  # neither is imported, so nothing can be sharded: no walk (every fold asks first)
     return isinstance(model, nn.Module) and any_sharded(submodules(model))  # a list: no generator per level
 
 

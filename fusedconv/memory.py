@@ -29,14 +29,17 @@ def memory_span(tensor: torch.Tensor) -> tuple[int, int] | None:
         start = tensor.data_ptr()
     except RuntimeError:  # no storage (e.g. created under a fake mode)
         return None
-    if start == 0 or tensor.numel() == 0:
+    if start == 0:
         return None
-    return start, start + _extent(tensor)
+    if tensor.is_contiguous():  # most parameters: their bytes in one call (none when empty)
+        size = tensor.nbytes
+        return (start, start + size) if size else None
+    return (start, start + _extent(tensor)) if tensor.numel() else None
 
 
 def _extent(tensor: torch.Tensor) -> int:
     """How many bytes from its first element ``tensor`` can reach."""
-    if tensor.is_contiguous():  # most parameters: one call instead of a walk over the strides
+    if tensor.is_contiguous():
         return tensor.nbytes
     return (1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))) \
         * tensor.element_size()

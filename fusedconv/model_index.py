@@ -47,12 +47,20 @@ class ModelIndex:
         # Whether the model is sharded (DTensors, FSDP2): every fold asks, once
         # (``sharded``: the caller has just found out).
         self.sharded = any_sharded(m for _, m in modules) if sharded is None else sharded
-        values = {id(m): attribute_values(m) for _, m in modules}  # one look at each module's attributes
+        # One look at each module's attributes, and every tensor it holds
+        # (registered, or in an attribute), keyed by its path.
+        values: dict[int, list[object]] = {}
+        held: list[tuple[str, torch.Tensor]] = []
+        for name, m in modules:
+            values[id(m)] = found = attribute_values(m)
+            held += [(name, t) for t in m._parameters.values() if t is not None]
+            held += [(name, t) for t in m._buffers.values() if t is not None]
+            if found:
+                held += [(name, t) for t in _tensors_among(found)]
         # Modules holding a tensor that shares memory with another tensor of the
         # model (tied weights, ``.data`` assigned across modules, views), over
         # every module (those inside blocks too).
-        holders = sharing_memory((name, t) for name, m in modules
-                                 for t in (*_tensors(m), *_tensors_among(values[id(m)])))
+        holders = sharing_memory(held)
         holder_paths: dict[int, list[str]] = {}
         self.held_elsewhere = modules_held_elsewhere(modules, values_of=lambda m: values[id(m)],
                                                      holders=holder_paths)

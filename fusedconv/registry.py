@@ -15,6 +15,7 @@ outside it.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import logging
 import sys
@@ -41,6 +42,18 @@ _CONVERTERS: dict[type, Converter] = {}
 # Package whose blocks have built-in converters -> the fusedconv module that registers them.
 _THIRD_PARTY = {"timm": "fusedconv.thirdparty.timm", "ultralytics": "fusedconv.thirdparty.ultralytics"}
 _loaded: set[str] = set()
+
+
+# id(block) -> its submodules, while plan_found_blocks runs the converters with a walk of the model at hand.
+_MEMBERS: contextvars.ContextVar[dict[int, list[nn.Module]]] = contextvars.ContextVar("fusedconv_block_members",
+                                                                                     default={})
+
+
+def block_submodules(block: nn.Module) -> list[nn.Module]:
+    """``list(block.modules())`` for a converter: while fusedconv plans a model's
+    merges, taken from the walk of the model it made already."""
+    known = _MEMBERS.get().get(id(block))
+    return known if known is not None else submodules(block)
 
 
 def register_block(cls: type, converter: Converter | None = None):
@@ -198,8 +211,12 @@ def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]],
     plans: list[Reparameterization] = []
     batchnorms = [m for name, block, _ in found
                   for m in (members or {}).get(name) or submodules(block) if has_running_stats(m)]
-    with prefetched_bn_affines(batchnorms):
-        for name, module, converter in found:
-            planned = converter(module, name or type(module).__name__)
-            plans.extend([planned] if isinstance(planned, Reparameterization) else planned)
+    token = _MEMBERS.set({id(block): members[name] for name, block, _ in found if name in members} if members else {})
+    try:
+        with prefetched_bn_affines(batchnorms):
+            for name, module, converter in found:
+                planned = converter(module, name or type(module).__name__)
+                plans.extend([planned] if isinstance(planned, Reparameterization) else planned)
+    finally:
+        _MEMBERS.reset(token)
     return check_reparameterizations(plans)

@@ -33,6 +33,8 @@ def why_no_values(tensor: torch.Tensor) -> str | None:
     """Why ``tensor`` holds no values fusedconv can read, or None."""
     if tensor.is_meta:
         return "it is on the meta device and holds no values (load the weights first)"
+    if type(tensor) is torch.nn.Parameter or type(tensor) is torch.Tensor:
+        return None  # neither a DTensor nor a wrapper subclass: most tensors, so the lookups below are skipped
     if distributed.is_dtensor(tensor):  # each rank holds a block: only a fold on every rank at once can write it
         return distributed.DTENSOR_REFUSAL
     if type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:

@@ -40,7 +40,7 @@ from ultralytics.nn.modules import conv as ultralytics_conv
 from ..affine import ChannelAffine
 from ..errors import FoldError
 from ..reparam import Branch, ConvGeometry, Reparameterization, bn_affine, identity_branch
-from ..registry import register_block
+from ..registry import block_submodules, register_block
 from ..walking import submodules
 
 Plans = list[Reparameterization]
@@ -48,7 +48,7 @@ Plans = list[Reparameterization]
 
 def _check_not_quantized(block: nn.Module, name: str) -> None:
     """Refuse a block carrying fake quantizers (ultralytics' QAT, matched by class name as ultralytics does)."""
-    if any(type(m).__name__ == "TensorQuantizer" for m in submodules(block)):
+    if any(type(m).__name__ == "TensorQuantizer" for m in block_submodules(block)):
         raise FoldError(f"{name}: it is fake-quantized (QAT), and folding would move its weights out of the "
                         "quantization ranges that were trained for them")
 
@@ -69,7 +69,7 @@ def _deploy(block: nn.Module, *, delete: tuple[str, ...], conv_attr: str) -> Cal
 def _freeze(conv: nn.Module) -> None:
     """``conv.requires_grad_(False)``, without the generator chain of
     ``parameters()`` that would cost more than the rest of an install."""
-    for module in submodules(conv):
+    for module in submodules(conv) if conv._modules else (conv,):  # a plain conv has no children to walk
         for parameter in module._parameters.values():
             if parameter is not None:
                 parameter.requires_grad_(False)
