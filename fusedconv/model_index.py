@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .dataflow.references import attribute_values, modules_held_elsewhere
+from .dataflow.references import PLAIN_TYPES, attribute_values, modules_held_elsewhere
 from .distributed import any_sharded
 from .layers import BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
 from .memory import sharing_memory, storage_key
@@ -79,10 +79,11 @@ class ModelIndex:
         self.kinds: dict[str, BatchNormKind | None] = {}  # each BN's, looked up once for the rules' many asks
         # The path prefixes of the blocks' insides, in the order of ``blocks``
         # ("" for a model that is itself a block).
-        self.block_prefixes = inside = tuple(f"{name}." if name else "" for name in blocks)
-        for name, m in modules:
-            if inside and name.startswith(inside):
-                continue  # merged with its block
+        self.block_prefixes = tuple(f"{name}." if name else "" for name in blocks)
+        # The modules (first path, module) outside every block: the blocks' own
+        # modules are merged with them.
+        self.outside = _outside_blocks(modules, blocks)
+        for name, m in self.outside:
             if layer_kind(m) is not None:
                 self.layers[name] = m
                 continue
@@ -104,6 +105,27 @@ class ModelIndex:
                 if key is not None and name not in owners[key]:
                     owners[key] += (name,)
         return owners
+
+
+def _outside_blocks(modules: list[tuple[str, nn.Module]], blocks: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """The ``(path, module)`` pairs of ``modules`` (first paths, depth first) whose
+    path is not inside one of the ``blocks`` (the blocks themselves are outside).
+    Depth first, the paths inside a block follow the block's own path, so one
+    pass comparing each path with the last block's prefix finds them (a test of
+    every path against every block's prefix costs a fold of a model made of
+    blocks as much as the rest of the index)."""
+    if "" in blocks:
+        return []  # the model is itself a block
+    if not blocks:
+        return list(modules)
+    outside = []
+    prefix = None
+    for path, module in modules:
+        if prefix is not None and path.startswith(prefix):
+            continue
+        prefix = f"{path}." if path in blocks else None
+        outside.append((path, module))
+    return outside
 
 
 def _block_members(by_path: dict[str, nn.Module], names: list[str]) -> dict[str, list[nn.Module]]:
@@ -144,6 +166,8 @@ def _tensors_among(values: list[object]) -> list[torch.Tensor]:
     stack, seen = list(values), set()
     while stack:
         value = stack.pop()
+        if type(value) in PLAIN_TYPES:
+            continue  # most of a configuration dict's entries
         if isinstance(value, torch.Tensor):
             tensors.append(value)
         elif isinstance(value, (dict, list, tuple, set, frozenset)) and id(value) not in seen:

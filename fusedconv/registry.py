@@ -167,14 +167,14 @@ def blocks_among(named_modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[s
     ``named_modules()``, for a caller that walks them anyway."""
     _load_third_party()  # once, not for each module
     found: list[tuple[str, nn.Module, Converter]] = []
-    inside: tuple[str, ...] = ()
+    inside = None  # the last block's prefix: depth first, the paths inside a block follow its own
     for name, module in named_modules:
-        if inside and name.startswith(inside):
+        if inside is not None and name.startswith(inside):
             continue
         converter = _loaded_converter_for(module)
         if converter is not None:
             found.append((name, module, converter))
-            inside += (f"{name}." if name else "",)
+            inside = f"{name}." if name else ""
     return found
 
 

@@ -195,6 +195,29 @@ def test_index_lists_each_blocks_modules_as_a_walk_of_the_block_would(my_block_r
     assert [id(m) for m in nested["3"]] == [id(m) for m in submodules(second)]
 
 
+def test_index_finds_the_modules_outside_blocks_as_the_prefix_rule_says(my_block_registered):
+    """``ModelIndex.outside`` (one pass in walk order) must list exactly the
+    modules whose first path starts with no block's ``path + "."``: blocks
+    found, caller-given blocks nested in each other or named by a second path,
+    and the model itself as a block."""
+    from fusedconv.model_index import ModelIndex
+
+    shared_act = nn.ReLU()
+    first, second = MyBlock(), MyBlock()
+    second.act = shared_act
+    inner = nn.Sequential(nn.Conv2d(6, 6, 1), second)
+    model = nn.Sequential(shared_act, first, nn.Conv2d(6, 6, 1), inner, first, nn.BatchNorm2d(6)).eval()
+
+    def by_prefix(index):
+        prefixes = tuple(f"{name}." if name else "" for name in index.blocks)
+        return [path for path, _ in index.modules if not (prefixes and path.startswith(prefixes))]
+
+    for blocks in (None, {"3": inner, "3.1": second}, {"4": first}, {"1": first, "3.1": second}, {}, {"": model}):
+        index = ModelIndex(model, blocks=blocks)
+        assert [path for path, _ in index.outside] == by_prefix(index), blocks
+    assert [path for path, _ in ModelIndex(model).outside] == ["", "0", "1", "2", "3", "3.0", "3.1", "5"]
+
+
 class _StatsByProperty(nn.Module):
     """Running statistics reached in three ways other than a registered buffer."""
 

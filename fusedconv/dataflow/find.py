@@ -56,10 +56,8 @@ def find_dataflow(model: nn.Module, index, example_inputs: tuple | None,
     (the rules fold every BN by it). Raises :class:`fusedconv.FoldError` when a
     run fails, or when fx cannot trace a model whose code proves nothing."""
     if not index.batchnorms:  # every BN sits in a block that its converter merges
-        inside = index.block_prefixes
-        outside = [(path, m) for path, m in index.modules if not (inside and path.startswith(inside))]
         return Dataflow({name: Node(name) for name in index.tracked.values()}, "none",
-                        functional_batchnorms=functional_batchnorm_calls(outside))
+                        functional_batchnorms=functional_batchnorm_calls(index.outside))
     if example_inputs is not None:
         return _run(model, index, example_inputs)
     read = from_source(model, index.tracked, index.paths, index.held_elsewhere)

@@ -40,6 +40,11 @@ _ATOMS = (
     torch.device, torch.Size, torch.memory_format, torch.layout, torch.Tensor, types.ModuleType,
     type(Ellipsis), type(NotImplemented), torch.Generator,
 )
+# The exact types of most atoms (a model's configuration: class names, a yaml
+# dict), told apart by one set lookup before the isinstance over _ATOMS, which
+# checks the abstract numbers.Number on the way.
+_COMMON_ATOMS = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.device, torch.Size,
+                           torch.Tensor, nn.Parameter})
 # Functions defined in these packages keep no reference to a caller's modules.
 _LIBRARY_PREFIXES = ("torch", "torchvision", "timm", "numpy", "math", "functools", "operator", "builtins",
                      "collections", "typing", "itertools", "einops", "warnings", "logging", "ultralytics")
@@ -116,7 +121,7 @@ def reachable_modules(obj: object) -> list[nn.Module] | None:
     stack = [obj]
     while stack:
         current = stack.pop()
-        if id(current) in seen or isinstance(current, _ATOMS):
+        if type(current) in _COMMON_ATOMS or id(current) in seen or isinstance(current, _ATOMS):
             continue
         seen.add(id(current))
         if len(seen) > _BUDGET:
@@ -131,11 +136,11 @@ def reachable_modules(obj: object) -> list[nn.Module] | None:
     return found
 
 
-_PLAIN = frozenset({int, float, bool, str, type(None)})  # most attributes: a layer's configuration
+PLAIN_TYPES = frozenset({int, float, bool, str, type(None)})  # most attributes: a layer's configuration
 
 
 def _plain_tuple(value: object) -> bool:
-    return type(value) is tuple and _PLAIN.issuperset(map(type, value))  # no generator: this runs per attribute
+    return type(value) is tuple and PLAIN_TYPES.issuperset(map(type, value))  # no generator: this runs per attribute
 
 
 def attribute_values(module: nn.Module) -> list[object]:
@@ -146,7 +151,7 @@ def attribute_values(module: nn.Module) -> list[object]:
     modules whose parameters FSDP manages, and never call them."""
     attributes = vars(module)
     values = [value for key in attributes.keys() - MODULE_STATE
-              if type(value := attributes[key]) not in _PLAIN and not _plain_tuple(value)]
+              if type(value := attributes[key]) not in PLAIN_TYPES and not _plain_tuple(value)]
     if not values and not (module._forward_hooks or module._forward_pre_hooks):
         return values
     fsdp_state = distributed.own_attributes(module)
