@@ -25,7 +25,7 @@ from torch import nn
 
 from .blocks.base import RepBlock
 from .errors import FoldError
-from .layers import has_running_stats, layer_kind
+from .layers import is_batchnorm_like, layer_kind
 from .walking import submodules
 from .reparam import (
     Reparameterization,
@@ -209,8 +209,11 @@ def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]],
                 "BatchNorms use batch statistics: call model.eval() before merging"
             )
     plans: list[Reparameterization] = []
-    batchnorms = [m for name, block, _ in found
-                  for m in (members or {}).get(name) or submodules(block) if has_running_stats(m)]
+    # The BNs whose affine maps are computed together: BatchNorms with registered
+    # statistics, most modules told apart by one dict lookup. Prefetching only
+    # saves time: a BN holding its statistics elsewhere is left to bn_affine.
+    batchnorms = [m for name, block, _ in found for m in (members or {}).get(name) or submodules(block)
+                  if "running_var" in m._buffers and is_batchnorm_like(m)]
     token = _MEMBERS.set({id(block): members[name] for name, block, _ in found if name in members} if members else {})
     try:
         with prefetched_bn_affines(batchnorms):

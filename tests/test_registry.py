@@ -283,3 +283,31 @@ def test_batchnorm_of_a_merged_block_used_outside_it_is_reported_left():
     assert fusedconv.count_batchnorms(fused) == 1 and isinstance(fused[2], nn.BatchNorm2d)
     with torch.no_grad():
         assert relative_error(fused(x), reference) <= max(2 * relative_error(model(x), reference), 1e-6)
+
+
+class _InputStatistics(nn.Module):
+    """Running statistics of what passes through, kept for monitoring: named like a
+    BN's, but no BatchNorm (no eps, no normalising)."""
+
+    def __init__(self, channels: int = 6):
+        super().__init__()
+        self.register_buffer("running_mean", torch.randn(channels))
+        self.register_buffer("running_var", torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        return x
+
+
+def test_a_block_holding_statistics_that_are_no_batchnorm_merges(my_block_registered):
+    """The planner computes the affine maps of a block's BNs together before the
+    converters run; a module with BN-like statistics that is no BatchNorm must
+    not be taken for one (it has no eps: reading it as a BN raised)."""
+    model = model_with_blocks()
+    model[3].monitor = _InputStatistics()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    fused = fusedconv.fuse(model)
+    assert fusedconv.count_batchnorms(fused) == 0
+    reference = float64_reference(model, (x,))
+    with torch.no_grad():
+        unfused, folded = relative_error(model(x), reference), relative_error(fused(x), reference)
+    assert folded <= 4 * unfused + 4 * torch.finfo(torch.float32).eps, (folded, unfused)
