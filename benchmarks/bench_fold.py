@@ -306,10 +306,12 @@ def _missing_package(exc: ImportError) -> str | None:
 
 def _write_bytecode_of_fusedconv() -> None:
     """Write the bytecode of fusedconv's modules, as a first import does wherever
-    Python may write it: where it may not (PYTHONDONTWRITEBYTECODE, a read-only
-    install), each cold process would compile the modules a first fold imports
-    (the converters, the kernels' loader), which a user's second process does not."""
-    compileall.compile_dir(os.path.dirname(fusedconv.__file__), quiet=1)
+    Python may write it. Without it, on a machine that sets
+    PYTHONDONTWRITEBYTECODE (which this overrides for fusedconv's own files)
+    each cold process would compile the modules a first fold imports (the
+    converters, the kernels' loader), which a user's second process does not.
+    A read-only install is left as it is, silently."""
+    compileall.compile_dir(os.path.dirname(fusedconv.__file__), quiet=2)
 
 
 def cold_first_call(spec: ModelSpec, tool: Tool, args) -> float | str:

@@ -52,16 +52,17 @@ class ModelIndex:
         values: dict[int, list[object]] = {}
         held: list[tuple[str, torch.Tensor]] = []
         for name, m in modules:
-            values[id(m)] = found = attribute_values(m)
+            values[id(m)] = attributes = attribute_values(m)
             held += [(name, t) for t in m._parameters.values() if t is not None]
             held += [(name, t) for t in m._buffers.values() if t is not None]
-            if found:
-                held += [(name, t) for t in _tensors_among(found)]
+            if attributes:
+                held += [(name, t) for t in _tensors_among(attributes)]
         # Modules holding a tensor that shares memory with another tensor of the
         # model (tied weights, ``.data`` assigned across modules, views), over
         # every module (those inside blocks too).
         holders = sharing_memory(held)
-        holder_paths: dict[int, list[str]] = {}
+        # id(module) -> the paths of the modules whose attributes or hooks reach it
+        self.holders = holder_paths = {}
         self.held_elsewhere = modules_held_elsewhere(modules, values_of=lambda m: values[id(m)],
                                                      holders=holder_paths)
         self.entangled: dict[str, str] = {}  # blocks a merge would change outside themselves -> why
@@ -107,9 +108,11 @@ class ModelIndex:
         return owners
 
 
-def _outside_blocks(modules: list[tuple[str, nn.Module]], blocks: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+def _outside_blocks(modules: list[tuple[str, nn.Module]],
+                    blocks: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
     """The ``(path, module)`` pairs of ``modules`` (first paths, depth first) whose
-    path is not inside one of the ``blocks`` (the blocks themselves are outside).
+    path is not inside one of the ``blocks`` (the blocks themselves are outside,
+    but for the model itself as a block, which leaves nothing outside).
     Depth first, the paths inside a block follow the block's own path, so one
     pass comparing each path with the last block's prefix finds them (a test of
     every path against every block's prefix costs a fold of a model made of
@@ -160,8 +163,8 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 def _tensors_among(values: list[object]) -> list[torch.Tensor]:
     """The tensors among attribute values, and in the dicts, lists, tuples and
-    sets among them, however nested (``self.w = conv.weight``,
-    ``self.cache = {"k": [t]}``)."""
+    sets among them and in the tensors' own attributes, however nested
+    (``self.w = conv.weight``, ``self.cache = {"k": [t]}``, ``t.alias = w[0]``)."""
     tensors: list[torch.Tensor] = []
     stack, seen = list(values), set()
     while stack:
@@ -170,6 +173,9 @@ def _tensors_among(values: list[object]) -> list[torch.Tensor]:
             continue  # most of a configuration dict's entries
         if isinstance(value, torch.Tensor):
             tensors.append(value)
+            if value.__dict__ and id(value) not in seen:  # a tensor's own attributes (``t.alias = w[0]``)
+                seen.add(id(value))
+                stack.extend(value.__dict__.values())
         elif isinstance(value, (dict, list, tuple, set, frozenset)) and id(value) not in seen:
             seen.add(id(value))
             stack.extend(value.values() if isinstance(value, dict) else value)

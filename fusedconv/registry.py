@@ -53,7 +53,7 @@ def block_submodules(block: nn.Module) -> list[nn.Module]:
     """``list(block.modules())`` for a converter: while fusedconv plans a model's
     merges, taken from the walk of the model it made already."""
     known = _MEMBERS.get().get(id(block))
-    return known if known is not None else submodules(block)
+    return list(known) if known is not None else submodules(block)  # a copy: the index keeps its own
 
 
 def register_block(cls: type, converter: Converter | None = None):
@@ -209,9 +209,10 @@ def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]],
                 "BatchNorms use batch statistics: call model.eval() before merging"
             )
     plans: list[Reparameterization] = []
-    # The BNs whose affine maps are computed together: BatchNorms with registered
-    # statistics, most modules told apart by one dict lookup. Prefetching only
-    # saves time: a BN holding its statistics elsewhere is left to bn_affine.
+    # The BNs whose affine maps are computed together: BatchNorms with a
+    # registered running_var, most modules told apart by one dict lookup.
+    # Prefetching only saves time: a BN holding its statistics elsewhere is left
+    # to bn_affine.
     batchnorms = [m for name, block, _ in found for m in (members or {}).get(name) or submodules(block)
                   if "running_var" in m._buffers and is_batchnorm_like(m)]
     token = _MEMBERS.set({id(block): members[name] for name, block, _ in found if name in members} if members else {})

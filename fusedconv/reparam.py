@@ -134,13 +134,14 @@ _PREFETCHED: contextvars.ContextVar[dict[int, ChannelAffine]] = contextvars.Cont
 def prefetched_bn_affines(bns: Sequence[nn.Module]):
     """Within the block, :func:`bn_affine` hands out the affine maps of ``bns``
     computed together (a handful of tensor ops and one host sync in all, instead
-    of per BN). If any of them has bad statistics, nothing is prefetched, so
-    that the converter that reads it raises the error naming it."""
+    of per BN). If any of them has bad statistics (or tensors that do not fit
+    together), nothing is prefetched, so that the converter that reads it
+    raises the error naming it."""
     usable = [bn for bn in bns if why_batchnorm_cannot_fold(bn) is None]
     try:
         affines = batchnorm_affines([bn_statistics(bn, type(bn).__name__) for bn in usable])
-    except FoldError:
-        affines = []
+    except Exception:  # prefetching only saves time: bn_affine reports what is wrong, naming the BN, if a
+        affines = []  # converter reads it (one that none reads, a spare with odd tensors, is no error)
     token = _PREFETCHED.set({id(bn): affine for bn, affine in zip(usable, affines)})
     try:
         yield

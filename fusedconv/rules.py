@@ -82,9 +82,26 @@ class Matcher:
 
     def layer_problem(self, name: str) -> str | None:
         if name not in self._layer_problems:
-            self._layer_problems[name] = self._usage_problem(name) or why_layer_cannot_change(
-                self.index.layers[name], own_forward=True)  # BNs before it are refused by why_not_exact_before
+            # (a BN before the layer is refused by why_not_exact_before)
+            self._layer_problems[name] = (self._usage_problem(name)
+                                          or why_layer_cannot_change(self.index.layers[name], own_forward=True)
+                                          or self._called_out_of_sight(name))
         return self._layer_problems[name]
+
+    def _called_out_of_sight(self, name: str) -> str | None:
+        """A layer that something outside the module tree holds may be called
+        where neither the code reading (which refuses such a layer) nor a trace
+        looks: a trace records ``self.gain.helper(x)``, through a parameter's
+        attribute, as a method of the parameter. Only a run sees every call."""
+        layer = self.index.layers[name]
+        if self.flow.source == "run" or self.index.held_elsewhere is None or id(layer) not in self.index.held_elsewhere:
+            return None  # None: every BN is refused already (_held_elsewhere)
+        own = self.index.paths[id(layer)]
+        holder = next((path for path in self.index.holders.get(id(layer), ()) if path not in own), None)
+        if holder is None:
+            return None  # held by its own attributes only (a bound method of its own): its calls are its own
+        return (f"it is also reachable through an attribute or hook of {holder or 'the model'}, where a call shows "
+                "in neither the code nor a trace: pass example_inputs to fold it")
 
     def _held_elsewhere(self, bn: nn.Module) -> str | None:
         """A folded BN is replaced in the module tree only: a reference kept

@@ -385,9 +385,22 @@ class _Other(nn.Module):
         return self.convs["k"][0](x)
 
 
+class _ThroughATensor(nn.Module):
+    """Calls a conv of a block through an attribute of a plain tensor it keeps."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.carrier = torch.zeros(1)
+        self.carrier.helper = conv
+
+    def forward(self, x):
+        return x + self.carrier.helper(x)
+
+
 @pytest.mark.parametrize("how,why", [
     ("tied", "holds a tensor that shares memory"),
     ("reached through an attribute", "is also reachable"),
+    ("reached through a tensor's attribute", "is also reachable"),
     ("hooked inside the block", "has forward hooks"),
 ])
 def test_a_block_a_merge_would_change_outside_itself_is_not_merged(how, why):
@@ -398,6 +411,8 @@ def test_a_block_a_merge_would_change_outside_itself_is_not_merged(how, why):
         model = nn.Sequential(block, other)
     elif how == "reached through an attribute":
         model = nn.Sequential(block, _Other(block.dense[0].conv))
+    elif how == "reached through a tensor's attribute":
+        model = nn.Sequential(block, _ThroughATensor(block.dense[0].conv))
     else:
         block.dense[0].conv.register_forward_hook(lambda module, args, output: output + 1)
         model = nn.Sequential(block, nn.ReLU())

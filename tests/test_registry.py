@@ -311,3 +311,24 @@ def test_a_block_holding_statistics_that_are_no_batchnorm_merges(my_block_regist
     with torch.no_grad():
         unfused, folded = relative_error(model(x), reference), relative_error(fused(x), reference)
     assert folded <= 4 * unfused + 4 * torch.finfo(torch.float32).eps, (folded, unfused)
+
+
+def test_a_batchnorm_no_converter_reads_does_not_stop_the_merge():
+    """The planner computes a block's BN affine maps together before the
+    converters run, as a shortcut only: a spare BN whose tensors do not fit
+    together (which the merge never reads) must neither raise nor change the
+    outputs; the BNs the merge reads are still checked, naming the BN."""
+    model = nn.Sequential(blocks.RepVGGBlock(6, 6, 3, activation=nn.ReLU()), nn.ReLU())
+    model = randomize_batchnorm_stats(model, torch.Generator().manual_seed(2)).eval()
+    model[0].spare = nn.BatchNorm2d(6).eval()
+    model[0].spare.weight = nn.Parameter(torch.ones(3))  # 3 gammas for 6 channels
+    x = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(3))
+    fused = fusedconv.fuse(model)
+    assert fusedconv.plan(model).merges == ["0"]
+    reference = float64_reference(model, (x,))
+    with torch.no_grad():
+        unfused, folded = relative_error(model(x), reference), relative_error(fused(x), reference)
+    assert folded <= 4 * unfused + 4 * torch.finfo(torch.float32).eps, (folded, unfused)
+    model[0].pointwise.bn.running_var[0] = float("nan")  # a BN the merge reads: its own error, by name
+    with pytest.raises(fusedconv.FoldError, match=r"0.*running_var is not finite"):
+        fusedconv.fuse(model)

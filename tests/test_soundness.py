@@ -296,7 +296,15 @@ class ListKeeper(nn.Module):
         return self.kept[0](x)
 
 
+def _tensor_carrying(conv):
+    """A tensor that carries the conv as an attribute of its own."""
+    carrier = torch.zeros(1)
+    carrier.helper = conv
+    return carrier
+
+
 KEEPERS = {
+    "tensor_attribute": lambda conv: (lambda carrier: (lambda x: carrier.helper(x)))(_tensor_carrying(conv)),
     "partial": lambda conv: functools.partial(conv),
     "bound_forward": lambda conv: conv.forward,
     "namespace": lambda conv: (lambda ns: (lambda x: ns.c(x)))(types.SimpleNamespace(c=conv)),
@@ -324,10 +332,36 @@ class ViaHelperModule(nn.Module):
         return self.bn(self.conv(x)) + self.helper(x)
 
 
+class ViaParameterAttribute(nn.Module):
+    """The conv is reached through an attribute of a registered parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.gain = nn.Parameter(torch.full((1,), 0.5))
+        self.gain.helper = self.conv
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.gain * self.gain.helper(x)
+
+
 @pytest.mark.parametrize("make", [ViaModulesDict, ViaHelperModule], ids=["modules_dict", "helper_module"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_child_reached_through_module_state_or_a_helper(make, inplace, monkeypatch):
     fold_and_compare(make, (2, 3, 8, 8), mode="source", inplace=inplace, folded=set(), monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("mode", ["source", "fx"])
+def test_layer_reached_through_a_parameters_attribute_needs_a_run(mode, monkeypatch):
+    """A trace records ``self.gain.helper(x)`` as a method call on the parameter,
+    not as a call of the conv: without a run the conv must not be folded. (In
+    place: torch's deepcopy of a Parameter drops its attributes, so a copy of
+    this model cannot run at all.)"""
+    plan = fold_and_compare(ViaParameterAttribute, (2, 3, 8, 8), mode=mode, inplace=True, folded=set(),
+                            monkeypatch=monkeypatch)
+    assert "pass example_inputs" in reason(plan, "bn")
+    fold_and_compare(ViaParameterAttribute, (2, 3, 8, 8), mode="run", inplace=True, folded=set(),
+                     monkeypatch=monkeypatch)  # a run sees the conv called twice
 
 
 class BoundBNForward(nn.Module):

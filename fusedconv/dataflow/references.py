@@ -34,17 +34,19 @@ from ..layers import MODULE_STATE
 UNKNOWN = None
 """Returned when the walk cannot tell what an object reaches."""
 
-# Values that hold no reference to anything else worth following.
+# Values whose contents hold no reference to anything worth following. Their
+# instance attributes may: a tensor, an enum member or an instance of a subclass
+# of a number or string can carry any attribute (``t.helper = conv``), and those
+# are followed. A module object's attributes are its namespace, not followed.
 _ATOMS = (
     type(None), bool, numbers.Number, str, bytes, bytearray, range, slice, enum.Enum, torch.dtype,
     torch.device, torch.Size, torch.memory_format, torch.layout, torch.Tensor, types.ModuleType,
     type(Ellipsis), type(NotImplemented), torch.Generator,
 )
-# The exact types of most atoms (a model's configuration: class names, a yaml
-# dict), told apart by one set lookup before the isinstance over _ATOMS, which
-# checks the abstract numbers.Number on the way.
-_COMMON_ATOMS = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.device, torch.Size,
-                           torch.Tensor, nn.Parameter})
+# The exact types of most atoms without instance attributes (a model's
+# configuration: class names, a yaml dict), told apart by one set lookup before
+# the isinstance over _ATOMS, which checks the abstract numbers.Number on the way.
+_BARE_ATOMS = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.device, torch.Size})
 # Functions defined in these packages keep no reference to a caller's modules.
 _LIBRARY_PREFIXES = ("torch", "torchvision", "timm", "numpy", "math", "functools", "operator", "builtins",
                      "collections", "typing", "itertools", "einops", "warnings", "logging", "ultralytics")
@@ -113,6 +115,13 @@ def _references(obj: object) -> list[object] | None:
     return [] if module in _LIBRARY_PREFIXES or module in sys.stdlib_module_names else None
 
 
+def _instance_attributes(atom: object) -> dict:
+    """The attributes an atom carries in its own ``__dict__`` (usually none)."""
+    if isinstance(atom, types.ModuleType):
+        return {}
+    return getattr(atom, "__dict__", None) or {}
+
+
 def reachable_modules(obj: object) -> list[nn.Module] | None:
     """The ``nn.Module`` objects reachable from ``obj`` (not looking inside them),
     or :data:`UNKNOWN` when that cannot be told."""
@@ -121,7 +130,10 @@ def reachable_modules(obj: object) -> list[nn.Module] | None:
     stack = [obj]
     while stack:
         current = stack.pop()
-        if type(current) in _COMMON_ATOMS or id(current) in seen or isinstance(current, _ATOMS):
+        if type(current) in _BARE_ATOMS or id(current) in seen:
+            continue
+        atom = isinstance(current, _ATOMS)
+        if atom and not _instance_attributes(current):
             continue
         seen.add(id(current))
         if len(seen) > _BUDGET:
@@ -129,7 +141,7 @@ def reachable_modules(obj: object) -> list[nn.Module] | None:
         if isinstance(current, nn.Module):
             found.append(current)
             continue
-        held = _references(current)
+        held = list(_instance_attributes(current).values()) if atom else _references(current)
         if held is None:
             return UNKNOWN
         stack.extend(held)
@@ -152,6 +164,11 @@ def attribute_values(module: nn.Module) -> list[object]:
     attributes = vars(module)
     values = [value for key in attributes.keys() - MODULE_STATE
               if type(value := attributes[key]) not in PLAIN_TYPES and not _plain_tuple(value)]
+    # A registered tensor's own attributes (``conv.weight.helper = other``) are
+    # held by the module too.
+    values += [value for registry in (module._parameters, module._buffers) for tensor in registry.values()
+               if tensor is not None and tensor.__dict__ for value in tensor.__dict__.values()
+               if type(value) not in PLAIN_TYPES]
     if not values and not (module._forward_hooks or module._forward_pre_hooks):
         return values
     fsdp_state = distributed.own_attributes(module)
