@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Sequence, Union
 from torch import nn
 
 from .blocks.base import RepBlock
+from .dataflow.references import forward_hooks, hook_may_use_its_module
 from .errors import FoldError
 from .layers import is_batchnorm_like, layer_kind
 from .walking import submodules
@@ -139,6 +140,8 @@ def _why_entangled(block: nn.Module, inner: list[nn.Module], paths: dict[int, li
     def outside(candidates: Iterable[str]) -> str | None:
         return next((path for path in candidates if not (path.startswith(inside) or path in own_paths)), None)
 
+    if any(hook_may_use_its_module(hook) for hook in forward_hooks(block)):
+        return "it has a forward hook that is called with the block and may read the modules the merge removes"
     for module in inner:
         what = type(module).__name__
         if module is not block and (module._forward_hooks or module._forward_pre_hooks):
@@ -154,7 +157,7 @@ def _why_entangled(block: nn.Module, inner: list[nn.Module], paths: dict[int, li
                     "would change that use too")
         holder = outside(holders.get(id(module), ()))
         if holder is not None:
-            return (f"its {what} is also reachable from an attribute or hook of {holder or 'the model'}, outside "
+            return (f"its {what} is also reachable from an attribute, hook or class of {holder or 'the model'}, outside "
                     "the block: merging would change that use too")
         if id(module) in sharing_memory:
             return (f"its {what} holds a tensor that shares memory with another tensor of the model: merging "

@@ -100,7 +100,7 @@ class Matcher:
         holder = next((path for path in self.index.holders.get(id(layer), ()) if path not in own), None)
         if holder is None:
             return None  # held by its own attributes only (a bound method of its own): its calls are its own
-        return (f"it is also reachable through an attribute or hook of {holder or 'the model'}, where a call shows "
+        return (f"it is also reachable through an attribute, hook or class of {holder or 'the model'}, where a call shows "
                 "in neither the code nor a trace: pass example_inputs to fold it")
 
     def _held_elsewhere(self, bn: nn.Module) -> str | None:

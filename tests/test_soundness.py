@@ -1010,3 +1010,120 @@ def test_a_failing_block_install_is_undone():
         assert_unchanged(model, before)
     finally:
         fusedconv.registry._CONVERTERS.pop(TwoBranches, None)
+
+
+# --------------------------------------------------------------------------- 9. code that reaches a module another way
+
+
+class _ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class _ViaClassAttribute(_ConvBN):
+    shared: list = []
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.shared[0](x)
+
+
+_SIDE: dict = {}
+
+
+class _ViaDefaultArgument(_ConvBN):
+    def forward(self, x, side=_SIDE):
+        return self.bn(self.conv(x)) + side["m"].conv(x)
+
+
+class _OwnCall(_ConvBN):
+    def __call__(self, x):
+        return super().__call__(x) + self.conv(x)
+
+
+def _hooked(module_reader: bool):
+    model = _ConvBN()
+    if module_reader:
+        model.register_forward_hook(lambda module, args, output: output + module.conv(args[0]))
+    else:
+        model.register_forward_hook(lambda module, args, output: output * 2)
+    return model
+
+
+def _pre_hooked_child():
+    model = nn.Sequential(_ConvBN(), nn.ReLU())
+    model[0].register_forward_pre_hook(lambda module, args: (args[0] + module.conv(args[0]).mean(),))
+    return model
+
+
+def _class_held():
+    model = _ViaClassAttribute()
+    _ViaClassAttribute.shared = [model.conv]
+    return model
+
+
+def _default_held():
+    model = _ViaDefaultArgument()
+    _SIDE["m"] = model
+    return model
+
+
+def _forward_replaced():
+    model = _ConvBN()
+    model.forward = lambda x: model.bn(model.conv(x)) + model.conv(x)
+    return model
+
+
+def _hooked_block():
+    block = fusedconv.blocks.RepVGGBlock(3, 3, 3, activation=nn.ReLU())
+    block.register_forward_hook(lambda module, args, output: output + module.dense[0].conv(args[0]))
+    return nn.Sequential(block, nn.ReLU())
+
+
+REACHED_ANOTHER_WAY = {
+    "hook_reading_its_module": lambda: _hooked(True),
+    "pre_hook_of_a_child_reading_it": _pre_hooked_child,
+    "class_attribute": _class_held,
+    "default_argument": _default_held,
+    "call_overridden": _OwnCall,
+    "forward_replaced_on_the_instance": _forward_replaced,
+    "hook_of_a_block_reading_it": _hooked_block,
+}
+
+
+@pytest.mark.parametrize("inputs", [False, True], ids=["no_inputs", "example_inputs"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+@pytest.mark.parametrize("case", sorted(REACHED_ANOTHER_WAY))
+def test_a_conv_reached_by_code_the_module_tree_does_not_show_is_not_folded(case, inplace, inputs):
+    """A hook called with its module, a class attribute, a default argument, a
+    ``__call__`` of the model's class or an instance's own forward can call the
+    conv outside the dataflow's view: no fold may change what the model
+    computes (a run sees the second call; without one, the conv stays)."""
+    model = randomize_batchnorm_stats(REACHED_ANOTHER_WAY[case](), torch.Generator().manual_seed(4)).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(x)
+    try:
+        fused = fusedconv.fuse(model, (x,) if inputs else None, inplace=inplace)
+    except fusedconv.FoldError as refused:
+        assert "example_inputs" in str(refused) and not inputs
+        with torch.no_grad():
+            assert torch.equal(model(x), expected)  # left as it was
+        return
+    with torch.no_grad():
+        assert torch.allclose(fused(x), expected, rtol=1e-5, atol=1e-5), (fused(x) - expected).abs().max()
+
+
+def test_a_hook_that_never_reads_its_module_does_not_stop_folds():
+    """Only a hook that uses the module it is called with reaches the modules
+    below it: a hook that scales the output leaves the pair foldable."""
+    model = randomize_batchnorm_stats(_hooked(False), torch.Generator().manual_seed(6)).eval()
+    plan = fusedconv.plan(model)
+    assert {bn for fold in plan.folds for bn in fold.batchnorms} == {"bn"}
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fusedconv.fuse(model)(x), model(x), rtol=1e-5, atol=1e-5)
+    assert fusedconv.plan(randomize_batchnorm_stats(_hooked(True), torch.Generator()).eval()).folds == []

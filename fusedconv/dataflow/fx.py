@@ -168,8 +168,15 @@ def from_fx(model: nn.Module, tracked: dict[int, str], leaves: set[int] = frozen
     """Dataflow of ``model`` as torch.fx sees it. ``tracked`` maps id(module) to
     its name; ``leaves`` (ids) are other modules not to trace into.
 
-    Raises :class:`Untraceable` when the model's own forward cannot be traced.
+    Raises :class:`Untraceable` when the model's own forward cannot be traced,
+    or is not what calling the model runs: a trace follows the class's
+    ``forward``, not an instance's replacement of it or a ``__call__`` of the
+    model's class (for the modules below the model, both are traced as called).
     """
+    if "forward" in vars(model):
+        raise Untraceable("its forward is replaced on the instance, and a trace follows the class's")
+    if type(model).__call__ is not nn.Module.__call__:
+        raise Untraceable(f"{type(model).__name__} overrides __call__, which a trace of the model does not run")
     graph, black_boxes = _trace(model, tracked, leaves)
     nodes = {name: Node(name) for name in tracked.values()}
     modules: dict[str, nn.Module] = {}

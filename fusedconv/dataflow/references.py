@@ -17,8 +17,10 @@ functions do not keep the caller's modules.
 from __future__ import annotations
 
 import collections
+import dis
 import enum
 import functools
+import inspect
 import numbers
 import sys
 import types
@@ -30,6 +32,7 @@ from torch import nn
 
 from .. import distributed
 from ..layers import MODULE_STATE
+from ..walking import submodules
 
 UNKNOWN = None
 """Returned when the walk cannot tell what an object reaches."""
@@ -155,6 +158,15 @@ def _plain_tuple(value: object) -> bool:
     return type(value) is tuple and PLAIN_TYPES.issuperset(map(type, value))  # no generator: this runs per attribute
 
 
+def forward_hooks(module: nn.Module) -> list[object]:
+    """The module's forward hooks and pre-hooks, FSDP2's own left out."""
+    if not (module._forward_hooks or module._forward_pre_hooks):
+        return []
+    fsdp_pre, fsdp_post = distributed.own_forward_hooks(module)
+    return [*(hook for key, hook in module._forward_hooks.items() if key not in fsdp_post),
+            *(hook for key, hook in module._forward_pre_hooks.items() if key not in fsdp_pre)]
+
+
 def attribute_values(module: nn.Module) -> list[object]:
     """The values of ``module``'s instance attributes that can hold a module or a
     tensor: nn.Module's own bookkeeping and plain configuration (numbers,
@@ -174,10 +186,47 @@ def attribute_values(module: nn.Module) -> list[object]:
     fsdp_state = distributed.own_attributes(module)
     if fsdp_state:
         values = [value for value in values if not any(value is own for own in fsdp_state)]
-    if module._forward_hooks or module._forward_pre_hooks:
-        fsdp_pre, fsdp_post = distributed.own_forward_hooks(module)
-        values.extend(hook for key, hook in module._forward_hooks.items() if key not in fsdp_post)
-        values.extend(hook for key, hook in module._forward_pre_hooks.items() if key not in fsdp_pre)
+    values.extend(forward_hooks(module))
+    return values
+
+
+def hook_may_use_its_module(hook: object) -> bool:
+    """Whether a forward (pre-)hook may use the module it is called with, its
+    first argument (after ``self`` for a bound method): a function whose code
+    never reads that argument cannot; anything else (a partial, a callable
+    object, a builtin) may."""
+    function, first = hook, 0
+    if isinstance(function, types.MethodType):
+        function, first = function.__func__, 1
+    if not isinstance(function, types.FunctionType):
+        return True
+    code = function.__code__
+    if code.co_argcount <= first:
+        return bool(code.co_flags & inspect.CO_VARARGS)  # the module lands in *args
+    name = code.co_varnames[first]
+    if name in code.co_cellvars or "locals" in code.co_names or "vars" in code.co_names:
+        return True  # captured by a nested function, or read through the frame's locals
+    return any(instruction.argval == name for instruction in dis.get_instructions(code)
+               if instruction.opname.startswith(("LOAD_FAST", "DELETE_FAST", "STORE_FAST")))
+
+
+def _class_values(cls: type) -> list[object]:
+    """What a class holds for its instances' code to reach: its data attributes
+    (``shared = [conv]`` at class level) and its functions' default arguments
+    (``def forward(self, x, side=HOLDER)``)."""
+    values: list[object] = []
+    for key, value in vars(cls).items():
+        if key.startswith("__") and key.endswith("__"):
+            continue  # the class's own machinery (its dict, its weak references, its module name...)
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if isinstance(value, property):
+            value = value.fget
+        if isinstance(value, types.FunctionType):
+            values.extend(value.__defaults__ or ())
+            values.extend((value.__kwdefaults__ or {}).values())
+        elif value is not None:
+            values.append(value)
     return values
 
 
@@ -190,23 +239,40 @@ def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
     holds it), or None when some holder cannot be followed. ``values_of``: each
     module's :func:`attribute_values`, when the caller has them already;
     ``holders``, when given, is filled with id(module) -> the paths of every
-    module whose attributes or hooks reach it.
+    module whose attributes, hooks or class reach it.
 
     A module kept in an instance attribute (a bound method, a partial, a
-    lambda, a list, a namespace...) or in a hook of any module of the model can
-    be called by code that neither the code reading nor the module tree shows,
-    and it keeps being called after the tree's reference to it is replaced.
+    lambda, a list, a namespace...), in a hook of any module of the model, in a
+    class attribute or a default argument of a method of a module's class
+    (outside torch and the other libraries of ``_LIBRARY_PREFIXES``) can be
+    called by code that neither the code reading nor the module tree shows,
+    and it keeps being called after the tree's reference to it is replaced. A
+    forward hook that uses the module it is called with holds that module, and
+    whoever holds a module can reach every module below it.
     """
     held_elsewhere: dict[int, tuple[nn.Module, str]] = {}
+    by_class: dict[type, list[nn.Module] | None] = {}
     for path, module in modules:
         held = values_of(module)
-        if not held:
-            continue
-        reached = reachable_modules(held)
+        reached = reachable_modules(held) if held else []
         if reached is UNKNOWN:
             return None
-        where = f"an attribute or hook of {path} ({type(module).__name__})" if path else \
-            f"an attribute or hook of the model ({type(module).__name__})"
+        for cls in type(module).__mro__:
+            if cls.__module__.split(".")[0] in _LIBRARY_PREFIXES or cls is object:
+                continue
+            if cls not in by_class:
+                by_class[cls] = reachable_modules(_class_values(cls))
+            if by_class[cls] is UNKNOWN:
+                return None
+            reached = reached + by_class[cls]
+        if any(hook_may_use_its_module(hook) for hook in forward_hooks(module)):
+            reached = reached + [module]  # the hook is called with the module
+        if not reached:
+            continue
+        # Whoever holds a module reaches every module below it too (``held.conv(x)``).
+        reached = [inner for outer in reached for inner in submodules(outer)]
+        where = f"an attribute, hook or class of {path} ({type(module).__name__})" if path else \
+            f"an attribute, hook or class of the model ({type(module).__name__})"
         for other in reached:
             held_elsewhere.setdefault(id(other), (other, where))
             if holders is not None:
