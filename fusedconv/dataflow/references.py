@@ -178,9 +178,10 @@ def attribute_values(module: nn.Module) -> list[object]:
               if type(value := attributes[key]) not in PLAIN_TYPES and not _plain_tuple(value)]
     # A registered tensor's own attributes (``conv.weight.helper = other``) are
     # held by the module too.
-    values += [value for registry in (module._parameters, module._buffers) for tensor in registry.values()
-               if tensor is not None and tensor.__dict__ for value in tensor.__dict__.values()
-               if type(value) not in PLAIN_TYPES]
+    for registry in (module._parameters, module._buffers):
+        if registry:
+            values += [value for tensor in registry.values() if tensor is not None and tensor.__dict__
+                       for value in tensor.__dict__.values() if type(value) not in PLAIN_TYPES]
     if not values and not (module._forward_hooks or module._forward_pre_hooks):
         return values
     fsdp_state = distributed.own_attributes(module)
