@@ -26,7 +26,7 @@ from torch import nn
 from .blocks.base import RepBlock
 from .dataflow.references import forward_hooks, hook_may_use_its_module
 from .errors import FoldError
-from .layers import is_batchnorm_like, layer_kind
+from .layers import check_not_training, is_batchnorm_like, layer_kind
 from .walking import submodules
 from .reparam import (
     Reparameterization,
@@ -200,24 +200,34 @@ def plan_blocks(model: nn.Module, names: Sequence[str] | None = None, *,
     return plan_found_blocks(found, members)
 
 
+def _check_not_training(block: nn.Module, name: str) -> None:
+    """Raise :class:`FoldError` for a block in training mode, or holding a BN in
+    training mode (it normalises with batch statistics, which a merge, made
+    from the running ones, would not)."""
+    label = name or type(block).__name__
+    if block.training:
+        raise FoldError(f"{label} ({type(block).__name__}) is in training mode, where its BatchNorms use batch "
+                        "statistics: call model.eval() before merging")
+    for path, module in block.named_modules():
+        if module.training and is_batchnorm_like(module):
+            check_not_training(module, f"{name}.{path}" if name else path)
+
+
 def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]],
                       members: dict[str, list[nn.Module]] | None = None) -> list[Reparameterization]:
     """Checked merges of ``(name, block, converter)`` triples, the BNs'
     statistics read together; errors name each block by ``name``.
     ``members``: each block's submodules, when the caller has them."""
-    for name, module, _ in found:
-        if module.training:
-            raise FoldError(
-                f"{name or type(module).__name__} ({type(module).__name__}) is in training mode, where its "
-                "BatchNorms use batch statistics: call model.eval() before merging"
-            )
+    inside = [(name, block, (members or {}).get(name) or submodules(block)) for name, block, _ in found]
+    for name, block, inner in inside:
+        if any(m.training for m in inner):  # one flag per module: an eval model has none set
+            _check_not_training(block, name)
     plans: list[Reparameterization] = []
     # The BNs whose affine maps are computed together: BatchNorms with a
     # registered running_var, most modules told apart by one dict lookup.
     # Prefetching only saves time: a BN holding its statistics elsewhere is left
     # to bn_affine.
-    batchnorms = [m for name, block, _ in found for m in (members or {}).get(name) or submodules(block)
-                  if "running_var" in m._buffers and is_batchnorm_like(m)]
+    batchnorms = [m for _, _, inner in inside for m in inner if "running_var" in m._buffers and is_batchnorm_like(m)]
     token = _MEMBERS.set({id(block): members[name] for name, block, _ in found if name in members} if members else {})
     try:
         with prefetched_bn_affines(batchnorms):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextvars
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -53,6 +53,12 @@ class ConvGeometry:
     @property
     def dims(self) -> int:
         return len(self.kernel_size)
+
+    def padding_with_zeros(self) -> "ConvGeometry":
+        """This geometry, padding with zeros: that of a branch whose forward pads
+        with zeros whatever the conv it mirrors does (a functional conv call,
+        an explicit pad), so that the merge refuses a target that pads otherwise."""
+        return replace(self, padding_mode="zeros")
 
     @classmethod
     def of(cls, conv: nn.Module) -> "ConvGeometry":

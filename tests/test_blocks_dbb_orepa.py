@@ -32,6 +32,7 @@ from block_checks import (
     perturbed,
     random_input,
 )
+import fusedconv
 from fusedconv.blocks.dbb import (
     BatchNormAndPad,
     DiverseBranchBlock,
@@ -259,3 +260,25 @@ def test_composition_helpers_match_running_the_layers(groups):
                                       count_include_pad=True)
     got = nn.functional.conv2d(x, average_pool_kernel(first, 3), stride=2, padding=1, groups=groups)
     assert relative_error(got, pooled) <= 1e-12
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("cls", BLOCKS, ids=lambda c: c.__name__)
+def test_a_main_conv_padding_otherwise_than_the_branches_is_not_merged(cls, padding_mode):
+    """The expand and average branches (DBB) and the functional conv of the
+    branches (OREPA) pad with zeros whatever the main conv's padding_mode: a
+    main conv set to pad otherwise cannot hold the merge."""
+    block = make_block(cls, seed=8, in_channels=4, out_channels=4, kernel_size=3)
+    (block.origin.conv if cls is DiverseBranchBlock else block.conv).padding_mode = padding_mode
+    assert_merge_fails_unchanged(block, f"pads with 'zeros' but the merged conv with '{padding_mode}'")
+    model = nn.Sequential(block, nn.ReLU()).eval()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = model(x)
+        try:
+            fused = fusedconv.fuse(model)
+        except FoldError as refused:
+            assert "pads with 'zeros'" in str(refused)
+            assert torch.equal(model(x), expected)
+        else:
+            torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)

@@ -332,3 +332,23 @@ def test_a_batchnorm_no_converter_reads_does_not_stop_the_merge():
     model[0].pointwise.bn.running_var[0] = float("nan")  # a BN the merge reads: its own error, by name
     with pytest.raises(fusedconv.FoldError, match=r"0.*running_var is not finite"):
         fusedconv.fuse(model)
+
+
+@pytest.mark.parametrize("make, inner", [
+    (lambda: blocks.RepVGGBlock(4, 4, 3, activation=nn.ReLU()), "dense.0.bn"),
+    (lambda: blocks.OREPABlock(4, 4, 3), "bn"),
+    (lambda: blocks.DiverseBranchBlock(4, 4, 3), "expand.bn_pad.bn"),
+], ids=["repvgg", "orepa", "dbb"])
+def test_a_batchnorm_in_training_mode_inside_an_eval_block_is_refused(make, inner):
+    """A BN in training mode normalises with batch statistics; a merge made from
+    its running ones would change the outputs. As for a lone BN, that is an
+    error naming it, and the model stays as it was."""
+    model = randomize_batchnorm_stats(nn.Sequential(make(), nn.ReLU()), torch.Generator().manual_seed(3)).eval()
+    model[0].get_submodule(inner).train()
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    for fold in (fusedconv.fuse, lambda m: fusedconv.fuse(m, inplace=True), fusedconv.reparameterize):
+        with pytest.raises(fusedconv.FoldError, match=rf"^0\.{inner} \(BatchNorm2d\) is in training mode"):
+            fold(model)
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+        assert model[0].get_submodule(inner).training

@@ -257,7 +257,9 @@ class DiverseBranchBlock(RepBlock):
 
     def reparameterization(self, name: str) -> Reparameterization:
         target = self.origin.conv
-        geometry = ConvGeometry.of(target)
+        # The expand and average branches pad with zeros (or the BN value that
+        # stands for them) whatever the origin conv's padding_mode.
+        geometry = ConvGeometry.of(target).padding_with_zeros()
         branches = []
         if hasattr(self, "pointwise"):
             branches.append(conv_branch(self.pointwise.conv, self.pointwise.bn, name=f"{name}.pointwise"))

@@ -138,5 +138,7 @@ class OREPABlock(RepBlock):
         # the origin kernel and adding the other branches to it would round
         # every tap two or three times.
         replace = ChannelAffine(torch.zeros_like(bn.scale), bn.shift)
-        branch = Branch(round_from_float64(merged, weight.dtype), ConvGeometry.of(self.conv))
+        # forward_branches convolves with a functional call, which pads with zeros
+        # whatever the conv's padding_mode.
+        branch = Branch(round_from_float64(merged, weight.dtype), ConvGeometry.of(self.conv).padding_with_zeros())
         return Reparameterization(name, self.conv, self.install, after=replace, branches=[branch])
