@@ -231,6 +231,15 @@ def _class_values(cls: type) -> list[object]:
     return values
 
 
+def _reached_by_class(kind: type) -> list[nn.Module] | None:
+    """The modules that the classes of ``kind``'s MRO reach (:func:`_class_values`),
+    those of torch and the other trusted libraries left out; :data:`UNKNOWN`
+    when that cannot be told."""
+    values = [value for cls in kind.__mro__ if cls is not object and
+              cls.__module__.split(".")[0] not in _LIBRARY_PREFIXES for value in _class_values(cls)]
+    return reachable_modules(values) if values else []
+
+
 def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
                            values_of: Callable[[nn.Module], list[object]] = attribute_values,
                            holders: dict[int, list[str]] | None = None,
@@ -252,20 +261,18 @@ def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
     whoever holds a module can reach every module below it.
     """
     held_elsewhere: dict[int, tuple[nn.Module, str]] = {}
-    by_class: dict[type, list[nn.Module] | None] = {}
+    by_class: dict[type, list[nn.Module] | None] = {}  # what each module class reaches, walked once
     for path, module in modules:
         held = values_of(module)
         reached = reachable_modules(held) if held else []
         if reached is UNKNOWN:
             return None
-        for cls in type(module).__mro__:
-            if cls.__module__.split(".")[0] in _LIBRARY_PREFIXES or cls is object:
-                continue
-            if cls not in by_class:
-                by_class[cls] = reachable_modules(_class_values(cls))
-            if by_class[cls] is UNKNOWN:
-                return None
-            reached = reached + by_class[cls]
+        kind = type(module)
+        if kind not in by_class:
+            by_class[kind] = _reached_by_class(kind)
+        if by_class[kind] is UNKNOWN:
+            return None
+        reached = reached + by_class[kind] if by_class[kind] else reached
         if any(hook_may_use_its_module(hook) for hook in forward_hooks(module)):
             reached = reached + [module]  # the hook is called with the module
         if not reached:
