@@ -63,8 +63,10 @@ class ModelIndex:
         holders = sharing_memory(held)
         # id(module) -> the paths of the modules whose attributes or hooks reach it
         self.holders = holder_paths = {}
+        # the modules held themselves, not only reached through one above them
+        self.held_directly: set[int] = set()
         self.held_elsewhere = modules_held_elsewhere(modules, values_of=lambda m: values[id(m)],
-                                                     holders=holder_paths)
+                                                     holders=holder_paths, directly=self.held_directly)
         self.entangled: dict[str, str] = {}  # blocks a merge would change outside themselves -> why
         if blocks is None:  # every known block, but the entangled ones
             found = blocks_among(modules)

@@ -105,10 +105,13 @@ class Matcher:
 
     def _held_elsewhere(self, bn: nn.Module) -> str | None:
         """A folded BN is replaced in the module tree only: a reference kept
-        elsewhere would go on calling it."""
+        elsewhere would go on calling it. One reached only through a module
+        above it (or the module a hook is called with) reaches the replacement,
+        and a run sees every call made through it."""
         if self.index.held_elsewhere is None:
             return "something in the model holds an object whose references fusedconv cannot follow"
-        if id(bn) in self.index.held_elsewhere:
+        if id(bn) in self.index.held_elsewhere and (id(bn) in self.index.held_directly or
+                                                   self.flow.source != "run"):
             return (f"it is also reachable through {self.index.held_elsewhere[id(bn)][1]}, which would go on "
                     "calling it once the module tree no longer does")
         return None

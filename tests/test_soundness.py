@@ -1127,3 +1127,70 @@ def test_a_hook_that_never_reads_its_module_does_not_stop_folds():
     with torch.no_grad():
         assert torch.allclose(fusedconv.fuse(model)(x), model(x), rtol=1e-5, atol=1e-5)
     assert fusedconv.plan(randomize_batchnorm_stats(_hooked(True), torch.Generator()).eval()).folds == []
+
+
+_FEATURES: dict = {}
+
+
+def _keep_output(name, module, args, output):
+    _FEATURES[name] = output
+
+
+def _keep_last(*args):
+    _FEATURES["last"] = args[-1]
+
+
+@pytest.mark.parametrize("hook, folds_without_inputs", [
+    (functools.partial(_keep_output, "block"), True),  # the module lands in a parameter never read
+    (_keep_last, False),  # in *args: it may be read
+], ids=["partial_never_reading", "star_args"])
+def test_a_feature_hook_on_a_parent_costs_no_fold_with_a_run(hook, folds_without_inputs):
+    """Feature-collecting hooks (as timm's FeatureHooks registers) on a module
+    above a pair: a partial whose function never reads the module reaches
+    nothing; one that may read it reaches the pair, which then folds with a
+    run (the run sees every call the hook makes) and is left without one."""
+    model = nn.Sequential(_ConvBN(), nn.ReLU())
+    model[0].register_forward_hook(hook)
+    model = randomize_batchnorm_stats(model, torch.Generator().manual_seed(7)).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = model(x)
+    assert bool(fusedconv.plan(model).folds) == folds_without_inputs
+    fused = fusedconv.fuse(model, (x,))
+    assert fusedconv.count_batchnorms(fused) == 0
+    with torch.no_grad():
+        assert torch.allclose(fused(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _CallableHook:
+    def __call__(self, module, args, output):
+        return output
+
+
+class _HookOwner:
+    def bound(self, module, args, output):
+        return output + module.conv(args[0])
+
+    def bound_blind(self, module, args, output):
+        return output * 2
+
+
+@pytest.mark.parametrize("hook, may_use", [
+    (lambda module, args, output: output + module.conv(args[0]), True),
+    (lambda module, args, output: output + module.side(output), True),  # one paired load on Python 3.13+
+    (lambda module, args, output: output * 2, False),
+    (lambda module, args: None, False),
+    (_HookOwner().bound, True),
+    (_HookOwner().bound_blind, False),
+    (functools.partial(_keep_output, "x"), False),
+    (functools.partial(lambda name, module, args, output: module, "x"), True),
+    (functools.partial(_keep_output, name="x"), True),  # a keyword may move the module: cannot tell
+    (_keep_last, True),
+    (lambda module, args, output: eval("module.conv(args[0])"), True),
+    (_CallableHook(), True),
+    (print, True),
+])
+def test_which_hooks_may_use_the_module_they_are_called_with(hook, may_use):
+    from fusedconv.dataflow.references import hook_may_use_its_module
+
+    assert hook_may_use_its_module(hook) is may_use

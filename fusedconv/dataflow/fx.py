@@ -173,10 +173,13 @@ def from_fx(model: nn.Module, tracked: dict[int, str], leaves: set[int] = frozen
     ``forward``, not an instance's replacement of it or a ``__call__`` of the
     model's class (for the modules below the model, both are traced as called).
     """
-    if "forward" in vars(model):
-        raise Untraceable("its forward is replaced on the instance, and a trace follows the class's")
-    if type(model).__call__ is not nn.Module.__call__:
-        raise Untraceable(f"{type(model).__name__} overrides __call__, which a trace of the model does not run")
+    if "forward" in vars(model) or "_call_impl" in vars(model) or vars(model).get("_compiled_call_impl"):
+        raise Untraceable("its call is replaced on the instance, and a trace follows the class's forward")
+    if not isinstance(model, fx.GraphModule) and (type(model).__call__ is not nn.Module.__call__ or
+                                                   type(model)._call_impl is not nn.Module._call_impl):
+        # (a GraphModule's own __call__ runs its forward through nn.Module's)
+        raise Untraceable(f"{type(model).__name__} overrides how it is called, which a trace of the model does "
+                          "not run")
     graph, black_boxes = _trace(model, tracked, leaves)
     nodes = {name: Node(name) for name in tracked.values()}
     modules: dict[str, nn.Module] = {}

@@ -83,13 +83,7 @@ def _references(obj: object) -> list[object] | None:
     if isinstance(obj, types.FunctionType):
         if _library_function(obj):
             return []
-        cells = []
-        for cell in obj.__closure__ or ():
-            try:
-                cells.append(cell.cell_contents)
-            except ValueError:  # an empty cell
-                pass
-        return [*cells, *(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values(),
+        return [*_cell_contents(obj), *(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values(),
                 *_referenced_globals(obj.__code__, obj.__globals__)]
     if isinstance(obj, functools.partial):
         return [obj.func, *obj.args, *obj.keywords.values()]
@@ -98,7 +92,7 @@ def _references(obj: object) -> list[object] | None:
         owner = getattr(obj, "__self__", None)
         return [] if owner is None or isinstance(owner, (types.ModuleType, type)) else [owner]
     if isinstance(obj, type):  # a class's own data attributes (a module kept at class level)
-        if obj.__module__.split(".")[0] in _LIBRARY_PREFIXES:
+        if (obj.__module__ or "").split(".")[0] in _LIBRARY_PREFIXES:
             return []
         return [value for value in vars(obj).values()
                 if not isinstance(value, (types.FunctionType, staticmethod, classmethod, property))]
@@ -113,7 +107,7 @@ def _references(obj: object) -> list[object] | None:
                 held.append(getattr(obj, slot))
     if held or hasattr(obj, "__dict__"):
         return held
-    module = type(obj).__module__.split(".")[0]
+    module = (type(obj).__module__ or "").split(".")[0]
     # An object of a C type outside the standard library and torch: nothing to look into.
     return [] if module in _LIBRARY_PREFIXES or module in sys.stdlib_module_names else None
 
@@ -192,43 +186,68 @@ def attribute_values(module: nn.Module) -> list[object]:
 
 
 def hook_may_use_its_module(hook: object) -> bool:
-    """Whether a forward (pre-)hook may use the module it is called with, its
-    first argument (after ``self`` for a bound method): a function whose code
-    never reads that argument cannot; anything else (a partial, a callable
-    object, a builtin) may."""
-    function, first = hook, 0
+    """Whether a forward (pre-)hook may use the module it is called with: a
+    function (or a bound method, or a ``functools.partial`` of either) whose
+    code never reads the argument the module lands in cannot; anything else (a
+    callable object, a builtin, ``*args``, code that reads its frame) may."""
+    function, position = hook, 0
+    while isinstance(function, functools.partial):
+        if function.keywords:
+            return True  # a keyword may shift which parameter receives the module
+        function, position = function.func, position + len(function.args)
     if isinstance(function, types.MethodType):
-        function, first = function.__func__, 1
+        function, position = function.__func__, position + 1
     if not isinstance(function, types.FunctionType):
         return True
     code = function.__code__
-    if code.co_argcount <= first:
+    if code.co_argcount <= position:
         return bool(code.co_flags & inspect.CO_VARARGS)  # the module lands in *args
-    name = code.co_varnames[first]
-    if name in code.co_cellvars or "locals" in code.co_names or "vars" in code.co_names:
-        return True  # captured by a nested function, or read through the frame's locals
-    return any(instruction.argval == name for instruction in dis.get_instructions(code)
-               if instruction.opname.startswith(("LOAD_FAST", "DELETE_FAST", "STORE_FAST")))
+    name = code.co_varnames[position]
+    if name in code.co_cellvars or not _FRAME_READERS.isdisjoint(code.co_names):
+        return True  # captured by a nested function, or read through the frame or evaluated code
+    for instruction in dis.get_instructions(code):
+        if "FAST" in instruction.opname:  # LOAD_FAST, and the pairs of Python 3.13+ (argval a tuple of names)
+            names = instruction.argval if isinstance(instruction.argval, tuple) else (instruction.argval,)
+            if name in names:
+                return True
+    return False
+
+
+# Names through which code can read a local variable without naming it.
+_FRAME_READERS = frozenset({"locals", "vars", "eval", "exec", "_getframe", "currentframe", "f_locals", "getframeinfo",
+                            "stack"})
 
 
 def _class_values(cls: type) -> list[object]:
     """What a class holds for its instances' code to reach: its data attributes
-    (``shared = [conv]`` at class level) and its functions' default arguments
-    (``def forward(self, x, side=HOLDER)``)."""
+    (``shared = [conv]`` at class level), and the default arguments of its
+    functions, properties included (``def forward(self, x, side=HOLDER)``),
+    dunder ones too (``__call__``). Not the functions' closures: a decorator's
+    (``super()``'s cell, a wrapped ``__init__``) would lead the walk through
+    whole libraries, past its budget."""
     values: list[object] = []
     for key, value in vars(cls).items():
-        if key.startswith("__") and key.endswith("__"):
-            continue  # the class's own machinery (its dict, its weak references, its module name...)
         if isinstance(value, (staticmethod, classmethod)):
             value = value.__func__
-        if isinstance(value, property):
-            value = value.fget
-        if isinstance(value, types.FunctionType):
-            values.extend(value.__defaults__ or ())
-            values.extend((value.__kwdefaults__ or {}).values())
-        elif value is not None:
-            values.append(value)
+        functions = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [value]
+        if isinstance(functions[0], types.FunctionType) or isinstance(value, property):
+            for function in functions:
+                if isinstance(function, types.FunctionType):
+                    values.extend(function.__defaults__ or ())
+                    values.extend((function.__kwdefaults__ or {}).values())
+        elif not (key.startswith("__") and key.endswith("__")) and value is not None:
+            values.append(value)  # not the class's own machinery (its dict, weak references, module name...)
     return values
+
+
+def _cell_contents(function: types.FunctionType) -> list[object]:
+    contents = []
+    for cell in function.__closure__ or ():
+        try:
+            contents.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    return contents
 
 
 def _reached_by_class(kind: type) -> list[nn.Module] | None:
@@ -236,20 +255,24 @@ def _reached_by_class(kind: type) -> list[nn.Module] | None:
     those of torch and the other trusted libraries left out; :data:`UNKNOWN`
     when that cannot be told."""
     values = [value for cls in kind.__mro__ if cls is not object and
-              cls.__module__.split(".")[0] not in _LIBRARY_PREFIXES for value in _class_values(cls)]
+              (cls.__module__ or "").split(".")[0] not in _LIBRARY_PREFIXES for value in _class_values(cls)]
     return reachable_modules(values) if values else []
 
 
 def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
                            values_of: Callable[[nn.Module], list[object]] = attribute_values,
                            holders: dict[int, list[str]] | None = None,
+                           directly: set[int] | None = None,
                            ) -> dict[int, tuple[nn.Module, str]] | None:
     """Among the modules of a model (``(path, module)``, each once), those that
     something besides the module tree can reach: id(module) -> (module, what
     holds it), or None when some holder cannot be followed. ``values_of``: each
     module's :func:`attribute_values`, when the caller has them already;
     ``holders``, when given, is filled with id(module) -> the paths of every
-    module whose attributes, hooks or class reach it.
+    module whose attributes, hooks or class reach it, and ``directly`` with the
+    ids of the modules held themselves (not only reached through a module
+    above them, or as the module a hook is called with): a replacement in the
+    tree does not reach such a holder.
 
     A module kept in an instance attribute (a bound method, a partial, a
     lambda, a list, a namespace...), in a hook of any module of the model, in a
@@ -273,6 +296,8 @@ def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
         if by_class[kind] is UNKNOWN:
             return None
         reached = reached + by_class[kind] if by_class[kind] else reached
+        if directly is not None:
+            directly.update(id(other) for other in reached)
         if any(hook_may_use_its_module(hook) for hook in forward_hooks(module)):
             reached = reached + [module]  # the hook is called with the module
         if not reached:
