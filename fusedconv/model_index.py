@@ -61,8 +61,9 @@ class ModelIndex:
         # model (tied weights, ``.data`` assigned across modules, views), over
         # every module (those inside blocks too).
         holders = sharing_memory(held)
-        # id(module) -> the paths of the modules whose attributes or hooks reach it
-        self.holders = holder_paths = {}
+        # id(module) -> the paths of the modules whose attributes, hooks or class reach it
+        self.holders: dict[int, list[str]] = {}
+        holder_paths = self.holders
         # the modules held themselves, not only reached through one above them
         self.held_directly: set[int] = set()
         self.held_elsewhere = modules_held_elsewhere(modules, values_of=lambda m: values[id(m)],

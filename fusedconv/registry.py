@@ -157,8 +157,8 @@ def _why_entangled(block: nn.Module, inner: list[nn.Module], paths: dict[int, li
                     "would change that use too")
         holder = outside(holders.get(id(module), ()))
         if holder is not None:
-            return (f"its {what} is also reachable from an attribute, hook or class of {holder or 'the model'}, outside "
-                    "the block: merging would change that use too")
+            return (f"its {what} is also reachable from an attribute, hook or class of {holder or 'the model'}, "
+                    "outside the block: merging would change that use too")
         if id(module) in sharing_memory:
             return (f"its {what} holds a tensor that shares memory with another tensor of the model: merging "
                     "would change that tensor too")
@@ -200,7 +200,7 @@ def plan_blocks(model: nn.Module, names: Sequence[str] | None = None, *,
     return plan_found_blocks(found, members)
 
 
-def _check_not_training(block: nn.Module, name: str) -> None:
+def _check_block_not_training(block: nn.Module, name: str) -> None:
     """Raise :class:`FoldError` for a block in training mode, or holding a BN in
     training mode (it normalises with batch statistics, which a merge, made
     from the running ones, would not)."""
@@ -218,17 +218,18 @@ def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]],
     """Checked merges of ``(name, block, converter)`` triples, the BNs'
     statistics read together; errors name each block by ``name``.
     ``members``: each block's submodules, when the caller has them."""
-    inside = [(name, block, (members or {}).get(name) or submodules(block)) for name, block, _ in found]
-    for name, block, inner in inside:
+    with_members = [(name, block, (members or {}).get(name) or submodules(block)) for name, block, _ in found]
+    for name, block, inner in with_members:
         if any(m.training for m in inner):  # one flag per module: an eval model has none set
-            _check_not_training(block, name)
+            _check_block_not_training(block, name)
     plans: list[Reparameterization] = []
     # The BNs whose affine maps are computed together: BatchNorms with a
     # registered running_var, most modules told apart by one dict lookup.
     # Prefetching only saves time: a BN holding its statistics elsewhere is left
     # to bn_affine.
-    batchnorms = [m for _, _, inner in inside for m in inner if "running_var" in m._buffers and is_batchnorm_like(m)]
-    token = _MEMBERS.set({id(block): members[name] for name, block, _ in found if name in members} if members else {})
+    batchnorms = [m for _, _, inner in with_members for m in inner
+                  if "running_var" in m._buffers and is_batchnorm_like(m)]
+    token = _MEMBERS.set({id(block): inner for _, block, inner in with_members})
     try:
         with prefetched_bn_affines(batchnorms):
             for name, module, converter in found:

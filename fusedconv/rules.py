@@ -94,14 +94,16 @@ class Matcher:
         looks: a trace records ``self.gain.helper(x)``, through a parameter's
         attribute, as a method of the parameter. Only a run sees every call."""
         layer = self.index.layers[name]
-        if self.flow.source == "run" or self.index.held_elsewhere is None or id(layer) not in self.index.held_elsewhere:
-            return None  # None: every BN is refused already (_held_elsewhere)
+        if self.flow.source == "run" or self.index.held_elsewhere is None:
+            return None  # a run sees every call; with no walk to go by, every BN is refused (_held_elsewhere)
+        if id(layer) not in self.index.held_elsewhere:
+            return None
         own = self.index.paths[id(layer)]
         holder = next((path for path in self.index.holders.get(id(layer), ()) if path not in own), None)
         if holder is None:
             return None  # held by its own attributes only (a bound method of its own): its calls are its own
-        return (f"it is also reachable through an attribute, hook or class of {holder or 'the model'}, where a call shows "
-                "in neither the code nor a trace: pass example_inputs to fold it")
+        return (f"it is also reachable through an attribute, hook or class of {holder or 'the model'}, where a call "
+                "shows in neither the code nor a trace: pass example_inputs to fold it")
 
     def _held_elsewhere(self, bn: nn.Module) -> str | None:
         """A folded BN is replaced in the module tree only: a reference kept

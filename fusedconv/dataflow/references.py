@@ -72,6 +72,17 @@ def _referenced_globals(code: types.CodeType, namespace: dict) -> list[object]:
     return found
 
 
+def _cell_contents(function: types.FunctionType) -> list[object]:
+    """What a function's closure cells hold (empty cells left out)."""
+    contents = []
+    for cell in function.__closure__ or ():
+        try:
+            contents.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    return contents
+
+
 def _references(obj: object) -> list[object] | None:
     """What ``obj`` holds that could lead to a module (None: cannot tell)."""
     if isinstance(obj, dict):
@@ -229,25 +240,19 @@ def _class_values(cls: type) -> list[object]:
     for key, value in vars(cls).items():
         if isinstance(value, (staticmethod, classmethod)):
             value = value.__func__
-        functions = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [value]
-        if isinstance(functions[0], types.FunctionType) or isinstance(value, property):
-            for function in functions:
-                if isinstance(function, types.FunctionType):
-                    values.extend(function.__defaults__ or ())
-                    values.extend((function.__kwdefaults__ or {}).values())
-        elif not (key.startswith("__") and key.endswith("__")) and value is not None:
-            values.append(value)  # not the class's own machinery (its dict, weak references, module name...)
+        if isinstance(value, property):
+            functions = [value.fget, value.fset, value.fdel]
+        elif isinstance(value, types.FunctionType):
+            functions = [value]
+        else:
+            if not (key.startswith("__") and key.endswith("__")) and value is not None:
+                values.append(value)  # not the class's own machinery (its dict, weak references, module name...)
+            continue
+        for function in functions:
+            if isinstance(function, types.FunctionType):
+                values.extend(function.__defaults__ or ())
+                values.extend((function.__kwdefaults__ or {}).values())
     return values
-
-
-def _cell_contents(function: types.FunctionType) -> list[object]:
-    contents = []
-    for cell in function.__closure__ or ():
-        try:
-            contents.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            pass
-    return contents
 
 
 def _reached_by_class(kind: type) -> list[nn.Module] | None:
