@@ -74,7 +74,9 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
     targets = [module_at(target_modules, name) for name in prepared.names]
     weights = [layer.weight for layer in targets]
     with Rollback() as rollback:
-        if merges:  # a converter's install may fail: every module swap before the weights are written is undone
+        if not all(_own_install(merge.install) for merge in merges):
+            # A user's install may fail halfway, or change modules outside its
+            # block: every module swap before the weights are written is undone.
             rollback.keep_modules(submodules(target_modules[""]))  # walked now: a run may have added modules
         swap_batchnorms(target_modules, prepared.bn_paths, rollback, kinds)
         set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback)
@@ -88,6 +90,18 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
         write_merged_weights(merges, backend)
     subnormal_weights(weights, prepared.layer_folds, prepared.names, flush=flush_subnormals,
                       smallest=prepared.smallest_factors)
+
+
+def _own_install(install: object) -> bool:
+    """Whether a merge's ``install`` is fusedconv's own code, bound to a block of
+    fusedconv's own class when it is a method: its converters' installs (for
+    fusedconv's blocks and timm's and ultralytics', registered for their exact
+    classes) only rebind attributes of their block, and cannot fail halfway."""
+    owner = getattr(install, "__self__", None)
+    if owner is not None and not type(owner).__module__.startswith("fusedconv."):
+        return False  # a subclass's branches or attributes may differ from what the method expects
+    function = getattr(install, "__func__", install)
+    return (getattr(function, "__module__", None) or "").startswith("fusedconv.")
 
 
 def _fold_structure(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], *,

@@ -191,28 +191,32 @@ def plan_layer_folds(
     """
     extra_biases = extra_biases if extra_biases is not None else [None] * len(layers)
     folds: list[LayerFold | None] = [None] * len(layers)
-    batches: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    # (device, bias dtype) -> (index, kind, bias) of each layer computed together;
+    # each layer's tensors are read once (a Module attribute costs a Python call).
+    batches: dict[tuple[torch.device, torch.dtype], list[tuple[int, LayerKind, torch.Tensor | None]]] = \
+        defaultdict(list)
     for i, (layer, (before, after), name) in enumerate(zip(layers, affines, names)):
         if before is None and after is not None:
-            _checked_kind(layer, before, after, name)
-            batches[(layer.weight.device, _bias_dtype(layer))].append(i)
+            kind = _checked_kind(layer, before, after, name)
+            weight, bias = layer.weight, layer.bias
+            batches[(weight.device, weight.dtype if bias is None else bias.dtype)].append((i, kind, bias))
         else:
             folds[i] = plan_layer_fold(layer, before, after, name=name, extra_bias=extra_biases[i])
     for (device, dtype), members in batches.items():
-        sizes = [layer_out_channels(layers[i]) for i in members]
+        scales = [affines[i][1].scale for i, _, _ in members]
+        sizes = [scale.numel() for scale in scales]  # the layers' output channels (_checked_kind)
         zeros = torch.zeros(max(sizes), dtype=dtype, device=device)
-        biases = torch.cat([
-            zeros[:n] if layers[i].bias is None else layers[i].bias.detach() for i, n in zip(members, sizes)
-        ]).to(torch.float64)
-        scales = torch.cat([affines[i][1].scale for i in members]).to(device)
-        new_biases = biases * scales + torch.cat([affines[i][1].shift for i in members]).to(device)
-        if any(extra_biases[i] is not None for i in members):
+        biases = torch.cat([zeros[:n] if bias is None else bias.detach()
+                            for (_, _, bias), n in zip(members, sizes)]).to(torch.float64)
+        scale = torch.cat(scales).to(device)
+        new_biases = biases * scale + torch.cat([affines[i][1].shift for i, _, _ in members]).to(device)
+        if any(extra_biases[i] is not None for i, _, _ in members):
             none = torch.zeros(max(sizes), dtype=torch.float64, device=device)
             new_biases += torch.cat([none[:n] if extra_biases[i] is None else extra_biases[i].to(device)
-                                     for i, n in zip(members, sizes)])
-        for i, scale, bias in zip(members, torch.split_with_sizes(scales, sizes),
-                                  torch.split_with_sizes(new_biases.to(dtype), sizes)):
-            row, col = scale_grid(layer_kind(layers[i]), None, scale)
+                                     for (i, _, _), n in zip(members, sizes)])
+        for (i, kind, _), row_scale, bias in zip(members, torch.split_with_sizes(scale, sizes),
+                                                 torch.split_with_sizes(new_biases.to(dtype), sizes)):
+            row, col = scale_grid(kind, None, row_scale)
             folds[i] = LayerFold(row, col, layer_groups(layers[i]), bias)
     return folds
 
@@ -233,15 +237,16 @@ def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], roll
     with torch.no_grad():
         targets = []
         for layer, bias in zip(layers, biases):
-            if layer.bias is None:
-                new = new_bias(layer, bias)
+            current = layer.bias
+            if current is None:
+                current = new_bias(layer, bias)
                 if rollback is None:
-                    layer.bias = new
+                    layer.bias = current
                 else:
-                    rollback.setattr(layer, "bias", new)
+                    rollback.setattr(layer, "bias", current)
             elif rollback is not None:
-                rollback.keep(distributed.local_tensor(layer.bias))
-            targets.append(distributed.local_tensor(layer.bias))
+                rollback.keep(distributed.local_tensor(current))
+            targets.append(distributed.local_tensor(current))
         if targets:
             torch._foreach_copy_(targets, list(biases))
 

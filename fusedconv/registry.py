@@ -136,32 +136,37 @@ def _why_entangled(block: nn.Module, inner: list[nn.Module], paths: dict[int, li
     """:func:`entangled_blocks`' reason for one block (``inner``: its submodules), or None."""
     own_paths = paths[id(block)]
     inside = tuple(f"{path}." if path else "" for path in own_paths)
-
-    def outside(candidates: Iterable[str]) -> str | None:
-        return next((path for path in candidates if not (path.startswith(inside) or path in own_paths)), None)
-
     if any(hook_may_use_its_module(hook) for hook in forward_hooks(block)):
         return "it has a forward hook that is called with the block and may read the modules the merge removes"
     for module in inner:
-        what = type(module).__name__
         if module is not block and (module._forward_hooks or module._forward_pre_hooks):
-            return f"its {what} has forward hooks, which the merged conv would no longer run"
+            return f"its {type(module).__name__} has forward hooks, which the merged conv would no longer run"
         if layer_kind(module) is None:
             continue  # activations and BNs are only read by a merge; a shared one stays as it is
-        registered = outside(paths.get(id(module), ()))
+        what = type(module).__name__
+        registered = _path_outside(paths.get(id(module), ()), inside, own_paths)
         if registered is not None:
             return f"its {what} is also registered at {registered!r}, outside the block: merging would change " \
                    "that use too"
         if holders is None:
             return (f"something outside the module tree that fusedconv cannot follow may hold its {what}: merging "
                     "would change that use too")
-        holder = outside(holders.get(id(module), ()))
+        holder = _path_outside(holders.get(id(module), ()), inside, own_paths)
         if holder is not None:
             return (f"its {what} is also reachable from an attribute, hook or class of {holder or 'the model'}, "
                     "outside the block: merging would change that use too")
         if id(module) in sharing_memory:
             return (f"its {what} holds a tensor that shares memory with another tensor of the model: merging "
                     "would change that tensor too")
+    return None
+
+
+def _path_outside(candidates: Iterable[str], inside: tuple[str, ...], own_paths: list[str]) -> str | None:
+    """The first of ``candidates`` outside a block (``inside``: the prefixes of
+    its insides; ``own_paths``: its own paths), or None."""
+    for path in candidates:
+        if not (path.startswith(inside) or path in own_paths):
+            return path
     return None
 
 

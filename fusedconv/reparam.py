@@ -283,14 +283,16 @@ def apply_reparameterizations(plans: Sequence[Reparameterization], backend: str 
 def write_merged_weights(plans: Sequence[Reparameterization], backend: str | None = None) -> None:
     """The writes of checked merges: the targets' weights scaled in one batched
     call, the branches added in another, the new biases stored together."""
-    rescale_weights([p.target.weight for p in plans], [p.target_fold for p in plans], backend)
+    weights = [p.target.weight for p in plans]
+    rescale_weights(weights, [p.target_fold for p in plans], backend)
     bigs, smalls, scales, offsets, dilations = [], [], [], [], []
-    for plan in plans:
+    for plan, weight in zip(plans, weights):
         for branch, (offset, dilation) in zip(plan.branches, plan.placements):
-            bigs.append(plan.target.weight)
+            bigs.append(weight)
             smalls.append(branch.weight)
             scales.append(None if branch.affine is None else branch.affine.scale.to(branch.weight.device))
             offsets.extend(offset)
             dilations.extend(dilation)
-    kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend=backend)
+    if bigs:  # blocks that only fold BNs (ultralytics' Conv) add no branch
+        kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend=backend)
     set_biases([p.target for p in plans], [p.target_fold.bias for p in plans])

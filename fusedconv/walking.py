@@ -9,21 +9,23 @@ same order (depth first, parents before children, registration order).
 
 from __future__ import annotations
 
-from typing import Iterator
 
 from torch import nn
 
 
-def every_path(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``model.named_modules(remove_duplicate=False)``: every path of every module."""
+def every_path(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules(remove_duplicate=False))``: every path of every module."""
+    found: list[tuple[str, nn.Module]] = []
     stack = [("", model)]
     while stack:
         path, module = stack.pop()
-        yield path, module
+        found.append((path, module))
         if module._modules:
             prefix = f"{path}." if path else ""
-            stack.extend((prefix + name, child) for name, child in reversed(module._modules.items())
-                         if child is not None)
+            children = [(prefix + name, child) for name, child in module._modules.items() if child is not None]
+            children.reverse()
+            stack += children
+    return found
 
 
 def submodules(root: nn.Module) -> list[nn.Module]:

@@ -301,9 +301,10 @@ def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
         if by_class[kind] is UNKNOWN:
             return None
         reached = reached + by_class[kind] if by_class[kind] else reached
-        if directly is not None:
+        if directly is not None and reached:
             directly.update(id(other) for other in reached)
-        if any(hook_may_use_its_module(hook) for hook in forward_hooks(module)):
+        if (module._forward_hooks or module._forward_pre_hooks) and \
+                any(hook_may_use_its_module(hook) for hook in forward_hooks(module)):
             reached = reached + [module]  # the hook is called with the module
         if not reached:
             continue

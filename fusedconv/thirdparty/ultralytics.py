@@ -48,7 +48,7 @@ Plans = list[Reparameterization]
 
 def _check_not_quantized(block: nn.Module, name: str) -> None:
     """Refuse a block carrying fake quantizers (ultralytics' QAT, matched by class name as ultralytics does)."""
-    if any(type(m).__name__ == "TensorQuantizer" for m in block_submodules(block)):
+    if "TensorQuantizer" in {type(m).__name__ for m in block_submodules(block)}:
         raise FoldError(f"{name}: it is fake-quantized (QAT), and folding would move its weights out of the "
                         "quantization ranges that were trained for them")
 
