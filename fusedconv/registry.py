@@ -224,9 +224,11 @@ def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]],
     statistics read together; errors name each block by ``name``.
     ``members``: each block's submodules, when the caller has them."""
     with_members = [(name, block, (members or {}).get(name) or submodules(block)) for name, block, _ in found]
-    for name, block, inner in with_members:
-        if any(m.training for m in inner):  # one flag per module: an eval model has none set
-            _check_block_not_training(block, name)
+    # One flag per module: an eval model has none set, and is told so in one pass.
+    if any(m.training for _, _, inner in with_members for m in inner):
+        for name, block, inner in with_members:
+            if any(m.training for m in inner):
+                _check_block_not_training(block, name)
     plans: list[Reparameterization] = []
     # The BNs whose affine maps are computed together: BatchNorms with a
     # registered running_var, most modules told apart by one dict lookup.

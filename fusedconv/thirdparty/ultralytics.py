@@ -61,7 +61,8 @@ def _deploy(block: nn.Module, *, delete: tuple[str, ...], conv_attr: str) -> Cal
             if hasattr(block, attr):
                 delattr(block, attr)
         _freeze(conv)
-        setattr(block, conv_attr, conv)
+        if block._modules.get(conv_attr) is not conv:  # Conv's own conv stays where it is registered
+            setattr(block, conv_attr, conv)
         block.forward = block.forward_fuse
     return install
 
@@ -93,11 +94,12 @@ def _branch(conv: nn.Module, affine: ChannelAffine | None) -> Branch:
 
 def convert_conv(block: ultralytics_conv.Conv, name: str) -> Plans:
     """``act(bn(conv(x)))`` (Conv, DWConv): the BN folds into ``conv``."""
-    if not hasattr(block, "bn"):
-        return []
+    bn = getattr(block, "bn", None)  # read once: a Module attribute costs a Python call
+    if bn is None:
+        return []  # fused already
     _check_not_quantized(block, name)
     return [Reparameterization(name, block.conv, _deploy(block, delete=("bn",), conv_attr="conv"),
-                               after=bn_affine(block.bn, f"{name}.bn"))]
+                               after=bn_affine(bn, f"{name}.bn"))]
 
 
 def convert_conv2(block: ultralytics_conv.Conv2, name: str) -> Plans:
