@@ -9,17 +9,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import apply_plan
+from .apply import apply_plan, install_merges
 from .distributed import is_sharded
 from .errors import FoldError
 from .exported import fuse_exported, fuse_graph_module, has_aten_batch_norms, plan_exported
 from .fusion_plan import FusionPlan
 from .model_index import ModelIndex
 from .registry import plan_blocks
-from .reparam import apply_reparameterizations
+from .reparam import write_merged_weights
 from .rules import check_foldable, make_plan
 from .sharded import fuse_sharded
 from .wrappers import unwrapped
+from .writing import Rollback
 
 logger = logging.getLogger("fusedconv")
 
@@ -148,6 +149,8 @@ def reparameterize(model: nn.Module, *, backend: str | None = None) -> nn.Module
         name, why = next(iter(index.entangled.items()))
         raise FoldError(f"{name or type(model).__name__}: {why}")
     plans = plan_blocks(model, list(index.blocks), modules=index.by_path, members=index.members)
-    apply_reparameterizations(plans, backend)
+    with Rollback() as rollback:  # a failing install is undone, the ones before it too
+        install_merges(plans, [index.members[name] for name in index.blocks], model, rollback)
+    write_merged_weights(plans, backend)
     logger.info("merged %d blocks", len(plans))
     return model

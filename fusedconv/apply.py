@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import types
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -17,7 +20,7 @@ from .errors import FoldError
 from .layers import BatchNormKind, layer_out_channels
 from .model_index import ModelIndex
 from .registry import converter_for, plan_blocks, plan_found_blocks
-from .reparam import apply_reparameterizations, write_merged_weights
+from .reparam import Reparameterization, apply_reparameterizations, write_merged_weights
 from .rules import checked_affines, module_at
 from .walking import submodules
 from .writing import Rollback, check_folded_range, check_writable, subnormal_weights, swap_batchnorms
@@ -65,23 +68,21 @@ def _prepare(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], 
     return _Prepared(modules, names, layers, layer_folds, bn_paths, smallest)
 
 
-def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: list, *, backend: str | None,
-           sources: list[torch.Tensor] | None, flush_subnormals: bool,
-           kinds: dict[str, BatchNormKind | None] | None) -> None:
-    """Swap the BNs out, store the biases, scale the weights (one batched call),
-    merge the blocks; a failure undoes what was written before it. ``kinds``:
-    the BNs' kinds, when an index of the model has them."""
+def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: list, *,
+           merged_blocks: list[list[nn.Module]], backend: str | None, sources: list[torch.Tensor] | None,
+           flush_subnormals: bool, kinds: dict[str, BatchNormKind | None] | None) -> None:
+    """Swap the BNs out, store the biases, install the merges, scale the
+    weights (one batched call), then write the merges' weights; a failure
+    before that last step undoes what was written before it.
+    ``merged_blocks``: the modules of each block merged; ``kinds``: the BNs'
+    kinds, when an index of the model has them."""
     targets = [module_at(target_modules, name) for name in prepared.names]
     weights = [layer.weight for layer in targets]
     with Rollback() as rollback:
-        if not all(_own_install(merge.install) for merge in merges):
-            # A user's install may fail halfway, or change modules outside its
-            # block: every module swap before the weights are written is undone.
-            rollback.keep_modules(submodules(target_modules[""]))  # walked now: a run may have added modules
         swap_batchnorms(target_modules, prepared.bn_paths, rollback, kinds)
         set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback)
-        for merge in merges:  # module swaps only, before any weight is written
-            merge.install(merge.target)
+        if merges:
+            install_merges(merges, merged_blocks, target_modules[""], rollback)
         # A copied weight that the memo did not leave unwritten (a Parameter
         # subclass, cloned as usual) holds its source's values: writing it from
         # the source gives the same bits.
@@ -92,16 +93,47 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
                       smallest=prepared.smallest_factors)
 
 
+def install_merges(merges: Sequence[Reparameterization], merged_blocks: Sequence[Sequence[nn.Module]],
+                   model: nn.Module, rollback: Rollback) -> None:
+    """Run the merges' installs (module swaps only), before any weight is
+    written, having recorded in ``rollback`` what they may change, so that a
+    failing install, or a write failing after them, is undone: a user's install
+    may change any module of ``model``; fusedconv's own change the children and
+    attributes of the modules of their block that have children, and the
+    ``requires_grad`` of its parameters. ``merged_blocks``: the modules of each
+    merged block."""
+    if all(_own_install(merge.install) for merge in merges):
+        inside = list({id(m): m for inner in merged_blocks for m in inner}.values())
+        rollback.keep_modules([m for m in inside if m._modules])
+        rollback.keep_requires_grad(p for m in inside if not m._modules for p in m._parameters.values()
+                                    if p is not None)
+    else:
+        rollback.keep_modules(submodules(model))  # walked now: a run may have added modules
+    for merge in merges:
+        merge.install(merge.target)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_OWN_CODE: dict[types.CodeType, bool] = {}  # code object -> whether fusedconv's files define it
+
+
 def _own_install(install: object) -> bool:
-    """Whether a merge's ``install`` is fusedconv's own code, bound to a block of
-    fusedconv's own class when it is a method: its converters' installs (for
-    fusedconv's blocks and timm's and ultralytics', registered for their exact
-    classes) only rebind attributes of their block, and cannot fail halfway."""
+    """Whether a merge's ``install`` is fusedconv's own code (judged by the file
+    that defines its code, which a ``functools.wraps`` wrapper does not copy),
+    and bound to a block of fusedconv's own class when it is a method: the
+    installs of fusedconv's converters (for its blocks, and for timm's and
+    ultralytics') change the modules of their block only."""
     owner = getattr(install, "__self__", None)
     if owner is not None and not type(owner).__module__.startswith("fusedconv."):
         return False  # a subclass's branches or attributes may differ from what the method expects
     function = getattr(install, "__func__", install)
-    return (getattr(function, "__module__", None) or "").startswith("fusedconv.")
+    if not isinstance(function, types.FunctionType):
+        return False
+    code = function.__code__
+    own = _OWN_CODE.get(code)
+    if own is None:
+        own = _OWN_CODE[code] = os.path.abspath(code.co_filename).startswith(_PACKAGE_DIR)
+    return own
 
 
 def _fold_structure(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], *,
@@ -190,10 +222,12 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
         target = copy_for_folding(model, replaced, sources)
         target_modules = dict(target.named_modules(remove_duplicate=False)) if modules else {}
     # Blocks are planned on the model that will change (nothing is modified yet).
-    merges = plan_blocks(target, plan.merges, modules=target_modules,
-                         members=index.members if inplace and index is not None else None) if plan.merges else []
+    members = index.members if inplace and index is not None else None
+    merges = plan_blocks(target, plan.merges, modules=target_modules, members=members) if plan.merges else []
+    merged_blocks = [members[name] if members is not None and name in members else
+                     submodules(module_at(target_modules, name)) for name in plan.merges]
     check_writable(((f"{merge.name}: {part}", getattr(merge.target, part)) for merge in merges
                     for part in ("weight", "bias")), in_place=True)
-    _write(target_modules, prepared, merges, backend=backend, sources=sources, flush_subnormals=flush_subnormals,
-           kinds=index.kinds if index is not None else None)
+    _write(target_modules, prepared, merges, merged_blocks=merged_blocks, backend=backend, sources=sources,
+           flush_subnormals=flush_subnormals, kinds=index.kinds if index is not None else None)
     return target

@@ -239,11 +239,12 @@ def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], roll
         for layer, bias in zip(layers, biases):
             current = layer.bias
             if current is None:
-                current = new_bias(layer, bias)
+                new = new_bias(layer, bias)
                 if rollback is None:
-                    layer.bias = current
+                    layer.bias = new
                 else:
-                    rollback.setattr(layer, "bias", current)
+                    rollback.setattr(layer, "bias", new)
+                current = layer.bias  # what registration kept (a registration hook may replace it)
             elif rollback is not None:
                 rollback.keep(distributed.local_tensor(current))
             targets.append(distributed.local_tensor(current))

@@ -9,7 +9,6 @@ same order (depth first, parents before children, registration order).
 
 from __future__ import annotations
 
-
 from torch import nn
 
 

@@ -208,11 +208,8 @@ class Rollback:
     def keep_modules(self, modules: Iterable[nn.Module]) -> None:
         """Remember the modules' registered children, parameters, buffers and
         attributes, and their parameters' ``requires_grad`` (not tensor values),
-        so that what code fusedconv does not control (a block converter's
-        ``install``) changes in them can be undone."""
+        so that what a block converter's ``install`` changes in them can be undone."""
         saved = [(m, dict(vars(m)), dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in modules]
-        flags = [(p, p.requires_grad) for _, _, _, parameters, _ in saved for p in parameters.values()
-                 if p is not None]
 
         def restore() -> None:
             for module, attributes, children, parameters, buffers in saved:
@@ -222,6 +219,15 @@ class Rollback:
                                          (module._buffers, buffers)):
                     registry.clear()
                     registry.update(before)
+
+        self._undo.append(restore)
+        self.keep_requires_grad(p for _, _, _, parameters, _ in saved for p in parameters.values() if p is not None)
+
+    def keep_requires_grad(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Remember the parameters' ``requires_grad`` flags."""
+        flags = [(p, p.requires_grad) for p in parameters]
+
+        def restore() -> None:
             for parameter, requires_grad in flags:
                 parameter.requires_grad_(requires_grad)
 

@@ -566,6 +566,85 @@ def test_a_failing_write_is_undone(step, bias, monkeypatch):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("blocks", ["fusedconv", "ultralytics"])
+def test_a_failing_write_after_the_installs_undoes_them(blocks, monkeypatch):
+    """The installs of fusedconv's own converters run before the weights are
+    written: a weight write failing after them leaves every block as it was."""
+    if blocks == "ultralytics":
+        conv = pytest.importorskip("ultralytics.nn.modules.conv")  # imported: fusedconv registers its converters
+        merged = [conv.Conv(4, 4, 3), conv.RepConv(4, 4, 3)]
+    else:
+        merged = [fusedconv.blocks.ConvBN(4, 4, 3), fusedconv.blocks.RepVGGBlock(4, 4, 3)]
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), *merged))
+    before = state(model)
+    attributes = [dict(vars(block)) for block in merged]
+    real = fusedconv.apply.rescale_weights
+
+    def failing(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("simulated failure after rescale_weights")
+
+    monkeypatch.setattr(fusedconv.apply, "rescale_weights", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fusedconv.fuse(model, inplace=True)
+    model[0].weight.data.copy_(before["tensors"]["0.weight"])  # written by the failing kernel call itself
+    assert_unchanged(model, before)
+    for block, was in zip(merged, attributes):
+        assert vars(block) == was  # forward, deployed_conv, the branches: as before
+        assert all(p.requires_grad for p in block.parameters())
+
+
+def test_an_install_wrapped_to_look_like_fusedconvs_is_undone_as_a_users():
+    from fusedconv.blocks.base import RepBlock
+    from fusedconv.reparam import Reparameterization, bn_affine
+
+    class Pair(nn.Sequential):
+        pass
+
+    net = prepared(nn.Sequential(Pair(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), nn.ReLU()))
+
+    def convert(block, name):
+        @functools.wraps(RepBlock.install)  # copies fusedconv's module name, not its code
+        def install(conv):
+            net.add_module("extra", nn.Identity())  # outside the block
+            raise RuntimeError("simulated failure in a wrapped install")
+        return Reparameterization(name, block[0], install, after=bn_affine(block[1]))
+
+    fusedconv.register_block(Pair, convert)
+    try:
+        before = state(net)
+        with pytest.raises(RuntimeError, match="wrapped install"):
+            fusedconv.fuse(net, inplace=True)
+        assert_unchanged(net, before)
+        assert not hasattr(net, "extra")
+    finally:
+        fusedconv.registry._CONVERTERS.pop(Pair, None)
+
+
+def test_reparameterize_undoes_the_installs_before_a_failing_one():
+    from fusedconv.reparam import Reparameterization, bn_affine
+
+    class Failing(nn.Sequential):
+        pass
+
+    def convert(block, name):
+        def install(conv):
+            raise RuntimeError("simulated failure in an install")
+        return Reparameterization(name, block[0], install, after=bn_affine(block[1]))
+
+    model = prepared(nn.Sequential(fusedconv.blocks.RepVGGBlock(4, 4, 3),
+                                   Failing(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))))
+    fusedconv.register_block(Failing, convert)
+    try:
+        before = state(model)
+        with pytest.raises(RuntimeError, match="simulated failure in an install"):
+            fusedconv.reparameterize(model)
+        assert_unchanged(model, before)
+        assert not model[0].deployed
+    finally:
+        fusedconv.registry._CONVERTERS.pop(Failing, None)
+
+
 def test_a_computed_weight_is_refused():
     model = prepared(ConvBN())
     weight = model.conv.weight
@@ -1010,6 +1089,21 @@ def test_a_failing_block_install_is_undone():
         assert_unchanged(model, before)
     finally:
         fusedconv.registry._CONVERTERS.pop(TwoBranches, None)
+
+
+class _ConvBNWithAMissingBranch(fusedconv.blocks.ConvBN):
+    branch_names = ("bn", "side")  # "side" was never built: the inherited install fails after deleting "bn"
+
+
+def test_an_inherited_install_failing_on_a_subclass_is_undone():
+    # fusedconv's own installs skip the rollback record; a method of fusedconv
+    # bound to a user's subclass is not one of them.
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), _ConvBNWithAMissingBranch(4, 4, 3)))
+    before = state(model)
+    with pytest.raises(AttributeError, match="side"):
+        fusedconv.fuse(model, inplace=True)
+    assert_unchanged(model, before)
+    assert isinstance(model[2].bn, nn.BatchNorm2d) and model[2].deployed_conv is None
 
 
 # --------------------------------------------------------------------------- 9. code that reaches a module another way

@@ -3,7 +3,8 @@
 //
 // The common case, a BN after a Conv or Linear, scales each row by one factor;
 // a row of a contiguous or channels_last weight is one contiguous block, so a
-// plain loop that the compiler vectorizes does it at close to memory speed.
+// plain loop that the compiler vectorizes does it (float32 at memory speed
+// where the processor has AVX2, see scale_float_rows).
 // All such weights of one call are laid end to end and split into equal tasks
 // across threads: most of a network's weights are far smaller than a task, so
 // a parallel loop per weight would leave the other threads idle.
@@ -88,7 +89,8 @@ inline void scale_row_range(scalar_t* out, const scalar_t* in, const double* row
 // the same weights), so the loop is also compiled for AVX2 and AVX-512, and the
 // loader picks the widest the processor has. Every clone rounds the same float64
 // product once: the same bits.
-#if defined(__x86_64__) && defined(__has_attribute)
+// (Clones need the GNU ifunc loader: Linux with glibc.)
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif

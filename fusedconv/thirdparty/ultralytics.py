@@ -94,12 +94,11 @@ def _branch(conv: nn.Module, affine: ChannelAffine | None) -> Branch:
 
 def convert_conv(block: ultralytics_conv.Conv, name: str) -> Plans:
     """``act(bn(conv(x)))`` (Conv, DWConv): the BN folds into ``conv``."""
-    bn = getattr(block, "bn", None)  # read once: a Module attribute costs a Python call
-    if bn is None:
-        return []  # fused already
+    if not hasattr(block, "bn"):
+        return []
     _check_not_quantized(block, name)
     return [Reparameterization(name, block.conv, _deploy(block, delete=("bn",), conv_attr="conv"),
-                               after=bn_affine(bn, f"{name}.bn"))]
+                               after=bn_affine(block.bn, f"{name}.bn"))]
 
 
 def convert_conv2(block: ultralytics_conv.Conv2, name: str) -> Plans:
