@@ -8,7 +8,8 @@ two child processes under valgrind, both building the model and folding one
 deep copy untimed (the warm-up); one then folds ``--calls`` more copies. The
 difference, divided by ``--calls``, is the instructions of one warm fold:
 imports, model building and copying cancel out. Counts are exact for a given
-interpreter, torch build and hash seed (PYTHONHASHSEED is set to 0), so two
+interpreter, torch build and hash seed (PYTHONHASHSEED is set to 0, and
+OPENBLAS_NUM_THREADS to 1: OpenBLAS's idle threads spin), so two
 revisions can be compared on any machine. Instructions are not time: a torch
 op's fixed overhead weighs more in time than in instructions, and memory-bound
 kernels the other way round; use bench_fold.py for time.
@@ -61,7 +62,9 @@ def count(model: str, tool: str, calls: int, args) -> int | str:
     command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
                sys.executable, os.path.abspath(__file__), "--child", model, tool, str(calls),
                "--calls", str(args.calls), "--threads", str(args.threads), "--yolo-size", str(args.yolo_size)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+    # OpenBLAS's worker threads spin while they wait, a count that varies from run to run.
+    environment = {**os.environ, "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=environment)
     found = _REFS.findall(done.stderr)
     if done.returncode != 0 or not found:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
