@@ -53,8 +53,10 @@ class ModelIndex:
         held: list[tuple[str, torch.Tensor]] = []
         for name, m in modules:
             values[id(m)] = attributes = attribute_values(m)
-            held += [(name, t) for t in m._parameters.values() if t is not None]
-            held += [(name, t) for t in m._buffers.values() if t is not None]
+            if m._parameters:  # most modules (containers, activations) register no tensor
+                held += [(name, t) for t in m._parameters.values() if t is not None]
+            if m._buffers:
+                held += [(name, t) for t in m._buffers.values() if t is not None]
             if attributes:
                 held += [(name, t) for t in _tensors_among(attributes)]
         # Modules holding a tensor that shares memory with another tensor of the

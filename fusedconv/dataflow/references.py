@@ -159,10 +159,6 @@ def reachable_modules(obj: object) -> list[nn.Module] | None:
 PLAIN_TYPES = frozenset({int, float, bool, str, type(None)})  # most attributes: a layer's configuration
 
 
-def _plain_tuple(value: object) -> bool:
-    return type(value) is tuple and PLAIN_TYPES.issuperset(map(type, value))  # no generator: this runs per attribute
-
-
 def forward_hooks(module: nn.Module) -> list[object]:
     """The module's forward hooks and pre-hooks, FSDP2's own left out."""
     if not (module._forward_hooks or module._forward_pre_hooks):
@@ -179,8 +175,11 @@ def attribute_values(module: nn.Module) -> list[object]:
     and hooks are left out too (:mod:`fusedconv.distributed`): they hold the
     modules whose parameters FSDP manages, and never call them."""
     attributes = vars(module)
+    # A tuple of plain values (a conv's kernel_size) is told apart inline: this
+    # runs for every attribute of every module, where a call would cost more.
     values = [value for key in attributes.keys() - MODULE_STATE
-              if type(value := attributes[key]) not in PLAIN_TYPES and not _plain_tuple(value)]
+              if type(value := attributes[key]) not in PLAIN_TYPES
+              and not (type(value) is tuple and PLAIN_TYPES.issuperset(map(type, value)))]
     # A registered tensor's own attributes (``conv.weight.helper = other``) are
     # held by the module too.
     for registry in (module._parameters, module._buffers):
