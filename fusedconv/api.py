@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import apply_plan, install_merges
+from .apply import apply_plan, check_merges_writable, install_merges
 from .distributed import is_sharded
 from .errors import FoldError
 from .exported import fuse_exported, fuse_graph_module, has_aten_batch_norms, plan_exported
@@ -149,6 +149,7 @@ def reparameterize(model: nn.Module, *, backend: str | None = None) -> nn.Module
         name, why = next(iter(index.entangled.items()))
         raise FoldError(f"{name or type(model).__name__}: {why}")
     plans = plan_blocks(model, list(index.blocks), modules=index.by_path, members=index.members)
+    check_merges_writable(plans)  # before the first install
     with Rollback() as rollback:  # a failing install is undone, the ones before it too
         install_merges(plans, [index.members[name] for name in index.blocks], model, rollback)
     write_merged_weights(plans, backend)

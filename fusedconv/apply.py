@@ -93,19 +93,27 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
                       smallest=prepared.smallest_factors)
 
 
+def check_merges_writable(merges: Sequence[Reparameterization]) -> None:
+    """Raise :class:`FoldError` for a merged conv's weight or bias that a merge
+    could not write in place, naming the block."""
+    check_writable(((f"{merge.name}: {part}", getattr(merge.target, part)) for merge in merges
+                    for part in ("weight", "bias")), in_place=True)
+
+
 def install_merges(merges: Sequence[Reparameterization], merged_blocks: Sequence[Sequence[nn.Module]],
                    model: nn.Module, rollback: Rollback) -> None:
     """Run the merges' installs (module swaps only), before any weight is
     written, having recorded in ``rollback`` what they may change, so that a
-    failing install, or a write failing after them, is undone: a user's install
-    may change any module of ``model``; fusedconv's own change the children and
+    failing install, or a write failing after them inside the same rollback,
+    is undone. A user's install may change any module of ``model``, so every
+    module is recorded; fusedconv's own installs change the children and
     attributes of the modules of their block that have children, and the
-    ``requires_grad`` of its parameters. ``merged_blocks``: the modules of each
-    merged block."""
-    if all(_own_install(merge.install) for merge in merges):
-        inside = list({id(m): m for inner in merged_blocks for m in inner}.values())
-        rollback.keep_modules([m for m in inside if m._modules])
-        rollback.keep_requires_grad(p for m in inside if not m._modules for p in m._parameters.values()
+    ``requires_grad`` of its parameters, so only those are recorded.
+    ``merged_blocks``: the modules of each merged block."""
+    inside = {id(m): m for inner in merged_blocks for m in inner}
+    if all(_own_install(merge.install, inside) for merge in merges):
+        rollback.keep_modules([m for m in inside.values() if m._modules])
+        rollback.keep_requires_grad(p for m in inside.values() if not m._modules for p in m._parameters.values()
                                     if p is not None)
     else:
         rollback.keep_modules(submodules(model))  # walked now: a run may have added modules
@@ -114,26 +122,37 @@ def install_merges(merges: Sequence[Reparameterization], merged_blocks: Sequence
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_OWN_CODE: dict[types.CodeType, bool] = {}  # code object -> whether fusedconv's files define it
+_OWN_FILES: dict[str, bool] = {}  # a code object's file -> whether it is one of fusedconv's
 
 
-def _own_install(install: object) -> bool:
-    """Whether a merge's ``install`` is fusedconv's own code (judged by the file
-    that defines its code, which a ``functools.wraps`` wrapper does not copy),
-    and bound to a block of fusedconv's own class when it is a method: the
-    installs of fusedconv's converters (for its blocks, and for timm's and
-    ultralytics') change the modules of their block only."""
+def _own_install(install: object, inside: dict[int, nn.Module]) -> bool:
+    """Whether a merge's ``install`` is fusedconv's own code acting on the merged
+    blocks: a function defined in fusedconv's files (judged by its code's file,
+    which a ``functools.wraps`` wrapper does not copy) whose closure holds no
+    module outside the blocks (``inside``: id -> module), or such a method bound
+    to a module of the blocks of fusedconv's own class. The installs of
+    fusedconv's converters (for its blocks, and for timm's and ultralytics')
+    change the modules of their block only."""
     owner = getattr(install, "__self__", None)
-    if owner is not None and not type(owner).__module__.startswith("fusedconv."):
+    if owner is not None and (id(owner) not in inside or not type(owner).__module__.startswith("fusedconv.")):
         return False  # a subclass's branches or attributes may differ from what the method expects
     function = getattr(install, "__func__", install)
     if not isinstance(function, types.FunctionType):
         return False
-    code = function.__code__
-    own = _OWN_CODE.get(code)
+    filename = function.__code__.co_filename
+    own = _OWN_FILES.get(filename)
     if own is None:
-        own = _OWN_CODE[code] = os.path.abspath(code.co_filename).startswith(_PACKAGE_DIR)
-    return own
+        own = _OWN_FILES[filename] = os.path.abspath(filename).startswith(_PACKAGE_DIR)
+    if not own:
+        return False
+    for cell in function.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, nn.Module) and id(value) not in inside:
+            return False  # e.g. a converter's install made for another module than the block merged
+    return True
 
 
 def _fold_structure(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], *,
@@ -226,8 +245,7 @@ def apply_plan(model: nn.Module, plan: FusionPlan, *, inplace: bool, backend: st
     merges = plan_blocks(target, plan.merges, modules=target_modules, members=members) if plan.merges else []
     merged_blocks = [members[name] if members is not None and name in members else
                      submodules(module_at(target_modules, name)) for name in plan.merges]
-    check_writable(((f"{merge.name}: {part}", getattr(merge.target, part)) for merge in merges
-                    for part in ("weight", "bias")), in_place=True)
+    check_merges_writable(merges)
     _write(target_modules, prepared, merges, merged_blocks=merged_blocks, backend=backend, sources=sources,
            flush_subnormals=flush_subnormals, kinds=index.kinds if index is not None else None)
     return target

@@ -566,13 +566,17 @@ def test_a_failing_write_is_undone(step, bias, monkeypatch):
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("blocks", ["fusedconv", "ultralytics"])
+@pytest.mark.parametrize("blocks", ["fusedconv", "timm", "ultralytics"])
 def test_a_failing_write_after_the_installs_undoes_them(blocks, monkeypatch):
     """The installs of fusedconv's own converters run before the weights are
-    written: a weight write failing after them leaves every block as it was."""
+    written: a weight write failing after them leaves every block as it was
+    (timm's classifier head: an install that changes a child of the block)."""
     if blocks == "ultralytics":
         conv = pytest.importorskip("ultralytics.nn.modules.conv")  # imported: fusedconv registers its converters
         merged = [conv.Conv(4, 4, 3), conv.RepConv(4, 4, 3)]
+    elif blocks == "timm":
+        repvit = pytest.importorskip("timm.models.repvit")
+        merged = [repvit.RepVggDw(4, 3), repvit.RepVitClassifier(4, 5, distillation=False)]
     else:
         merged = [fusedconv.blocks.ConvBN(4, 4, 3), fusedconv.blocks.RepVGGBlock(4, 4, 3)]
     model = prepared(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), *merged))
@@ -643,6 +647,16 @@ def test_reparameterize_undoes_the_installs_before_a_failing_one():
         assert not model[0].deployed
     finally:
         fusedconv.registry._CONVERTERS.pop(Failing, None)
+
+
+def test_reparameterize_checks_the_merged_weights_before_the_first_install():
+    with torch.inference_mode():  # its tensors can only be changed inside inference mode
+        model = prepared(nn.Sequential(fusedconv.blocks.RepVGGBlock(4, 4, 3), fusedconv.blocks.ConvBN(4, 4, 3)))
+    before = state(model)
+    with pytest.raises(fusedconv.FoldError, match="inference_mode"):
+        fusedconv.reparameterize(model)
+    assert_unchanged(model, before)
+    assert not model[0].deployed and not model[1].deployed
 
 
 def test_a_computed_weight_is_refused():
@@ -1096,8 +1110,8 @@ class _ConvBNWithAMissingBranch(fusedconv.blocks.ConvBN):
 
 
 def test_an_inherited_install_failing_on_a_subclass_is_undone():
-    # fusedconv's own installs skip the rollback record; a method of fusedconv
-    # bound to a user's subclass is not one of them.
+    # fusedconv's own installs take a smaller rollback record; a method of
+    # fusedconv bound to a user's subclass is not one of them.
     model = prepared(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), _ConvBNWithAMissingBranch(4, 4, 3)))
     before = state(model)
     with pytest.raises(AttributeError, match="side"):
