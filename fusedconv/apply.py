@@ -14,6 +14,7 @@ from torch import nn
 
 from . import kernels
 from .copying import copy_for_folding
+from .dataflow.references import cell_contents
 from .fold import LayerFold, plan_layer_folds, rescale_weights, set_biases
 from .fusion_plan import FusionPlan
 from .errors import FoldError
@@ -145,14 +146,8 @@ def _own_install(install: object, inside: dict[int, nn.Module]) -> bool:
         own = _OWN_FILES[filename] = os.path.abspath(filename).startswith(_PACKAGE_DIR)
     if not own:
         return False
-    for cell in function.__closure__ or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, nn.Module) and id(value) not in inside:
-            return False  # e.g. a converter's install made for another module than the block merged
-    return True
+    # e.g. a converter's install made for another module than the block merged
+    return not any(isinstance(value, nn.Module) and id(value) not in inside for value in cell_contents(function))
 
 
 def _fold_structure(model: nn.Module, plan: FusionPlan, modules: dict[str, nn.Module], *,

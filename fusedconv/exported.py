@@ -40,7 +40,6 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 
 from . import kernels
 from .affine import BatchNormStats, batchnorm_affines
-from .errors import FoldError
 from .fold import LayerFold, shift_sums
 from .fusion_plan import Fold, FusionPlan, Skip
 from .memory import sharing_memory

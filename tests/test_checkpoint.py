@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import os
-import pickle
 
 import pytest
 import torch

@@ -569,7 +569,7 @@ def test_block_without_a_kxk_branch_is_refused():
 
 @needs_ultralytics
 def test_ultralytics_refusals():
-    from ultralytics.nn.modules.conv import Conv, ConvTranspose, RepConv
+    from ultralytics.nn.modules.conv import Conv, RepConv
     rep = RepConv(4, 4).eval()
     rep.conv2.act = nn.SiLU()
     with pytest.raises(FoldError, match=r"conv2: its activation SiLU stands inside a branch"):

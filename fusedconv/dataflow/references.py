@@ -72,7 +72,7 @@ def _referenced_globals(code: types.CodeType, namespace: dict) -> list[object]:
     return found
 
 
-def _cell_contents(function: types.FunctionType) -> list[object]:
+def cell_contents(function: types.FunctionType) -> list[object]:
     """What a function's closure cells hold (empty cells left out)."""
     contents = []
     for cell in function.__closure__ or ():
@@ -94,7 +94,7 @@ def _references(obj: object) -> list[object] | None:
     if isinstance(obj, types.FunctionType):
         if _library_function(obj):
             return []
-        return [*_cell_contents(obj), *(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values(),
+        return [*cell_contents(obj), *(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values(),
                 *_referenced_globals(obj.__code__, obj.__globals__)]
     if isinstance(obj, functools.partial):
         return [obj.func, *obj.args, *obj.keywords.values()]
