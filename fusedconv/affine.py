@@ -16,7 +16,9 @@ import torch
 from .errors import FoldError
 
 
-@dataclass(frozen=True)
+# Not frozen: one is made for every BN or layer of a model, and a frozen
+# dataclass's __init__ costs four times as much.
+@dataclass(slots=True)
 class ChannelAffine:
     """``y[:, c] = x[:, c] * scale[c] + shift[c]``, both float64 vectors."""
 
@@ -32,7 +34,7 @@ def _first_channels(mask: torch.Tensor) -> list[int]:
     return mask.nonzero().flatten()[:5].tolist()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen either, like ChannelAffine
 class BatchNormStats:
     """What an eval-mode BatchNorm reads: running statistics, optional affine
     parameters (None for ``affine=False``) and eps; ``name`` labels errors."""
@@ -54,8 +56,8 @@ def _as_float64(stats: BatchNormStats) -> tuple[torch.Tensor, ...]:
 
 
 def _concatenated(stats: Sequence[BatchNormStats]) -> tuple:
-    """Means, variances, gammas and betas of many BNs on one device, each
-    concatenated and converted to float64 at once, and the channel counts."""
+    """Means, variances, gammas and betas of many BNs on one device, the rows of
+    one float64 matrix made with one copy, and the channel counts."""
     sizes = [s.running_mean.numel() for s in stats]
     ones = zeros = None
     if any(s.weight is None or s.bias is None for s in stats):  # affine=False: gamma 1, beta 0
@@ -65,14 +67,16 @@ def _concatenated(stats: Sequence[BatchNormStats]) -> tuple:
     def column(tensors, missing):
         # Statistics are vectors already, so the reshape is mostly skipped (a call
         # per tensor adds up over a model's BNs).
-        parts = [missing[:n] if t is None else t if t.dim() == 1 else t.reshape(-1) for t, n in zip(tensors, sizes)]
-        if len({p.dtype for p in parts}) == 1:
-            return torch.cat(parts).to(torch.float64)  # one conversion for all BNs
-        return torch.cat([p.to(torch.float64) for p in parts])
+        return [missing[:n] if t is None else t if t.dim() == 1 else t.reshape(-1) for t, n in zip(tensors, sizes)]
 
+    parts = (column([s.running_mean for s in stats], None) + column([s.running_var for s in stats], None) +
+             column([s.weight for s in stats], ones) + column([s.bias for s in stats], zeros))
     with torch.no_grad():  # the columns are copies that autograd need not follow
-        return (column([s.running_mean for s in stats], None), column([s.running_var for s in stats], None),
-                column([s.weight for s in stats], ones), column([s.bias for s in stats], zeros), sizes)
+        if len({p.dtype for p in parts}) == 1:
+            joined = torch.cat(parts).to(torch.float64)  # one copy and one conversion for all four columns
+        else:
+            joined = torch.cat([p.to(torch.float64) for p in parts])
+    return joined.view(4, -1), sizes
 
 
 def _raise_for_bad_stats(stats: BatchNormStats) -> None:
@@ -101,7 +105,8 @@ def batchnorm_affines(all_stats: Sequence[BatchNormStats]) -> list[ChannelAffine
     for i, stats in enumerate(all_stats):
         by_device.setdefault(stats.running_mean.device, []).append(i)
     for indices in by_device.values():
-        mean, var, gamma, beta, sizes = _concatenated([all_stats[i] for i in indices])
+        columns, sizes = _concatenated([all_stats[i] for i in indices])
+        mean, var, gamma, beta = columns
         epsilons = [all_stats[i].eps for i in indices]
         if len(set(epsilons)) == 1:  # the usual case; as a float64 scalar it adds exactly what a vector would
             eps = epsilons[0]
@@ -113,7 +118,7 @@ def batchnorm_affines(all_stats: Sequence[BatchNormStats]) -> list[ChannelAffine
         var_eps = var + eps
         # A sum is finite only if every term is; one that overflows merely sends
         # the BNs through the exact checks, which then find nothing.
-        finite = torch.isfinite(mean.sum() + var.sum() + gamma.sum() + beta.sum())
+        finite = torch.isfinite(columns.sum())
         if not bool(finite & (var_eps > 0).all()):
             for i in indices:
                 _raise_for_bad_stats(all_stats[i])

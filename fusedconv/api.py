@@ -107,17 +107,18 @@ def fuse(
                             "inplace=True or plan=")
         return fuse_graph_module(model, backend=backend)
     network, rewrap = unwrapped(model, inplace=inplace)
+    # One walk of the module tree serves planning and applying, and tells whether
+    # the model is sharded (a plan given is applied by the walk apply_plan makes).
+    index = ModelIndex(network) if plan is None and isinstance(network, nn.Module) else None
     # Before anything that may raise on one rank only: a sharded fold's checks run
     # where every rank reaches the same collectives, failing or not.
-    if is_sharded(network):  # each rank folds the blocks it holds, with the others
+    if index.sharded if index is not None else is_sharded(network):  # each rank folds its blocks, with the others
         plan = fuse_sharded(network, plan, as_input_tuple(example_inputs), inplace=inplace, backend=backend,
                             flush_subnormals=flush_subnormals)
         fused = network
     else:
-        index = None
-        if plan is None:  # one walk of the module tree serves planning and applying
+        if plan is None:
             check_foldable(network)
-            index = ModelIndex(network, sharded=False)
             plan = make_plan(network, as_input_tuple(example_inputs), check_stats=False, index=index)
         fused = apply_plan(network, plan, inplace=inplace, backend=backend, flush_subnormals=flush_subnormals,
                            index=index)

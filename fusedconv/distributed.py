@@ -491,6 +491,8 @@ def is_dtensor(tensor: object) -> bool:
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """What this rank holds of ``tensor``: a DTensor's local tensor (the memory that
     every view and write of it reaches), any other tensor itself."""
+    if type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter:  # most tensors: no lookup of DTensor
+        return tensor
     return tensor._local_tensor if is_dtensor(tensor) else tensor
 
 
@@ -510,18 +512,21 @@ def any_sharded(modules: Iterable[nn.Module]) -> bool:
     """Whether any of ``modules`` holds a DTensor parameter or buffer, or was
     sharded by ``fully_shard`` (whose parameters are plain tensors while they
     are unsharded). One look at each module's registries: every fold asks."""
-    dtensor, fsdp_module = dtensor_class(), fsdp_module_class()
-    if dtensor is None and fsdp_module is None:
+    if dtensor_class() is None and fsdp_module_class() is None:
         return False
-    kinds = tuple(kind for kind in (dtensor, fsdp_module) if kind is not None)
-    for module in modules:
-        if isinstance(module, kinds):
-            return True
-        for registry in (module._parameters, module._buffers):
-            for tensor in registry.values():
-                if isinstance(tensor, kinds):
-                    return True
-    return False
+    modules = list(modules)
+    return sharded_types({type(module) for module in modules},
+                         {type(tensor) for module in modules for registry in (module._parameters, module._buffers)
+                          for tensor in registry.values()})
+
+
+def sharded_types(module_types: Iterable[type], tensor_types: Iterable[type]) -> bool:
+    """:func:`any_sharded` from the classes of the modules and of their registered
+    tensors, for a caller that has walked them: a model's few distinct classes
+    are checked, not each of its modules and tensors."""
+    dtensor, fsdp_module = dtensor_class(), fsdp_module_class()
+    return (fsdp_module is not None and any(issubclass(kind, fsdp_module) for kind in module_types)) or (
+        dtensor is not None and any(issubclass(kind, dtensor) for kind in tensor_types))
 
 
 def _understood(placement: object) -> bool:

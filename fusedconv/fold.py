@@ -35,6 +35,7 @@ from .layers import (
     layer_kind,
     layer_out_channels,
     pads_with_zeros,
+    tensor_attribute,
     why_batchnorm_cannot_fold,
 )
 
@@ -57,7 +58,9 @@ def why_not_exact_before(layer: nn.Module) -> str | None:
     return distributed.why_input_sum_not_local(layer)  # exact, but a sharded weight may not allow it
 
 
-@dataclass(frozen=True)
+# Not frozen: one is made for every BN or layer of a model, and a frozen
+# dataclass's __init__ costs four times as much.
+@dataclass(slots=True)
 class LayerFold:
     """What folding does to one layer, in the terms of :func:`fusedconv.kernels.rescale_`:
     ``weight[r, c, ...] *= row_scale[r] * col_scale[g(r) * cols + c]`` (float64
@@ -78,6 +81,8 @@ def rescale_weights(
     """Apply each fold's scales to its weight in place, all in one batched call;
     with ``sources``, write each weight from its source instead (one pass for a
     folded copy)."""
+    if not weights:  # a fold of blocks only: not even the dispatch of an empty call
+        return
     kernels.rescale_(weights, [fold.row_scale for fold in folds], [fold.col_scale for fold in folds],
                      [fold.groups for fold in folds], sources=sources, backend=backend)
 
@@ -198,23 +203,29 @@ def plan_layer_folds(
     for i, (layer, (before, after), name) in enumerate(zip(layers, affines, names)):
         if before is None and after is not None:
             kind = _checked_kind(layer, before, after, name)
-            weight, bias = layer.weight, layer.bias
+            weight, bias = tensor_attribute(layer, "weight"), tensor_attribute(layer, "bias")
             batches[(weight.device, weight.dtype if bias is None else bias.dtype)].append((i, kind, bias))
         else:
             folds[i] = plan_layer_fold(layer, before, after, name=name, extra_bias=extra_biases[i])
     for (device, dtype), members in batches.items():
         scales = [affines[i][1].scale for i, _, _ in members]
         sizes = [scale.numel() for scale in scales]  # the layers' output channels (_checked_kind)
-        zeros = torch.zeros(max(sizes), dtype=dtype, device=device)
-        biases = torch.cat([zeros[:n] if bias is None else bias.detach()
-                            for (_, _, bias), n in zip(members, sizes)]).to(torch.float64)
-        scale = torch.cat(scales).to(device)
+        if all(bias is None for _, _, bias in members):  # most convs before a BN: one tensor of zeros
+            biases = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
+        else:
+            zeros = torch.zeros(max(sizes), dtype=dtype, device=device)
+            biases = torch.cat([zeros[:n] if bias is None else bias.detach()
+                                for (_, _, bias), n in zip(members, sizes)]).to(torch.float64)
+        gathered = torch.cat(scales)
+        scale = gathered.to(device)
         new_biases = biases * scale + torch.cat([affines[i][1].shift for i, _, _ in members]).to(device)
         if any(extra_biases[i] is not None for i, _, _ in members):
             none = torch.zeros(max(sizes), dtype=torch.float64, device=device)
             new_biases += torch.cat([none[:n] if extra_biases[i] is None else extra_biases[i].to(device)
                                      for (i, _, _), n in zip(members, sizes)])
-        for (i, kind, _), row_scale, bias in zip(members, torch.split_with_sizes(scale, sizes),
+        # The scales themselves where they are on the layers' device already.
+        row_scales = scales if scale is gathered else torch.split_with_sizes(scale, sizes)
+        for (i, kind, _), row_scale, bias in zip(members, row_scales,
                                                  torch.split_with_sizes(new_biases.to(dtype), sizes)):
             row, col = scale_grid(kind, None, row_scale)
             folds[i] = LayerFold(row, col, layer_groups(layers[i]), bias)
@@ -224,7 +235,7 @@ def plan_layer_folds(
 def new_bias_parameter(layer: nn.Module, values: torch.Tensor) -> nn.Parameter:
     """A new bias Parameter of the layer's own, shaped like ``values``, to be written."""
     return nn.Parameter(torch.empty_like(values, memory_format=torch.contiguous_format),
-                        requires_grad=layer.weight.requires_grad)
+                        requires_grad=tensor_attribute(layer, "weight").requires_grad)
 
 
 def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], rollback=None,
@@ -237,14 +248,14 @@ def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], roll
     with torch.no_grad():
         targets = []
         for layer, bias in zip(layers, biases):
-            current = layer.bias
+            current = tensor_attribute(layer, "bias")
             if current is None:
                 new = new_bias(layer, bias)
                 if rollback is None:
                     layer.bias = new
                 else:
                     rollback.setattr(layer, "bias", new)
-                current = layer.bias  # what registration kept (a registration hook may replace it)
+                current = tensor_attribute(layer, "bias")  # what registration kept (a registration hook may replace it)
             elif rollback is not None:
                 rollback.keep(distributed.local_tensor(current))
             targets.append(distributed.local_tensor(current))

@@ -200,7 +200,7 @@ def pads_with_zeros(conv: nn.Module) -> bool:
     return any(p > 0 for p in conv.padding)
 
 
-def _tensor_of(module: nn.Module, name: str) -> object:
+def tensor_attribute(module: nn.Module, name: str) -> object:
     """``getattr(module, name, None)``, read first where nn.Module registers
     parameters and buffers.
 
@@ -267,7 +267,7 @@ def why_layer_cannot_change(module: nn.Module, *, own_forward: bool = False) -> 
     problem = distributed.why_fsdp_stops_fold(module)
     if problem:
         return problem
-    if isinstance(_tensor_of(module, "weight"), nn.parameter.UninitializedParameter):
+    if isinstance(tensor_attribute(module, "weight"), nn.parameter.UninitializedParameter):
         return "it is a lazy module whose weight is not initialised yet (run a forward first)"
     return None
 
@@ -342,6 +342,9 @@ BATCHNORM_KINDS = (
 )
 
 
+_BATCHNORM_FORWARDS = frozenset().union(*(kind.forwards for kind in BATCHNORM_KINDS))
+
+
 def batchnorm_kind(module: nn.Module) -> BatchNormKind | None:
     """The BatchNorm family a module belongs to, or None if it is not a BN we can
     fold (an unknown forward, or a standard one that :func:`why_not_standard` flags)."""
@@ -357,28 +360,27 @@ def is_batchnorm_like(module: nn.Module) -> bool:
     module whose forward is one of a known family's (foldable or not)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return True
-    owner = _forward_owner(module)
-    return any(owner in kind.forwards for kind in BATCHNORM_KINDS)
+    return _forward_owner(module) in _BATCHNORM_FORWARDS
 
 
 def has_running_stats(bn: nn.Module) -> bool:
-    return isinstance(_tensor_of(bn, "running_mean"), torch.Tensor) and isinstance(
-        _tensor_of(bn, "running_var"), torch.Tensor
+    return isinstance(tensor_attribute(bn, "running_mean"), torch.Tensor) and isinstance(
+        tensor_attribute(bn, "running_var"), torch.Tensor
     )
 
 
 def num_features(bn: nn.Module) -> int:
     """Channels of a BN with running statistics."""
-    return _tensor_of(bn, "running_mean").numel()
+    return tensor_attribute(bn, "running_mean").numel()
 
 
 def bn_statistics(bn: nn.Module, name: str) -> BatchNormStats:
     """What an eval-mode BN with running statistics reads, labelled ``name`` for error messages."""
-    weight = _tensor_of(bn, "weight")
-    bias = _tensor_of(bn, "bias")
+    weight = tensor_attribute(bn, "weight")
+    bias = tensor_attribute(bn, "bias")
     return BatchNormStats(
-        _tensor_of(bn, "running_mean"),
-        _tensor_of(bn, "running_var"),
+        tensor_attribute(bn, "running_mean"),
+        tensor_attribute(bn, "running_var"),
         weight if isinstance(weight, torch.Tensor) else None,
         bias if isinstance(bias, torch.Tensor) else None,
         float(bn.eps),

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from .dataflow.references import PLAIN_TYPES, attribute_values, modules_held_elsewhere
-from .distributed import any_sharded
+from .distributed import sharded_types
 from .layers import BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
 from .memory import sharing_memory, storage_key
-from .registry import blocks_among, entangled_blocks
-from .walking import every_path, submodules
+from .registry import block_converter_lookup, entangled_blocks
+from .walking import submodules
 
 
 class ModelIndex:
@@ -32,53 +32,32 @@ class ModelIndex:
     def __init__(self, model: nn.Module, blocks: dict[str, nn.Module] | None = None, *,
                  sharded: bool | None = None):
         self.model = model
-        self.paths: dict[int, list[str]] = {}
-        self.by_path: dict[str, nn.Module] = {}  # every path, duplicates included
-        modules: list[tuple[str, nn.Module]] = []  # first path of each module, as named_modules() gives
-        for path, m in every_path(model):
-            self.by_path[path] = m
-            known = self.paths.get(id(m))
-            if known is None:
-                self.paths[id(m)] = [path]
-                modules.append((path, m))
-            else:
-                known.append(path)
-        self.modules = modules
-        # Whether the model is sharded (DTensors, FSDP2): every fold asks, once
-        # (``sharded``: the caller has just found out).
-        self.sharded = any_sharded(m for _, m in modules) if sharded is None else sharded
-        # One look at each module's attributes, and every tensor it holds
-        # (registered, or in an attribute), keyed by its path.
-        values: dict[int, list[object]] = {}
-        held: list[tuple[str, torch.Tensor]] = []
-        for name, m in modules:
-            values[id(m)] = attributes = attribute_values(m)
-            if m._parameters:  # most modules (containers, activations) register no tensor
-                held += [(name, t) for t in m._parameters.values() if t is not None]
-            if m._buffers:
-                held += [(name, t) for t in m._buffers.values() if t is not None]
-            if attributes:
-                held += [(name, t) for t in _tensors_among(attributes)]
+        walk = _Walk(model, blocks)
+        self.paths: dict[int, list[str]] = walk.paths
+        self.by_path: dict[str, nn.Module] = walk.by_path  # every path, duplicates included
+        self.modules = modules = walk.modules  # first path of each module, as named_modules() gives
+        # Whether the model is sharded (DTensors, FSDP2), told by the classes met
+        # on the walk (``sharded``: the caller has found out already).
+        self.sharded = sharded_types({type(m) for _, m in modules}, {type(t) for _, t in walk.registered}) \
+            if sharded is None else sharded
         # Modules holding a tensor that shares memory with another tensor of the
         # model (tied weights, ``.data`` assigned across modules, views), over
         # every module (those inside blocks too).
-        holders = sharing_memory(held)
+        holders = sharing_memory(walk.registered + walk.in_attributes)
         # id(module) -> the paths of the modules whose attributes, hooks or class reach it
         self.holders: dict[int, list[str]] = {}
         holder_paths = self.holders
         # the modules held themselves, not only reached through one above them
         self.held_directly: set[int] = set()
-        self.held_elsewhere = modules_held_elsewhere(modules, values_of=lambda m: values[id(m)],
+        self.held_elsewhere = modules_held_elsewhere(modules, values=walk.values,
                                                      holders=holder_paths, directly=self.held_directly)
+        self.members = walk.members
         self.entangled: dict[str, str] = {}  # blocks a merge would change outside themselves -> why
         if blocks is None:  # every known block, but the entangled ones
-            found = blocks_among(modules)
-            self.members = _block_members(self.by_path, [name for name, _, _ in found])
-            self.entangled = entangled_blocks(found, self.paths, {id(self.by_path[name]) for name in holders},
-                                              None if self.held_elsewhere is None else holder_paths, self.members)
-            blocks = {name: block for name, block, _ in found if name not in self.entangled}
-        else:
-            self.members = _block_members(self.by_path, list(blocks))
+            self.entangled = entangled_blocks(walk.found, self.paths, {id(self.by_path[name]) for name in holders},
+                                              None if self.held_elsewhere is None else holder_paths, self.members,
+                                              walk.hooked)
+            blocks = {name: block for name, block, _ in walk.found if name not in self.entangled}
         self.blocks = blocks
         self.layers: dict[str, nn.Module] = {}
         self.batchnorms: dict[str, nn.Module] = {}
@@ -87,8 +66,9 @@ class ModelIndex:
         # ("" for a model that is itself a block).
         self.block_prefixes = tuple(f"{name}." if name else "" for name in blocks)
         # The modules (first path, module) outside every block: the blocks' own
-        # modules are merged with them.
-        self.outside = _outside_blocks(modules, blocks)
+        # modules are merged with them. The walk set apart those of the blocks it
+        # found; an entangled block's insides are outside again.
+        self.outside = walk.outside if walk.found_all and not self.entangled else _outside_blocks(modules, blocks)
         for name, m in self.outside:
             if layer_kind(m) is not None:
                 self.layers[name] = m
@@ -136,29 +116,99 @@ def _outside_blocks(modules: list[tuple[str, nn.Module]],
     return outside
 
 
-def _block_members(by_path: dict[str, nn.Module], names: list[str]) -> dict[str, list[nn.Module]]:
-    """Block path -> ``walking.submodules`` of the block there, cut from the walk
-    the index made: ``by_path`` lists every path depth first, so the paths of a
-    block's subtree follow the block's own path."""
-    members: dict[str, list[nn.Module]] = {}
-    if not names:
-        return members
-    wanted = set(names)
-    prefix, current, seen = None, None, set()
-    for path, module in by_path.items():
-        if prefix is not None and (path.startswith(prefix) or not prefix):
-            if id(module) not in seen:
-                seen.add(id(module))
-                current.append(module)
-            continue
-        prefix = None
-        if path in wanted and path not in members:
-            prefix, current, seen = f"{path}." if path else "", [module], {id(module)}
-            members[path] = current
-    for name in names:  # one inside another's subtree (only a caller's own ``blocks`` can say so)
-        if name not in members and name in by_path:
-            members[name] = submodules(by_path[name])
-    return members
+class _Walk:
+    """One depth-first walk of a model's module tree (every path, parents before
+    children, in registration order, as ``named_modules(remove_duplicate=False)``)
+    that gathers what the index is made of, so that no later step walks it again.
+
+    ``paths``: id(module) -> every path where it is registered; ``by_path``:
+    every path -> its module; ``modules``: the first path of each module. For
+    each of ``modules``: its :func:`attribute_values` (``values``), the tensors
+    it registers (``registered``) and holds in attributes (``in_attributes``),
+    as (path, tensor); ``hooked``: the ids of those with forward hooks.
+
+    Blocks: with ``blocks`` None, every module whose class has a converter
+    starts one (``found``: (path, block, converter), outermost only: a block's
+    insides are its converter's business); otherwise the given paths do.
+    ``members``: each block's :func:`fusedconv.walking.submodules` (the paths
+    of its subtree follow its own path, depth first); ``outside``: the first
+    paths outside every found block (the blocks themselves included; nothing
+    for a model that is itself a block), complete when ``found_all``.
+    """
+
+    def __init__(self, model: nn.Module, blocks: dict[str, nn.Module] | None):
+        self.paths: dict[int, list[str]] = {}
+        self.by_path: dict[str, nn.Module] = {}
+        self.modules: list[tuple[str, nn.Module]] = []
+        self.values: list[list[object]] = []
+        self.registered: list[tuple[str, torch.Tensor]] = []
+        self.in_attributes: list[tuple[str, torch.Tensor]] = []
+        self.hooked: set[int] = set()
+        self.found: list[tuple[str, nn.Module, object]] = []
+        self.members: dict[str, list[nn.Module]] = {}
+        self.outside: list[tuple[str, nn.Module]] = []
+        self.found_all = blocks is None
+        converter_of = block_converter_lookup() if blocks is None else None
+        paths, by_path, members = self.paths, self.by_path, self.members
+        prefix, current, seen = None, None, set()  # the block being walked: its insides' prefix, modules, their ids
+        stack = [("", model)]
+        while stack:
+            path, m = stack.pop()
+            by_path[path] = m
+            if m._modules:
+                below = f"{path}." if path else ""
+                children = [(below + name, child) for name, child in m._modules.items() if child is not None]
+                children.reverse()
+                stack += children
+            inside = prefix is not None and (not prefix or path.startswith(prefix))
+            if inside:
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    current.append(m)
+            else:
+                prefix = None
+            known = paths.get(id(m))
+            if known is not None:  # registered at an earlier path: looked at there
+                known.append(path)
+                if not inside and blocks is not None and path in blocks and path not in members:
+                    prefix, current, seen = f"{path}." if path else "", [m], {id(m)}
+                    members[path] = current
+                continue
+            paths[id(m)] = [path]
+            self.modules.append((path, m))
+            self._look_at(path, m)
+            if inside:
+                continue
+            if converter_of is not None:
+                converter = converter_of(m)
+                starts = converter is not None
+                if starts:
+                    self.found.append((path, m, converter))
+            else:
+                starts = path in blocks and path not in members
+            if starts:
+                prefix, current, seen = f"{path}." if path else "", [m], {id(m)}
+                members[path] = current
+            self.outside.append((path, m))
+        if "" in members:
+            self.outside = []  # the model is itself a block
+        for name in blocks or ():  # one inside another's subtree (only a caller's own ``blocks`` can say so)
+            if name not in members and name in by_path:
+                members[name] = submodules(by_path[name])
+
+    def _look_at(self, path: str, m: nn.Module) -> None:
+        """One look at a module's attributes, and every tensor it holds (registered,
+        or in an attribute), keyed by its path."""
+        attributes = attribute_values(m)
+        self.values.append(attributes)
+        if m._forward_hooks or m._forward_pre_hooks:
+            self.hooked.add(id(m))
+        if m._parameters:  # most modules (containers, activations) register no tensor
+            self.registered += [(path, t) for t in m._parameters.values() if t is not None]
+        if m._buffers:
+            self.registered += [(path, t) for t in m._buffers.values() if t is not None]
+        if attributes:
+            self.in_attributes += [(path, t) for t in _tensors_among(attributes)]
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:

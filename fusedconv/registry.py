@@ -89,6 +89,13 @@ def converter_for(module: nn.Module) -> Converter | None:
     return _loaded_converter_for(module)
 
 
+def block_converter_lookup() -> Callable[[nn.Module], Converter | None]:
+    """:func:`converter_for` for a caller that asks about many modules: the
+    third-party converters are loaded once, here."""
+    _load_third_party()
+    return _loaded_converter_for
+
+
 def _loaded_converter_for(module: nn.Module) -> Converter | None:
     """:func:`converter_for`, once the third-party converters are loaded."""
     converter = _CONVERTERS.get(type(module))
@@ -109,7 +116,8 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, Converter]]:
 
 def entangled_blocks(found: Sequence[tuple[str, nn.Module, Converter]], paths: dict[int, list[str]],
                      sharing_memory: set[int], holders: dict[int, list[str]] | None,
-                     members: dict[str, list[nn.Module]] | None = None) -> dict[str, str]:
+                     members: dict[str, list[nn.Module]] | None = None,
+                     hooked: set[int] | None = None) -> dict[str, str]:
     """The blocks among ``found`` that a merge would change outside themselves,
     or whose own behaviour it would change, with the reason. A merge writes its
     layers' weights in place and stops calling the block's inner modules, so it
@@ -121,10 +129,22 @@ def entangled_blocks(found: Sequence[tuple[str, nn.Module, Converter]], paths: d
     the ids of such modules), and no module inside the block has forward hooks
     (which the merged conv would no longer run). ``paths``: id(module) -> every
     path where the model registers it. ``members``: each block's
-    :func:`fusedconv.walking.submodules`, when the caller has them."""
+    :func:`fusedconv.walking.submodules`, when the caller has them. ``hooked``:
+    the ids of the model's modules with forward hooks or pre-hooks, when the
+    caller knows them all; then only the blocks holding a module that one of
+    the reasons can apply to (hooked, registered twice, held or sharing memory)
+    are looked into, which in most models is none."""
+    suspects = twice = None
+    if hooked is not None and holders is not None:
+        suspects = {*hooked, *sharing_memory, *holders}
+        twice = {key for key, where in paths.items() if len(where) > 1}  # only a layer registered twice counts
     entangled = {}
     for name, block, _ in found:
         inner = members[name] if members is not None else submodules(block)
+        if suspects is not None and suspects.isdisjoint(map(id, inner)) and (
+                twice.isdisjoint(map(id, inner)) or
+                all(layer_kind(module) is None for module in inner if id(module) in twice)):
+            continue
         why = _why_entangled(block, inner, paths, sharing_memory, holders)
         if why is not None:
             entangled[name] = why
@@ -197,11 +217,12 @@ def plan_blocks(model: nn.Module, names: Sequence[str] | None = None, *,
     if names is None:
         return plan_found_blocks(find_blocks(model))
     modules = modules if modules is not None else dict(model.named_modules(remove_duplicate=False))
+    converter_of = block_converter_lookup()
     found = []
     for name in names:
         if name not in modules:
             raise FoldError(f"the plan names block {name!r}, which this model does not have")
-        found.append((name, modules[name], converter_for(modules[name])))
+        found.append((name, modules[name], converter_of(modules[name])))
     return plan_found_blocks(found, members)
 
 
@@ -224,18 +245,17 @@ def plan_found_blocks(found: Sequence[tuple[str, nn.Module, Converter]],
     statistics read together; errors name each block by ``name``.
     ``members``: each block's submodules, when the caller has them."""
     with_members = [(name, block, (members or {}).get(name) or submodules(block)) for name, block, _ in found]
-    # One flag per module: an eval model has none set, and is told so in one pass.
-    if any(m.training for _, _, inner in with_members for m in inner):
+    # One pass over the blocks' modules finds those in training mode (an eval
+    # model has none) and those with a registered running_var: the BNs whose
+    # affine maps are computed together. Prefetching only saves time: a BN
+    # holding its statistics elsewhere is left to bn_affine.
+    flagged = [m for _, _, inner in with_members for m in inner if m.training or "running_var" in m._buffers]
+    if any(m.training for m in flagged):
         for name, block, inner in with_members:
             if any(m.training for m in inner):
                 _check_block_not_training(block, name)
     plans: list[Reparameterization] = []
-    # The BNs whose affine maps are computed together: BatchNorms with a
-    # registered running_var, most modules told apart by one dict lookup.
-    # Prefetching only saves time: a BN holding its statistics elsewhere is left
-    # to bn_affine.
-    batchnorms = [m for _, _, inner in with_members for m in inner
-                  if "running_var" in m._buffers and is_batchnorm_like(m)]
+    batchnorms = [m for m in flagged if "running_var" in m._buffers and is_batchnorm_like(m)]
     token = _MEMBERS.set({id(block): inner for _, block, inner in with_members})
     try:
         with prefetched_bn_affines(batchnorms):

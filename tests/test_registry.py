@@ -218,6 +218,56 @@ def test_index_finds_the_modules_outside_blocks_as_the_prefix_rule_says(my_block
     assert [path for path, _ in ModelIndex(model).outside] == ["", "0", "1", "2", "3", "3.0", "3.1", "5"]
 
 
+def _model_with_odd_registrations() -> nn.Module:
+    """Duplicates at several depths, a None child, a block registered twice and
+    one whose Conv is also registered outside it (entangled: its insides are
+    outside again)."""
+    shared_conv = nn.Conv2d(6, 6, 1)
+    block, tied = blocks.RepVGGBlock(6, 6, 3), blocks.RepVGGBlock(6, 6, 3)
+    tied.pointwise.conv = shared_conv
+    inner = nn.Sequential(nn.ReLU(), block)
+    inner.add_module("gone", None)
+    model = nn.Sequential(nn.Conv2d(6, 6, 3), inner, block, tied, shared_conv, nn.Sequential(inner, nn.BatchNorm2d(6)))
+    return model.eval()
+
+
+@pytest.mark.parametrize("build", [
+    _model_with_odd_registrations,
+    lambda: __import__("torchvision").models.resnet18().eval(),
+    lambda: blocks.RepVGGBlock(6, 6, 3).eval(),
+], ids=["odd registrations", "resnet18", "model is a block"])
+def test_index_walk_is_named_modules(build):
+    """The index's one walk must give every path ``named_modules`` gives, in its
+    order, the first path of each module, each block's modules as walking the
+    block gives them, and as outside exactly the modules the prefix rule puts
+    there (an entangled block's insides included)."""
+    from fusedconv.model_index import ModelIndex, _outside_blocks
+    from fusedconv.walking import submodules
+
+    model = build()
+    index = ModelIndex(model)
+    every = list(model.named_modules(remove_duplicate=False))
+    assert [(path, id(m)) for path, m in index.by_path.items()] == [(path, id(m)) for path, m in every]
+    assert [(path, id(m)) for path, m in index.modules] == [(path, id(m)) for path, m in model.named_modules()]
+    assert {key: paths for key, paths in index.paths.items()} == {
+        id(m): [path for path, other in every if other is m] for _, m in model.named_modules()}
+    for name, inner in index.members.items():
+        assert [id(m) for m in inner] == [id(m) for m in submodules(model.get_submodule(name))]
+    assert [(path, id(m)) for path, m in index.outside] == \
+        [(path, id(m)) for path, m in _outside_blocks(index.modules, index.blocks)]
+
+
+def test_index_refolds_an_entangled_blocks_insides():
+    """The walk sets a found block's modules apart; once the block turns out
+    entangled, its BNs are outside again, for the ordinary rules."""
+    from fusedconv.model_index import ModelIndex
+
+    model = _model_with_odd_registrations()
+    index = ModelIndex(model)
+    assert "3" in index.entangled and "3" not in index.blocks
+    assert "3.pointwise.bn" in index.batchnorms and "3.dense.0.conv" in index.layers
+
+
 class _StatsByProperty(nn.Module):
     """Running statistics reached in three ways other than a registered buffer."""
 

@@ -25,7 +25,7 @@ import numbers
 import sys
 import types
 import weakref
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ _ATOMS = (
 # configuration: class names, a yaml dict), told apart by one set lookup before
 # the isinstance over _ATOMS, which checks the abstract numbers.Number on the way.
 _BARE_ATOMS = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.device, torch.Size})
+# The exact container types whose contents are all they hold (a subclass may carry attributes).
+_PLAIN_CONTAINERS = frozenset({dict, list, tuple, set, frozenset})
 # Functions defined in these packages keep no reference to a caller's modules.
 _LIBRARY_PREFIXES = ("torch", "torchvision", "timm", "numpy", "math", "functools", "operator", "builtins",
                      "collections", "typing", "itertools", "einops", "warnings", "logging", "ultralytics")
@@ -138,7 +140,16 @@ def reachable_modules(obj: object) -> list[nn.Module] | None:
     stack = [obj]
     while stack:
         current = stack.pop()
-        if type(current) in _BARE_ATOMS or id(current) in seen:
+        kind = type(current)
+        if kind in _BARE_ATOMS or id(current) in seen:
+            continue
+        if kind in _PLAIN_CONTAINERS:  # most of what a configuration holds: no isinstance over _ATOMS
+            seen.add(id(current))
+            if len(seen) > _BUDGET:
+                return UNKNOWN
+            stack.extend(current.keys() if kind is dict else current)
+            if kind is dict:
+                stack.extend(current.values())
             continue
         atom = isinstance(current, _ATOMS)
         if atom and not _instance_attributes(current):
@@ -175,11 +186,14 @@ def attribute_values(module: nn.Module) -> list[object]:
     and hooks are left out too (:mod:`fusedconv.distributed`): they hold the
     modules whose parameters FSDP manages, and never call them."""
     attributes = vars(module)
-    # A tuple of plain values (a conv's kernel_size) is told apart inline: this
-    # runs for every attribute of every module, where a call would cost more.
-    values = [value for key in attributes.keys() - MODULE_STATE
-              if type(value := attributes[key]) not in PLAIN_TYPES
-              and not (type(value) is tuple and PLAIN_TYPES.issuperset(map(type, value)))]
+    # This runs for every attribute of every module: the plain values are left
+    # out first, then the tuples of plain values (a conv's kernel_size) among
+    # the few left, each test inline where a call would cost more.
+    values = [value for value in map(attributes.__getitem__, attributes.keys() - MODULE_STATE)
+              if type(value) not in PLAIN_TYPES]
+    if values:
+        values = [value for value in values
+                  if not (type(value) is tuple and PLAIN_TYPES.issuperset(map(type, value)))]
     # A registered tensor's own attributes (``conv.weight.helper = other``) are
     # held by the module too.
     for registry in (module._parameters, module._buffers):
@@ -264,14 +278,15 @@ def _reached_by_class(kind: type) -> list[nn.Module] | None:
 
 
 def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
-                           values_of: Callable[[nn.Module], list[object]] = attribute_values,
+                           values: Iterable[list[object]] | None = None,
                            holders: dict[int, list[str]] | None = None,
                            directly: set[int] | None = None,
                            ) -> dict[int, tuple[nn.Module, str]] | None:
     """Among the modules of a model (``(path, module)``, each once), those that
     something besides the module tree can reach: id(module) -> (module, what
-    holds it), or None when some holder cannot be followed. ``values_of``: each
-    module's :func:`attribute_values`, when the caller has them already;
+    holds it), or None when some holder cannot be followed. ``values``: each
+    module's :func:`attribute_values` in the order of ``modules``, when the
+    caller has them already;
     ``holders``, when given, is filled with id(module) -> the paths of every
     module whose attributes, hooks or class reach it, and ``directly`` with the
     ids of the modules held themselves (not only reached through a module
@@ -288,18 +303,21 @@ def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
     whoever holds a module can reach every module below it.
     """
     held_elsewhere: dict[int, tuple[nn.Module, str]] = {}
-    by_class: dict[type, list[nn.Module] | None] = {}  # what each module class reaches, walked once
-    for path, module in modules:
-        held = values_of(module)
+    modules = list(modules)
+    if values is None:
+        values = [attribute_values(module) for _, module in modules]
+    # What each module class reaches, walked once per class.
+    by_class = {kind: _reached_by_class(kind) for kind in {type(module) for _, module in modules}}
+    if any(reached is UNKNOWN for reached in by_class.values()):
+        return None
+    for (path, module), held in zip(modules, values):
+        from_class = by_class[type(module)]
+        if not (held or from_class or module._forward_hooks or module._forward_pre_hooks):
+            continue  # most modules: nothing to follow
         reached = reachable_modules(held) if held else []
         if reached is UNKNOWN:
             return None
-        kind = type(module)
-        if kind not in by_class:
-            by_class[kind] = _reached_by_class(kind)
-        if by_class[kind] is UNKNOWN:
-            return None
-        reached = reached + by_class[kind] if by_class[kind] else reached
+        reached = reached + from_class if from_class else reached
         if directly is not None and reached:
             directly.update(id(other) for other in reached)
         if (module._forward_hooks or module._forward_pre_hooks) and \

@@ -153,10 +153,11 @@ def check_rescale_args(weights, row_scales, col_scales, groups, sources=None) ->
     device = weights[0].device if weights else None
     for i, (w, row, col, g) in enumerate(zip(weights, row_scales, col_scales, groups)):
         _check_kernel_tensor(w, ("weights", i), device)
-        if not (g >= 1 and w.shape[0] % g == 0):
-            raise KernelInputError(f"weights[{i}]: {w.shape[0]} rows do not split into {g} groups")
-        _check_scale(row, w.shape[0], ("row_scales", i), device)
-        _check_scale(col, g * w.shape[1], ("col_scales", i), device)
+        shape = w.shape  # read once: each read makes a new torch.Size
+        if not (g >= 1 and shape[0] % g == 0):
+            raise KernelInputError(f"weights[{i}]: {shape[0]} rows do not split into {g} groups")
+        _check_scale(row, shape[0], ("row_scales", i), device)
+        _check_scale(col, g * shape[1], ("col_scales", i), device)
     _check_written(weights, sources)
 
 

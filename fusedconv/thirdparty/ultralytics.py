@@ -58,13 +58,21 @@ def _deploy(block: nn.Module, *, delete: tuple[str, ...], conv_attr: str) -> Cal
     branch attributes are deleted, and ``forward`` becomes ``forward_fuse``."""
     def install(conv: nn.Module) -> None:
         for attr in delete:
-            if hasattr(block, attr):
+            if attr in block._modules or hasattr(block, attr):
                 delattr(block, attr)
         _freeze(conv)
         if block._modules.get(conv_attr) is not conv:  # Conv's own conv stays where it is registered
             setattr(block, conv_attr, conv)
         block.forward = block.forward_fuse
     return install
+
+
+def _child(block: nn.Module, name: str) -> object:
+    """``getattr(block, name, None)``, a registered child read where nn.Module keeps
+    it (its ``__getattr__`` runs only once the ordinary lookup has failed, and a
+    converter asks for a few children of every block)."""
+    children = block._modules
+    return children[name] if name in children else getattr(block, name, None)
 
 
 def _freeze(conv: nn.Module) -> None:
@@ -94,11 +102,12 @@ def _branch(conv: nn.Module, affine: ChannelAffine | None) -> Branch:
 
 def convert_conv(block: ultralytics_conv.Conv, name: str) -> Plans:
     """``act(bn(conv(x)))`` (Conv, DWConv): the BN folds into ``conv``."""
-    if not hasattr(block, "bn"):
+    bn = _child(block, "bn")
+    if bn is None:
         return []
     _check_not_quantized(block, name)
-    return [Reparameterization(name, block.conv, _deploy(block, delete=("bn",), conv_attr="conv"),
-                               after=bn_affine(block.bn, f"{name}.bn"))]
+    return [Reparameterization(name, _child(block, "conv"), _deploy(block, delete=("bn",), conv_attr="conv"),
+                               after=bn_affine(bn, f"{name}.bn"))]
 
 
 def convert_conv2(block: ultralytics_conv.Conv2, name: str) -> Plans:
