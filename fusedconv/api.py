@@ -109,9 +109,16 @@ def fuse(
     network, rewrap = unwrapped(model, inplace=inplace)
     # One walk of the module tree serves planning and applying, and tells whether
     # the model is sharded (a plan given is applied by the walk apply_plan makes).
-    index = ModelIndex(network) if plan is None and isinstance(network, nn.Module) else None
-    # Before anything that may raise on one rank only: a sharded fold's checks run
-    # where every rank reaches the same collectives, failing or not.
+    # Nothing before the sharded fold may raise on one rank only: its checks run
+    # where every rank reaches the same collectives, failing or not. So should
+    # the walk fail, it is made again where its error can be reported: in the
+    # planning of an unsharded fold, or inside the ranks' agreement.
+    index = None
+    if plan is None and isinstance(network, nn.Module):
+        try:
+            index = ModelIndex(network)
+        except Exception:  # raised again below, where it is reported
+            index = None
     if index.sharded if index is not None else is_sharded(network):  # each rank folds its blocks, with the others
         plan = fuse_sharded(network, plan, as_input_tuple(example_inputs), inplace=inplace, backend=backend,
                             flush_subnormals=flush_subnormals)

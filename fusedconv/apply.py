@@ -18,7 +18,7 @@ from .dataflow.references import cell_contents
 from .fold import LayerFold, plan_layer_folds, rescale_weights, set_biases
 from .fusion_plan import FusionPlan
 from .errors import FoldError
-from .layers import BatchNormKind, layer_out_channels, tensor_attribute
+from .layers import BatchNormKind, layer_out_channels, registered_attribute
 from .model_index import ModelIndex
 from .registry import converter_for, plan_blocks, plan_found_blocks
 from .reparam import Reparameterization, apply_reparameterizations, write_merged_weights
@@ -97,7 +97,7 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
 def check_merges_writable(merges: Sequence[Reparameterization]) -> None:
     """Raise :class:`FoldError` for a merged conv's weight or bias that a merge
     could not write in place, naming the block."""
-    check_writable(((f"{merge.name}: {part}", tensor_attribute(merge.target, part)) for merge in merges
+    check_writable(((f"{merge.name}: {part}", registered_attribute(merge.target, part)) for merge in merges
                     for part in ("weight", "bias")), in_place=True)
 
 

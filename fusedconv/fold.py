@@ -35,7 +35,7 @@ from .layers import (
     layer_kind,
     layer_out_channels,
     pads_with_zeros,
-    tensor_attribute,
+    registered_attribute,
     why_batchnorm_cannot_fold,
 )
 
@@ -203,7 +203,7 @@ def plan_layer_folds(
     for i, (layer, (before, after), name) in enumerate(zip(layers, affines, names)):
         if before is None and after is not None:
             kind = _checked_kind(layer, before, after, name)
-            weight, bias = tensor_attribute(layer, "weight"), tensor_attribute(layer, "bias")
+            weight, bias = registered_attribute(layer, "weight"), registered_attribute(layer, "bias")
             batches[(weight.device, weight.dtype if bias is None else bias.dtype)].append((i, kind, bias))
         else:
             folds[i] = plan_layer_fold(layer, before, after, name=name, extra_bias=extra_biases[i])
@@ -235,7 +235,7 @@ def plan_layer_folds(
 def new_bias_parameter(layer: nn.Module, values: torch.Tensor) -> nn.Parameter:
     """A new bias Parameter of the layer's own, shaped like ``values``, to be written."""
     return nn.Parameter(torch.empty_like(values, memory_format=torch.contiguous_format),
-                        requires_grad=tensor_attribute(layer, "weight").requires_grad)
+                        requires_grad=registered_attribute(layer, "weight").requires_grad)
 
 
 def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], rollback=None,
@@ -248,14 +248,14 @@ def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], roll
     with torch.no_grad():
         targets = []
         for layer, bias in zip(layers, biases):
-            current = tensor_attribute(layer, "bias")
+            current = registered_attribute(layer, "bias")
             if current is None:
                 new = new_bias(layer, bias)
                 if rollback is None:
                     layer.bias = new
                 else:
                     rollback.setattr(layer, "bias", new)
-                current = tensor_attribute(layer, "bias")  # what registration kept (a registration hook may replace it)
+                current = registered_attribute(layer, "bias")  # what registration kept (a registration hook may replace it)
             elif rollback is not None:
                 rollback.keep(distributed.local_tensor(current))
             targets.append(distributed.local_tensor(current))

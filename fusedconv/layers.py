@@ -200,30 +200,32 @@ def pads_with_zeros(conv: nn.Module) -> bool:
     return any(p > 0 for p in conv.padding)
 
 
-def tensor_attribute(module: nn.Module, name: str) -> object:
-    """``getattr(module, name, None)``, read first where nn.Module registers
-    parameters and buffers.
+def registered_attribute(module: nn.Module, name: str) -> object:
+    """``getattr(module, name, None)``, read where nn.Module registers parameters,
+    buffers and children whenever the ordinary lookup would not find the name.
 
-    nn.Module's ``__getattr__`` reaches those only after the ordinary lookup has
-    failed and raised an AttributeError, a microsecond per read; nn.Module's
-    ``__setattr__`` and ``register_*`` keep a registered name out of the
-    instance and class dicts, so that ordinary lookup would not find it anyway.
-    A name found nowhere (``running_mean`` of a conv) is answered without that
-    raise too.
+    nn.Module's ``__getattr__`` reaches its registries only after the ordinary
+    lookup has failed and raised an AttributeError, a microsecond per read.
+    That lookup fails when neither the instance dict nor a class of the MRO
+    holds the name (nn.Module's ``__setattr__`` and ``register_*`` keep a
+    registered name out of both, but code can still write either directly) and
+    the class keeps torch's own ``__getattr__`` and ``__getattribute__``; then
+    the registries answer, in the order ``__getattr__`` reads them, and a name
+    found nowhere (``running_mean`` of a conv) is None. Anything else is left
+    to ``getattr``.
     """
-    if name in module._parameters:
-        return module._parameters[name]
-    if name in module._buffers:
-        return module._buffers[name]
     klass = type(module)
     if klass.__getattr__ is _MODULE_GETATTR and klass.__getattribute__ is object.__getattribute__ and \
-            name not in module.__dict__ and name not in module._modules:
+            name not in module.__dict__:
         # The class dicts, as object.__getattribute__ reads them (hasattr on the
         # class would call a descriptor's __get__ without an instance).
         for owner in klass.__mro__:
             if name in owner.__dict__:
                 break
         else:
+            for registry in (module._parameters, module._buffers, module._modules):
+                if name in registry:
+                    return registry[name]
             return None  # where the ordinary lookup would end, after raising inside nn.Module.__getattr__
     return getattr(module, name, None)
 
@@ -267,7 +269,7 @@ def why_layer_cannot_change(module: nn.Module, *, own_forward: bool = False) -> 
     problem = distributed.why_fsdp_stops_fold(module)
     if problem:
         return problem
-    if isinstance(tensor_attribute(module, "weight"), nn.parameter.UninitializedParameter):
+    if isinstance(registered_attribute(module, "weight"), nn.parameter.UninitializedParameter):
         return "it is a lazy module whose weight is not initialised yet (run a forward first)"
     return None
 
@@ -364,23 +366,23 @@ def is_batchnorm_like(module: nn.Module) -> bool:
 
 
 def has_running_stats(bn: nn.Module) -> bool:
-    return isinstance(tensor_attribute(bn, "running_mean"), torch.Tensor) and isinstance(
-        tensor_attribute(bn, "running_var"), torch.Tensor
+    return isinstance(registered_attribute(bn, "running_mean"), torch.Tensor) and isinstance(
+        registered_attribute(bn, "running_var"), torch.Tensor
     )
 
 
 def num_features(bn: nn.Module) -> int:
     """Channels of a BN with running statistics."""
-    return tensor_attribute(bn, "running_mean").numel()
+    return registered_attribute(bn, "running_mean").numel()
 
 
 def bn_statistics(bn: nn.Module, name: str) -> BatchNormStats:
     """What an eval-mode BN with running statistics reads, labelled ``name`` for error messages."""
-    weight = tensor_attribute(bn, "weight")
-    bias = tensor_attribute(bn, "bias")
+    weight = registered_attribute(bn, "weight")
+    bias = registered_attribute(bn, "bias")
     return BatchNormStats(
-        tensor_attribute(bn, "running_mean"),
-        tensor_attribute(bn, "running_var"),
+        registered_attribute(bn, "running_mean"),
+        registered_attribute(bn, "running_var"),
         weight if isinstance(weight, torch.Tensor) else None,
         bias if isinstance(bias, torch.Tensor) else None,
         float(bn.eps),

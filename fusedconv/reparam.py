@@ -30,7 +30,7 @@ from . import kernels
 from .affine import ChannelAffine, batchnorm_affine, batchnorm_affines
 from .errors import FoldError
 from .fold import LayerFold, plan_layer_folds, rescale_weights, set_biases
-from .layers import bn_statistics, layer_out_channels, tensor_attribute, why_batchnorm_cannot_fold
+from .layers import bn_statistics, layer_out_channels, registered_attribute, why_batchnorm_cannot_fold
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,7 @@ def apply_reparameterizations(plans: Sequence[Reparameterization], backend: str 
 def write_merged_weights(plans: Sequence[Reparameterization], backend: str | None = None) -> None:
     """The writes of checked merges: the targets' weights scaled in one batched
     call, the branches added in another, the new biases stored together."""
-    weights = [tensor_attribute(p.target, "weight") for p in plans]
+    weights = [registered_attribute(p.target, "weight") for p in plans]
     rescale_weights(weights, [p.target_fold for p in plans], backend)
     bigs, smalls, scales, offsets, dilations = [], [], [], [], []
     for plan, weight in zip(plans, weights):

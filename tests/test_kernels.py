@@ -271,6 +271,30 @@ def test_pad_add_backend_gives_the_torch_bits(backend, dtype, channels_last):
         assert torch.equal(big, e), (big - e).abs().max()
 
 
+def _strided(scales: list) -> list:
+    """The same values as strided views (every other element of a longer vector):
+    a BN's gain read through a slice, which the kernels must not read as dense."""
+    return [None if s is None else torch.stack([s, torch.full_like(s, 7.0)], 1)[:, 0] for s in scales]
+
+
+@pytest.mark.parametrize("backend", ["torch", *RUNNABLE])
+def test_strided_scales_give_the_bits_of_dense_ones(backend):
+    weights, rows, cols, groups = _rescale_case(torch.float32, False, seed=8)
+    strided_rows, strided_cols = _strided(rows), _strided(cols)
+    assert not any(s.is_contiguous() for s in (*strided_rows, *strided_cols) if s is not None)
+    expected = [w.clone() for w in weights]
+    kernels.rescale_(expected, rows, cols, groups, backend="torch")
+    kernels.rescale_(weights, strided_rows, strided_cols, groups, backend=backend)
+    for w, e in zip(weights, expected):
+        assert torch.equal(w, e), (w - e).abs().max()
+    bigs, smalls, scales, offsets, dilations = _pad_add_case(torch.float32, False, seed=9)
+    expected = [b.clone() for b in bigs]
+    kernels.pad_add_(expected, smalls, scales, offsets, dilations, backend="torch")
+    kernels.pad_add_(bigs, smalls, _strided(scales), offsets, dilations, backend=backend)
+    for big, e in zip(bigs, expected):
+        assert torch.equal(big, e), (big - e).abs().max()
+
+
 @pytest.mark.parametrize("backend", ["torch", *RUNNABLE])
 def test_empty_calls_do_nothing(backend):
     assert kernels.rescale_([], [], [], [], backend=backend) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -266,6 +267,65 @@ def test_index_refolds_an_entangled_blocks_insides():
     index = ModelIndex(model)
     assert "3" in index.entangled and "3" not in index.blocks
     assert "3.pointwise.bn" in index.batchnorms and "3.dense.0.conv" in index.layers
+
+
+def _hook_reading_its_block(module, inputs, output):
+    return output + 0 * module.identity.weight.sum()
+
+
+def _register_outside(model, block):
+    model.add_module("alias", block.pointwise.conv)  # also run by the Sequential, after the block
+
+
+def _tie_outside(model, block):
+    tied = nn.Conv2d(6, 6, 1)
+    tied.weight = block.pointwise.conv.weight
+    model.add_module("tied", tied)
+
+
+def _hold_outside(model, block):
+    model[2].kept = [block.pointwise.conv]  # an attribute of the shared activation
+
+
+@pytest.mark.parametrize("entangle, why", [
+    (lambda model, block: block.register_forward_hook(_hook_reading_its_block),
+     "a forward hook that is called with the block"),
+    (lambda model, block: block.dense[0].bn.register_forward_hook(lambda m, i, o: None),
+     "its BatchNorm2d has forward hooks"),
+    (_register_outside, r"its Conv2d is also registered at 'alias'"),
+    (_tie_outside, "shares memory with another tensor"),
+    (_hold_outside, "also reachable from an attribute, hook or class of 2"),
+    (lambda model, block: None, None),  # its activation also runs outside it: only read, no entanglement
+], ids=["hook on the block", "hook inside", "conv registered outside", "weight tied outside",
+        "conv held outside", "activation shared"])
+def test_each_reason_that_entangles_a_block(entangle, why):
+    """The index looks into a block only when one of its modules is hooked,
+    registered twice, held from elsewhere or sharing memory; each such reason
+    must still keep the block from merging (``reparameterize`` names it, ``fuse``
+    folds around it exactly), and a module registered twice that is no layer
+    must not."""
+    from fusedconv.model_index import ModelIndex
+
+    act = nn.ReLU()
+    block = blocks.RepVGGBlock(6, 6, 3, activation=act)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), act, block)
+    entangle(model, block)
+    model = randomize_batchnorm_stats(model, torch.Generator().manual_seed(5)).eval()
+    index = ModelIndex(model)
+    if why is None:
+        assert not index.entangled and "3" in index.blocks
+    else:
+        assert "3" not in index.blocks
+        assert re.search(why, index.entangled["3"]), index.entangled
+        with pytest.raises(fusedconv.FoldError, match="^3: "):
+            fusedconv.reparameterize(copy.deepcopy(model))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    reference = float64_reference(model, (x,))
+    fused = fusedconv.fuse(model)
+    with torch.no_grad():
+        unfused, folded = relative_error(model(x), reference), relative_error(fused(x), reference)
+    assert folded <= 4 * unfused + 4 * torch.finfo(torch.float32).eps, (folded, unfused)
+    assert (fusedconv.plan(model).merges == ["3"]) == (why is None)
 
 
 class _StatsByProperty(nn.Module):

@@ -1302,3 +1302,28 @@ def test_which_hooks_may_use_the_module_they_are_called_with(hook, may_use):
     from fusedconv.dataflow.references import hook_may_use_its_module
 
     assert hook_may_use_its_module(hook) is may_use
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+@pytest.mark.parametrize("shadowed", ["bias", "weight"])
+def test_a_tensor_written_into_the_instance_dict_is_the_one_folded(shadowed, inplace):
+    """A tensor set through ``module.__dict__`` hides the registered one of the
+    same name from ordinary lookup, so it is what ``forward`` reads: the fold
+    must read and write that one (or leave the layer), never the registered
+    tensor that nothing reads."""
+    gen = torch.Generator().manual_seed(31)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    registered = getattr(conv, shadowed)
+    conv.__dict__[shadowed] = nn.Parameter(torch.randn(registered.shape, generator=gen))
+    model = randomize_batchnorm_stats(nn.Sequential(conv, nn.BatchNorm2d(4)), gen).eval()
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    weight, bias = (t.detach().double() for t in (conv.weight, conv.bias))
+    bn = model[1]
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    reference = (F.conv2d(x.double(), weight, bias, padding=1) - bn.running_mean.double().view(1, -1, 1, 1)) * \
+        scale.view(1, -1, 1, 1) + bn.bias.double().view(1, -1, 1, 1)
+    with torch.no_grad():
+        unfolded = relative_error(model(x), reference)
+        fused = fusedconv.fuse(model, inplace=inplace)
+        folded = relative_error(fused(x), reference)
+    assert folded <= 4 * unfolded + 4 * torch.finfo(torch.float32).eps, (folded, unfolded)

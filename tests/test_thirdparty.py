@@ -486,6 +486,23 @@ def test_ultralytics_conv(data, c1, c2, kernel, stride, dilation, act, dtype, se
 
 
 @needs_ultralytics
+@pytest.mark.parametrize("merge", [fusedconv.fuse, fusedconv.reparameterize], ids=["fuse", "reparameterize"])
+def test_ultralytics_conv_whose_conv_is_hidden_by_the_instance_dict(merge):
+    """``Conv.forward`` reads ``self.conv``: a conv set through the instance
+    ``__dict__`` hides the registered one, and is the one to merge into."""
+    from ultralytics.nn.modules.conv import Conv
+    gen = torch.Generator().manual_seed(3)
+    block = Conv(3, 4, 3)
+    block.__dict__["conv"] = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    model = randomize_batchnorm_stats(nn.Sequential(block), gen).eval()
+    x = torch.randn(2, 3, 7, 7, generator=gen)
+    with torch.no_grad():
+        before = model(x)
+        after = merge(model)(x)
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-5), (after - before).abs().max()
+
+
+@needs_ultralytics
 @settings(max_examples=10, deadline=None)
 @given(channels=st.sampled_from([2, 4]), mult=st.sampled_from([1, 2]), kernel=small_odd_kernels,
        stride=st.sampled_from([1, 2]), dtype=dtypes, seed=seeds)

@@ -658,9 +658,11 @@ def _may_spell_batch_norm(cls: type) -> bool:
                 value = value.fget
             function = getattr(value, "__func__", value)  # staticmethod, classmethod
             if isinstance(function, types.FunctionType):
-                # The reading reads a wrapper's original (inspect.getsource unwraps).
-                files.update(candidate.__code__.co_filename for candidate in (function, inspect.unwrap(function))
-                             if hasattr(candidate, "__code__"))
+                files.add(function.__code__.co_filename)
+                if hasattr(function, "__wrapped__"):  # the reading reads a wrapper's original (as getsource unwraps)
+                    original = inspect.unwrap(function)
+                    if hasattr(original, "__code__"):
+                        files.add(original.__code__.co_filename)
     return any(_file_spells_batch_norm(path) for path in files)
 
 

@@ -190,6 +190,13 @@ def check_pad_add_args(bigs, smalls, scales, offsets, dilations) -> None:
         _check_scale(scale, big.shape[0], ("scales", i), device)
 
 
+def _dense_scales(scales: list) -> list:
+    """The scale vectors, each contiguous: the C++, CUDA and Triton kernels read
+    element ``r`` at offset ``r`` (a strided view, a BN's gain read through a
+    slice, is copied once here)."""
+    return [s if s is None or s.is_contiguous() else s.contiguous() for s in scales]
+
+
 def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
@@ -200,6 +207,7 @@ def _rescale(weights, row_scales, col_scales, groups, sources=None, backend: Opt
     check_rescale_args(weights, row_scales, col_scales, groups, sources)
     if not weights:
         return
+    row_scales, col_scales = _dense_scales(row_scales), _dense_scales(col_scales)
     if sources is None:
         sources = weights
     else:
@@ -221,6 +229,7 @@ def _pad_add(bigs, smalls, scales, offsets, dilations, backend: Optional[str] = 
     check_pad_add_args(bigs, smalls, scales, offsets, dilations)
     if not bigs:
         return
+    scales = _dense_scales(scales)
     smalls = [small.contiguous() for small in smalls]
     # One strided big kernel sends the call to the reference (which reads through any strides).
     chosen = backend if all(has_dense_rows(big) for big in bigs) else "torch"

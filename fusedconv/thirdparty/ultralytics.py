@@ -40,6 +40,7 @@ from ultralytics.nn.modules import conv as ultralytics_conv
 from ..affine import ChannelAffine
 from ..errors import FoldError
 from ..reparam import Branch, ConvGeometry, Reparameterization, bn_affine, identity_branch
+from ..layers import registered_attribute
 from ..registry import block_submodules, register_block
 from ..walking import submodules
 
@@ -65,14 +66,6 @@ def _deploy(block: nn.Module, *, delete: tuple[str, ...], conv_attr: str) -> Cal
             setattr(block, conv_attr, conv)
         block.forward = block.forward_fuse
     return install
-
-
-def _child(block: nn.Module, name: str) -> object:
-    """``getattr(block, name, None)``, a registered child read where nn.Module keeps
-    it (its ``__getattr__`` runs only once the ordinary lookup has failed, and a
-    converter asks for a few children of every block)."""
-    children = block._modules
-    return children[name] if name in children else getattr(block, name, None)
 
 
 def _freeze(conv: nn.Module) -> None:
@@ -102,12 +95,12 @@ def _branch(conv: nn.Module, affine: ChannelAffine | None) -> Branch:
 
 def convert_conv(block: ultralytics_conv.Conv, name: str) -> Plans:
     """``act(bn(conv(x)))`` (Conv, DWConv): the BN folds into ``conv``."""
-    bn = _child(block, "bn")
+    bn = registered_attribute(block, "bn")
     if bn is None:
         return []
     _check_not_quantized(block, name)
-    return [Reparameterization(name, _child(block, "conv"), _deploy(block, delete=("bn",), conv_attr="conv"),
-                               after=bn_affine(bn, f"{name}.bn"))]
+    return [Reparameterization(name, registered_attribute(block, "conv"),
+                               _deploy(block, delete=("bn",), conv_attr="conv"), after=bn_affine(bn, f"{name}.bn"))]
 
 
 def convert_conv2(block: ultralytics_conv.Conv2, name: str) -> Plans:
