@@ -207,30 +207,33 @@ def registered_attribute(module: nn.Module, name: str) -> object:
     nn.Module's ``__getattr__`` reaches its registries only after the ordinary
     lookup has failed and raised an AttributeError, a microsecond per read.
     That lookup fails when neither the instance dict nor a class of the MRO
-    holds the name (nn.Module's ``__setattr__`` and ``register_*`` keep a
-    registered name out of both, but code can still write either directly) and
-    the class keeps torch's own ``__getattr__`` and ``__getattribute__``; then
-    the registries answer, in the order ``__getattr__`` reads them, and a name
-    found nowhere (``running_mean`` of a conv) is None. Anything else is left
-    to ``getattr``.
+    holds the name: nn.Module's ``__setattr__`` and ``register_*`` keep a
+    registered name out of both, but code can still write either directly. For
+    torch's own classes (whose names are read once, :func:`_trusted_class_names`)
+    the instance dict is looked at, then the registries in the order
+    ``__getattr__`` reads them, and a name found nowhere (``running_mean`` of a
+    conv) is None; any other class is left to ``getattr``.
     """
     klass = type(module)
-    if klass.__getattr__ is _MODULE_GETATTR and klass.__getattribute__ is object.__getattribute__ and \
-            name not in module.__dict__:
-        # The class dicts, as object.__getattribute__ reads them (hasattr on the
-        # class would call a descriptor's __get__ without an instance).
-        for owner in klass.__mro__:
-            if name in owner.__dict__:
-                break
-        else:
-            for registry in (module._parameters, module._buffers, module._modules):
-                if name in registry:
-                    return registry[name]
-            return None  # where the ordinary lookup would end, after raising inside nn.Module.__getattr__
+    defined = _LOOKUP_NAMES.get(klass, _UNKNOWN)
+    if defined is _UNKNOWN:
+        trusted = _trusted_class_names(klass)
+        defined = _LOOKUP_NAMES[klass] = None if trusted is None else trusted[0]
+    if defined is not None and name not in defined and name not in module.__dict__:
+        if name in module._parameters:
+            return module._parameters[name]
+        if name in module._buffers:
+            return module._buffers[name]
+        return module._modules.get(name)  # None: where the ordinary lookup ends, raising in __getattr__
     return getattr(module, name, None)
 
 
-_MODULE_GETATTR = nn.Module.__getattr__  # torch's own, should a library replace it later
+# Class -> the names its MRO defines when every class of it is torch's own (they
+# keep torch's __getattr__ and __getattribute__), None for any other class.
+_LOOKUP_NAMES: dict[type, frozenset[str] | None] = {}
+_UNKNOWN = object()
+
+
 
 
 def has_own_forward(module: nn.Module) -> bool:
