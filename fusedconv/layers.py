@@ -18,6 +18,7 @@ left alone.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -214,11 +215,7 @@ def registered_attribute(module: nn.Module, name: str) -> object:
     ``__getattr__`` reads them, and a name found nowhere (``running_mean`` of a
     conv) is None; any other class is left to ``getattr``.
     """
-    klass = type(module)
-    defined = _LOOKUP_NAMES.get(klass, _UNKNOWN)
-    if defined is _UNKNOWN:
-        trusted = _trusted_class_names(klass)
-        defined = _LOOKUP_NAMES[klass] = None if trusted is None else trusted[0]
+    defined = _names_torch_defines(type(module))
     if defined is not None and name not in defined and name not in module.__dict__:
         if name in module._parameters:
             return module._parameters[name]
@@ -228,10 +225,12 @@ def registered_attribute(module: nn.Module, name: str) -> object:
     return getattr(module, name, None)
 
 
-# Class -> the names its MRO defines when every class of it is torch's own (they
-# keep torch's __getattr__ and __getattribute__), None for any other class.
-_LOOKUP_NAMES: dict[type, frozenset[str] | None] = {}
-_UNKNOWN = object()
+@functools.lru_cache(maxsize=1024)  # bounded: a program may make classes on the fly
+def _names_torch_defines(klass: type) -> frozenset[str] | None:
+    """The names the MRO of ``klass`` defines when all of it is torch's own (which
+    keeps torch's ``__getattr__`` and ``__getattribute__``), else None."""
+    trusted = _trusted_class_names(klass)
+    return None if trusted is None else trusted[0]
 
 
 
