@@ -42,7 +42,7 @@ import types
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -512,21 +512,22 @@ def any_sharded(modules: Iterable[nn.Module]) -> bool:
     """Whether any of ``modules`` holds a DTensor parameter or buffer, or was
     sharded by ``fully_shard`` (whose parameters are plain tensors while they
     are unsharded). One look at each module's registries: every fold asks."""
-    if dtensor_class() is None and fsdp_module_class() is None:
-        return False
     modules = list(modules)
-    return sharded_types({type(module) for module in modules},
-                         {type(tensor) for module in modules for registry in (module._parameters, module._buffers)
-                          for tensor in registry.values()})
+    return sharded_among(modules, (tensor for module in modules for registry in (module._parameters, module._buffers)
+                                   for tensor in registry.values()))
 
 
-def sharded_types(module_types: Iterable[type], tensor_types: Iterable[type]) -> bool:
-    """:func:`any_sharded` from the classes of the modules and of their registered
-    tensors, for a caller that has walked them: a model's few distinct classes
-    are checked, not each of its modules and tensors."""
+def sharded_among(modules: Sequence[nn.Module], tensors: Iterable[torch.Tensor]) -> bool:
+    """:func:`any_sharded` for a caller that has gathered the modules' registered
+    tensors on its own walk: a model's few distinct classes are checked, not
+    each module and tensor, and nothing at all before DTensor or FSDP2 is
+    imported (no tensor can be one then)."""
     dtensor, fsdp_module = dtensor_class(), fsdp_module_class()
-    return (fsdp_module is not None and any(issubclass(kind, fsdp_module) for kind in module_types)) or (
-        dtensor is not None and any(issubclass(kind, dtensor) for kind in tensor_types))
+    if dtensor is None and fsdp_module is None:
+        return False
+    if fsdp_module is not None and any(issubclass(kind, fsdp_module) for kind in {type(m) for m in modules}):
+        return True
+    return dtensor is not None and any(issubclass(kind, dtensor) for kind in {type(t) for t in tensors})
 
 
 def _understood(placement: object) -> bool:

@@ -255,7 +255,8 @@ def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], roll
                     layer.bias = new
                 else:
                     rollback.setattr(layer, "bias", new)
-                current = registered_attribute(layer, "bias")  # what registration kept (a registration hook may replace it)
+                # what registration kept (a registration hook may replace it)
+                current = registered_attribute(layer, "bias")
             elif rollback is not None:
                 rollback.keep(distributed.local_tensor(current))
             targets.append(distributed.local_tensor(current))

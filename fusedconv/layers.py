@@ -233,8 +233,6 @@ def _names_torch_defines(klass: type) -> frozenset[str] | None:
     return None if trusted is None else trusted[0]
 
 
-
-
 def has_own_forward(module: nn.Module) -> bool:
     """Whether the layer runs a forward other than torch's own (even one proven a plain conv)."""
     return _forward_owner(module) not in _STANDARD_LAYER_FORWARDS

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .dataflow.references import PLAIN_TYPES, attribute_values, modules_held_elsewhere
-from .distributed import sharded_types
+from .distributed import sharded_among
 from .layers import BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
 from .memory import sharing_memory, storage_key
 from .registry import block_converter_lookup, entangled_blocks
@@ -38,7 +38,7 @@ class ModelIndex:
         self.modules = modules = walk.modules  # first path of each module, as named_modules() gives
         # Whether the model is sharded (DTensors, FSDP2), told by the classes met
         # on the walk (``sharded``: the caller has found out already).
-        self.sharded = sharded_types({type(m) for _, m in modules}, {type(t) for _, t in walk.registered}) \
+        self.sharded = sharded_among([m for _, m in modules], (t for _, t in walk.registered)) \
             if sharded is None else sharded
         # Modules holding a tensor that shares memory with another tensor of the
         # model (tied weights, ``.data`` assigned across modules, views), over
@@ -168,28 +168,27 @@ class _Walk:
             else:
                 prefix = None
             known = paths.get(id(m))
-            if known is not None:  # registered at an earlier path: looked at there
+            first = known is None  # else registered at an earlier path, and looked at there
+            if first:
+                paths[id(m)] = [path]
+                self.modules.append((path, m))
+                self._look_at(path, m)
+            else:
                 known.append(path)
-                if not inside and blocks is not None and path in blocks and path not in members:
-                    prefix, current, seen = f"{path}." if path else "", [m], {id(m)}
-                    members[path] = current
-                continue
-            paths[id(m)] = [path]
-            self.modules.append((path, m))
-            self._look_at(path, m)
             if inside:
                 continue
-            if converter_of is not None:
-                converter = converter_of(m)
+            if converter_of is None:  # a caller's blocks, named by any of their paths
+                starts = path in blocks and path not in members
+            else:  # a found block starts at its module's first path
+                converter = converter_of(m) if first else None
                 starts = converter is not None
                 if starts:
                     self.found.append((path, m, converter))
-            else:
-                starts = path in blocks and path not in members
             if starts:
                 prefix, current, seen = f"{path}." if path else "", [m], {id(m)}
                 members[path] = current
-            self.outside.append((path, m))
+            if first:
+                self.outside.append((path, m))
         if "" in members:
             self.outside = []  # the model is itself a block
         for name in blocks or ():  # one inside another's subtree (only a caller's own ``blocks`` can say so)

@@ -234,9 +234,10 @@ def _model_with_odd_registrations() -> nn.Module:
 
 @pytest.mark.parametrize("build", [
     _model_with_odd_registrations,
+    model_with_blocks,  # a block found and none entangled: ``outside`` is the walk's own
     lambda: __import__("torchvision").models.resnet18().eval(),
     lambda: blocks.RepVGGBlock(6, 6, 3).eval(),
-], ids=["odd registrations", "resnet18", "model is a block"])
+], ids=["odd registrations", "blocks", "resnet18", "model is a block"])
 def test_index_walk_is_named_modules(build):
     """The index's one walk must give every path ``named_modules`` gives, in its
     order, the first path of each module, each block's modules as walking the
@@ -247,6 +248,8 @@ def test_index_walk_is_named_modules(build):
 
     model = build()
     index = ModelIndex(model)
+    if build is model_with_blocks:  # the walk's own ``outside`` is the one checked below
+        assert index.blocks and not index.entangled
     every = list(model.named_modules(remove_duplicate=False))
     assert [(path, id(m)) for path, m in index.by_path.items()] == [(path, id(m)) for path, m in every]
     assert [(path, id(m)) for path, m in index.modules] == [(path, id(m)) for path, m in model.named_modules()]

@@ -39,9 +39,9 @@ from ultralytics.nn.modules import conv as ultralytics_conv
 
 from ..affine import ChannelAffine
 from ..errors import FoldError
-from ..reparam import Branch, ConvGeometry, Reparameterization, bn_affine, identity_branch
 from ..layers import registered_attribute
 from ..registry import block_submodules, register_block
+from ..reparam import Branch, ConvGeometry, Reparameterization, bn_affine, identity_branch
 from ..walking import submodules
 
 Plans = list[Reparameterization]
