@@ -134,12 +134,15 @@ def _own_install(install: object, inside: dict[int, nn.Module]) -> bool:
     to a module of the blocks of fusedconv's own class. The installs of
     fusedconv's converters (for its blocks, and for timm's and ultralytics')
     change the modules of their block only."""
-    owner = getattr(install, "__self__", None)
-    if owner is not None and (id(owner) not in inside or not type(owner).__module__.startswith("fusedconv.")):
-        return False  # a subclass's branches or attributes may differ from what the method expects
-    function = getattr(install, "__func__", install)
-    if not isinstance(function, types.FunctionType):
-        return False
+    if type(install) is types.FunctionType:  # most installs: a converter's closure (no lookups that fail)
+        function = install
+    else:
+        owner = getattr(install, "__self__", None)
+        if owner is not None and (id(owner) not in inside or not type(owner).__module__.startswith("fusedconv.")):
+            return False  # a subclass's branches or attributes may differ from what the method expects
+        function = getattr(install, "__func__", install)
+        if not isinstance(function, types.FunctionType):
+            return False
     filename = function.__code__.co_filename
     own = _OWN_FILES.get(filename)
     if own is None:

@@ -35,6 +35,7 @@ from .layers import (
     layer_kind,
     layer_out_channels,
     pads_with_zeros,
+    register_new_parameter,
     registered_attribute,
     why_batchnorm_cannot_fold,
 )
@@ -252,7 +253,7 @@ def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], roll
             if current is None:
                 new = new_bias(layer, bias)
                 if rollback is None:
-                    layer.bias = new
+                    register_new_parameter(layer, "bias", new)
                 else:
                     rollback.setattr(layer, "bias", new)
                 # what registration kept (a registration hook may replace it)

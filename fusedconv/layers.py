@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
 from . import distributed
@@ -223,6 +224,39 @@ def registered_attribute(module: nn.Module, name: str) -> object:
             return module._buffers[name]
         return module._modules.get(name)  # None: where the ordinary lookup ends, raising in __getattr__
     return getattr(module, name, None)
+
+
+def register_new_parameter(module: nn.Module, name: str, parameter: nn.Parameter) -> None:
+    """``setattr(module, name, parameter)`` for a new Parameter taking the place
+    of a registered None (a layer without a bias), written straight into
+    ``module._parameters`` where that is all nn.Module's ``__setattr__`` would
+    do: the class keeps torch's ``__setattr__``, no other registry or the
+    instance dict holds the name, and no global parameter registration hook is
+    there to see it. ``__setattr__`` and ``register_parameter`` cost several
+    microseconds per call, which a fold of many blocks pays for every bias."""
+    hooks = getattr(_torch_module, "_global_parameter_registration_hooks", None)
+    parameters = module._parameters
+    if type(module).__setattr__ is nn.Module.__setattr__ and hooks is not None and not hooks and \
+            type(parameter) is nn.Parameter and parameter.grad_fn is None and name in parameters and \
+            parameters[name] is None and name not in module.__dict__ and name not in module._buffers and \
+            name not in module._modules and name not in module._non_persistent_buffers_set:
+        parameters[name] = parameter
+    else:
+        setattr(module, name, parameter)
+
+
+def set_plain_attribute(module: nn.Module, name: str, value: object) -> None:
+    """``setattr(module, name, value)`` for a value that is neither a tensor nor a
+    module (a bound method, a flag), made by ``object.__setattr__`` where that
+    is all nn.Module's ``__setattr__`` would do: the class keeps torch's
+    ``__setattr__`` and no registry holds the name. nn.Module's own asks
+    whether the value is a Parameter or a Buffer through their metaclasses'
+    Python ``__instancecheck__``, several microseconds a call."""
+    if type(module).__setattr__ is nn.Module.__setattr__ and not isinstance(value, (torch.Tensor, nn.Module)) and \
+            name not in module._parameters and name not in module._modules and name not in module._buffers:
+        object.__setattr__(module, name, value)
+    else:
+        setattr(module, name, value)
 
 
 @functools.lru_cache(maxsize=1024)  # bounded: a program may make classes on the fly

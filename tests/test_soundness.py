@@ -1327,3 +1327,100 @@ def test_a_tensor_written_into_the_instance_dict_is_the_one_folded(shadowed, inp
         fused = fusedconv.fuse(model, inplace=inplace)
         folded = relative_error(fused(x), reference)
     assert folded <= 4 * unfolded + 4 * torch.finfo(torch.float32).eps, (folded, unfolded)
+
+
+class _RecordingSetattr(nn.Conv2d):
+    """A layer whose own ``__setattr__`` must see every assignment."""
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, "seen", getattr(self, "seen", ()) + (name,))
+        super().__setattr__(name, value)
+
+
+def _registration_state(module: nn.Module) -> tuple:
+    """What a registration can change: the registries and the other instance attributes."""
+    registries = ("_parameters", "_buffers", "_modules")
+    return (*(dict(getattr(module, name)) for name in registries),
+            {key: value for key, value in vars(module).items() if key not in registries})
+
+
+def _bias_cases():
+    plain = nn.Conv2d(3, 4, 3, bias=False)
+    shadowed = nn.Conv2d(3, 4, 3, bias=False)
+    shadowed.__dict__["bias"] = "stale"  # Module.__setattr__ removes it from the instance dict
+    non_persistent = nn.Conv2d(3, 4, 3, bias=False)
+    non_persistent._non_persistent_buffers_set.add("bias")
+    return {"plain": (plain, nn.Parameter), "own __setattr__": (_RecordingSetattr(3, 4, 3, bias=False), nn.Parameter),
+            "shadowed": (shadowed, nn.Parameter), "non-persistent": (non_persistent, nn.Parameter),
+            "subclass": (nn.Conv2d(3, 4, 3, bias=False), type("OwnParameter", (nn.Parameter,), {})),
+            "not a Parameter": (nn.Conv2d(3, 4, 3, bias=False), torch.Tensor)}
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["no-hook", "global-hook"])
+@pytest.mark.parametrize("case", list(_bias_cases()))
+def test_a_new_bias_is_registered_as_setattr_registers_it(case, hooked):
+    """register_new_parameter writes the registry itself only where that is all
+    setattr does: a class's own __setattr__, a name held elsewhere, a Parameter
+    subclass and a global registration hook (which may replace the Parameter)
+    each get the real setattr."""
+    from fusedconv.layers import register_new_parameter
+
+    layer, kind = _bias_cases()[case]
+    twin = copy.deepcopy(layer)
+    values = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(
+        lambda module, name, parameter: nn.Parameter(parameter.detach() * 2)) if hooked else None
+    outcomes = []
+    try:
+        for target, assign in ((twin, setattr), (layer, register_new_parameter)):
+            try:
+                assign(target, "bias", kind(values.clone()))
+                outcomes.append(None)
+            except TypeError as error:  # setattr refuses a plain tensor as a parameter
+                outcomes.append(str(error))
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert outcomes[0] == outcomes[1]
+    expected, got = _registration_state(twin), _registration_state(layer)
+    if outcomes[0] is not None:  # refused, and nothing registered
+        assert case == "not a Parameter" and layer.bias is None and "bias" not in vars(layer)
+        return
+    assert got[1:] == expected[1:]
+    assert expected[0].keys() == got[0].keys()
+    assert type(got[0]["bias"]) is type(expected[0]["bias"])
+    torch.testing.assert_close(got[0]["bias"], expected[0]["bias"], rtol=0, atol=0)
+    assert torch.equal(layer.bias, values * (2 if hooked else 1))
+
+
+@pytest.mark.parametrize("case", ["plain", "own __setattr__", "module value", "registered child"])
+def test_a_plain_attribute_is_set_as_setattr_sets_it(case):
+    """set_plain_attribute goes around nn.Module's __setattr__ only where the
+    result is the same: a class's own __setattr__, a module or tensor value and
+    a name registered as a child get the real setattr (which may refuse)."""
+    from fusedconv.layers import set_plain_attribute
+
+    layer = _RecordingSetattr(3, 4, 3) if case == "own __setattr__" else nn.Conv2d(3, 4, 3)
+    name, value = "forward", layer.extra_repr
+    if case == "module value":
+        value = nn.ReLU()
+    elif case == "registered child":
+        layer.side = nn.ReLU()
+        name = "side"
+    twin = copy.deepcopy(layer)
+    value_for_twin = copy.deepcopy(value) if isinstance(value, nn.Module) else twin.extra_repr
+    outcomes = []
+    for target, assigned, assign in ((twin, value_for_twin, setattr), (layer, value, set_plain_attribute)):
+        try:
+            assign(target, name, assigned)
+            outcomes.append(None)
+        except TypeError as error:
+            outcomes.append(str(error))
+    assert outcomes[0] == outcomes[1]
+    expected, got = _registration_state(twin), _registration_state(layer)
+    assert [registry.keys() for registry in got[:3]] == [registry.keys() for registry in expected[:3]]
+    assert got[3].keys() == expected[3].keys()
+    if case == "own __setattr__":
+        assert layer.seen == twin.seen and name in layer.seen
+    if outcomes[0] is None and not isinstance(value, nn.Module):
+        assert getattr(layer, name) == value

@@ -39,7 +39,7 @@ from ultralytics.nn.modules import conv as ultralytics_conv
 
 from ..affine import ChannelAffine
 from ..errors import FoldError
-from ..layers import registered_attribute
+from ..layers import registered_attribute, set_plain_attribute
 from ..registry import block_submodules, register_block
 from ..reparam import Branch, ConvGeometry, Reparameterization, bn_affine, identity_branch
 from ..walking import submodules
@@ -64,7 +64,7 @@ def _deploy(block: nn.Module, *, delete: tuple[str, ...], conv_attr: str) -> Cal
         _freeze(conv)
         if block._modules.get(conv_attr) is not conv:  # Conv's own conv stays where it is registered
             setattr(block, conv_attr, conv)
-        block.forward = block.forward_fuse
+        set_plain_attribute(block, "forward", block.forward_fuse)
     return install
 
 
