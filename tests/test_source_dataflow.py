@@ -697,3 +697,19 @@ def test_functional_batch_norms_found_without_reading_classes_that_cannot_spell_
     monkeypatch.setattr(head_class, "forward", _module_from(
         tmp_path / "full_width.py", _FUNCTIONAL_SOURCE.replace("F.batch_norm", "F.\uff42atch_norm")).forward)
     assert [skip.module for skip in fusedconv.plan(model).skipped] == ["3: Head: F.batch_norm(...)"]
+
+
+@pytest.mark.parametrize("text, spells", [
+    ("y = F.batch_norm(x, m, v)\n", True),
+    ("y = self.bn(x)\n", False),
+    ("# ✅ done\ny = F.\uff42atch_norm(x, m, v)\n", True),  # full-width b, non-ASCII on another line too
+    ("# ✅ done\ny = F.batch\uff3fnorm(x)\n", True),  # full-width low line
+    ("# ✅ done\ny = self.bn(x)\n", False),
+    ("y = batch\n_norm\n", False),  # not one name
+])
+def test_which_source_texts_may_spell_batch_norm(text, spells):
+    """The scan that decides whether a class's files are read finds the name as
+    Python reads identifiers (NFKC), normalizing only the non-ASCII lines."""
+    from fusedconv.dataflow.source import _spells_batch_norm
+
+    assert _spells_batch_norm(text.splitlines(keepends=True)) is spells

@@ -675,12 +675,22 @@ def _file_spells_batch_norm(path: str) -> bool:
     lines = linecache.getlines(path)
     known = _FILES_SPELLING.get(path)
     if known is None or known[0] is not lines:
-        # The whole text at once (a check per line costs a first fold more than reading the file).
-        known = _FILES_SPELLING[path] = (lines, not lines or "batch_norm" in _as_parsed("".join(lines)))
+        known = _FILES_SPELLING[path] = (lines, not lines or _spells_batch_norm(lines))
     return known[1]
 
 
-def _as_parsed(text: str) -> str:
-    """The text with its letters as Python reads identifiers (NFKC: a full-width
-    ``ｂatch_norm`` names ``batch_norm``)."""
-    return text if text.isascii() else unicodedata.normalize("NFKC", text)
+def _spells_batch_norm(lines: list[str]) -> bool:
+    """Whether the text may spell ``batch_norm`` as Python reads identifiers
+    (NFKC: a full-width ``ｂatch_norm`` names ``batch_norm``). The whole text is
+    searched at once (a check per line costs a first fold more than reading
+    the file); only its non-ASCII lines are normalized (NFKC changes no ASCII
+    character and composes nothing across a line break), which on the large,
+    mostly ASCII files of a model zoo is most of the cost of the check. An
+    ASCII ``batch_norm`` says yes at once: at worst a combining mark after it
+    made it another name, and the class is read for nothing."""
+    text = "".join(lines)
+    if "batch_norm" in text:
+        return True
+    if text.isascii():
+        return False
+    return any("batch_norm" in unicodedata.normalize("NFKC", line) for line in lines if not line.isascii())

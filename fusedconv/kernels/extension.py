@@ -14,6 +14,7 @@ fixes it, how (:func:`rebuild_hint`).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -56,7 +57,10 @@ def _load_library() -> str:
     """Load the library once; return its build info ("torch X.Y.Z[, cuda A.B]")."""
     if "info" in _state:
         return _state["info"]
-    prebuilt = sorted(_PACKAGE.glob("_C*.so")) + sorted(_PACKAGE.glob("_C*.pyd"))
+    # A listing, not Path.glob, which compiles a pattern first: a first fold pays for it.
+    names = sorted(os.listdir(_PACKAGE))
+    prebuilt = [_PACKAGE / name for suffix in (".so", ".pyd") for name in names
+                if name.startswith("_C") and name.endswith(suffix)]
     if prebuilt:
         try:
             torch.ops.load_library(str(prebuilt[0]))
