@@ -30,6 +30,7 @@ state entries gone. One BN folds per layer node; a Linear decomposed into
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 from collections import Counter
 
@@ -362,7 +363,7 @@ def fuse_graph_module(module: fx.GraphModule, *, backend: str | None = None) -> 
         return module
     folds, new_weights = _folded_tensors(matcher.state, pairs, backend)
     target = copy.deepcopy(module)
-    by_name = {node.name: node for node in target.graph.nodes}
+    by_name = _copied_nodes(module.graph, target.graph)
     graph = target.graph
 
     def assign(path: str, tensor: torch.Tensor) -> None:
@@ -395,6 +396,37 @@ def fuse_graph_module(module: fx.GraphModule, *, backend: str | None = None) -> 
     return target
 
 
+def _copied_nodes(original: fx.Graph, copied: fx.Graph) -> dict[str, fx.Node]:
+    """Each node of ``original`` (by name) -> the node at its place in ``copied``,
+    a deep copy of it. A copy names its nodes afresh, and a name that fx
+    reserves is changed on the way (``input``, the argument of every
+    ``nn.Sequential``, becomes ``input_1``, which may push another node's name
+    along): nodes are matched by position, never by name."""
+    return {old.name: new for old, new in zip(original.nodes, copied.nodes, strict=True)}
+
+
+def _renamed_argument(argument, renames: dict[str, str]):
+    """``argument`` (a TensorArgument, SymIntArgument, ...) naming its node's new name."""
+    name = getattr(argument, "name", None)
+    return dataclasses.replace(argument, name=renames[name]) if isinstance(name, str) and name in renames \
+        else argument
+
+
+def _with_new_names(spec, renames: dict[str, str]):
+    """A copy of an input or output spec whose argument names its node's new name
+    (an ExportedProgram whose signature names a node its graph lacks does not verify)."""
+    return dataclasses.replace(spec, arg=_renamed_argument(spec.arg, renames))
+
+
+def _call_entry_with_new_names(entry, renames: dict[str, str]):
+    """A copy of a module call graph entry whose signature names the nodes' new names."""
+    entry = copy.deepcopy(entry)
+    if entry.signature is not None:
+        entry.signature.inputs = [_renamed_argument(argument, renames) for argument in entry.signature.inputs]
+        entry.signature.outputs = [_renamed_argument(argument, renames) for argument in entry.signature.outputs]
+    return entry
+
+
 def fuse_exported(program: ExportedProgram, *, backend: str | None = None) -> ExportedProgram:
     """A new program with every foldable conv/linear -> batch norm pair folded
     (module docstring); ``program`` is left as it was."""
@@ -407,10 +439,11 @@ def fuse_exported(program: ExportedProgram, *, backend: str | None = None) -> Ex
     # -- the new program: nothing of the caller's is modified ------------------
     graph_module = copy.deepcopy(program.graph_module)
     graph = graph_module.graph
-    by_name = {node.name: node for node in graph.nodes}
+    by_name = _copied_nodes(program.graph, graph)
+    renames = {name: node.name for name, node in by_name.items() if node.name != name}
     state_dict = dict(program.state_dict)
     constants = dict(program.constants)
-    specs = list(program.graph_signature.input_specs)
+    specs = [_with_new_names(spec, renames) for spec in program.graph_signature.input_specs]
     spec_of = {spec.arg.name: spec for spec in specs if isinstance(spec.arg, TensorArgument)}
 
     def store(spec: InputSpec, tensor: torch.Tensor) -> None:
@@ -451,12 +484,13 @@ def fuse_exported(program: ExportedProgram, *, backend: str | None = None) -> Ex
                 constants.pop(spec.target, None)
     graph.lint()
     graph_module.recompile()
-    outputs = [copy.copy(spec) for spec in program.graph_signature.output_specs]
+    outputs = [_with_new_names(spec, renames) for spec in program.graph_signature.output_specs]
     for spec in outputs:
         if isinstance(spec.arg, TensorArgument) and spec.arg.name in renamed:
             spec.arg = TensorArgument(renamed[spec.arg.name])
     signature = ExportGraphSignature(input_specs=specs, output_specs=outputs)
     return ExportedProgram(
         root=graph_module, graph=graph, graph_signature=signature, state_dict=state_dict,
-        range_constraints=program.range_constraints, module_call_graph=copy.deepcopy(program.module_call_graph),
+        range_constraints=program.range_constraints,
+        module_call_graph=[_call_entry_with_new_names(entry, renames) for entry in program.module_call_graph],
         example_inputs=program.example_inputs, constants=constants, verifiers=[program.verifier])

@@ -11,6 +11,8 @@ training batch norm, a BN before a conv all stay). PT2E's own conv-BN fold
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.fx.passes.shape_prop
@@ -251,3 +253,41 @@ def test_an_unbatched_conv_output_is_not_the_bns_channel_axis():
     plan = fusedconv.plan(program)
     assert plan.num_folded == 0 and "batched" in plan.skipped[0].reason
     torch.testing.assert_close(fusedconv.fuse(program).module()(x), model(x))
+
+
+def _conv_bn_taking(*names: str) -> nn.Module:
+    """A conv -> BN -> ReLU whose forward names its inputs ``names`` (the first is
+    convolved, the others added to its output)."""
+    namespace: dict = {}
+    exec(f"def forward(self, {', '.join(names)}):\n"
+         f"    return self.act(self.bn(self.conv({names[0]}))){''.join(f' + {n}' for n in names[1:])}\n", namespace)
+    block = type("ConvBN", (nn.Module,), {"forward": namespace["forward"]})()
+    block.conv, block.bn, block.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+    return block
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["exported", "decomposed"])
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),  # forward(self, input)
+    lambda: _conv_bn_taking("input", "sum"),
+    lambda: _conv_bn_taking("x", "list"),
+], ids=["sequential", "input-and-sum", "x-and-list"])
+def test_inputs_named_as_python_builtins(make, decomposed):
+    """fx renames a node named after a builtin when the graph is copied (an
+    nn.Sequential's ``input`` becomes ``input_1``): the folded program's
+    signatures must name the copy's nodes, or the program does not verify."""
+    model = _prepared(make())
+    gen = torch.Generator().manual_seed(11)
+    inputs = (torch.randn(2, 3, 6, 6, generator=gen),) + tuple(
+        torch.randn(2, 4, 6, 6, generator=gen) for _ in range(len(inspect.signature(model.forward).parameters) - 1))
+    reference = float64_reference(model, inputs)
+    with torch.no_grad():
+        unfolded = relative_error(model(*inputs), reference)
+    program = torch.export.export(model, inputs)
+    if decomposed:
+        program = program.run_decompositions()
+    fused = fusedconv.fuse(program)
+    assert _batch_norm_nodes(fused.graph) == 0
+    assert relative_error(fused.module()(*inputs), reference) <= FACTOR * unfolded + FLOOR
+    again = torch.export.export(fused.module(), inputs)  # what it became exports again
+    assert relative_error(again.module()(*inputs), reference) <= FACTOR * unfolded + FLOOR
