@@ -10,13 +10,22 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#define FUSEDCONV_STRING_(x) #x
+#define FUSEDCONV_STRING(x) FUSEDCONV_STRING_(x)
+
 namespace fusedconv {
+
+// The torch the library was compiled against, as text in the file itself:
+// where the library does not load (built for another torch), Python reads it
+// from the file to say which torch that was (fusedconv/kernels/extension.py).
+extern const char kBuiltFor[];
+const char kBuiltFor[] = "fusedconv built for torch " FUSEDCONV_STRING(TORCH_VERSION_MAJOR) "." FUSEDCONV_STRING(
+    TORCH_VERSION_MINOR) "." FUSEDCONV_STRING(TORCH_VERSION_PATCH);
 
 // Which torch (and CUDA) the library was compiled against, so that Python can
 // say "built for torch X, running Y" instead of failing obscurely.
 std::string build_info() {
-  std::string info = "torch " + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
-                     "." + std::to_string(TORCH_VERSION_PATCH);
+  std::string info = kBuiltFor + sizeof("fusedconv built for ") - 1;
 #ifdef FUSEDCONV_WITH_CUDA
   info += ", cuda " + std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
 #endif

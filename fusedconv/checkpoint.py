@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from . import kernels
 from .apply import apply_plan
 from .copying import meta_copy
 from .errors import FoldError
@@ -278,6 +279,18 @@ class _Job:
         return [prefix + key for key in self.skeleton[name].state_dict(keep_vars=True)]
 
 
+def _compute_device(device: str | torch.device | None) -> torch.device | None:
+    """The device the arithmetic runs on, refused with :class:`FoldError` before
+    anything is read when nothing can compute there (no CUDA device, meta)."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    reason = kernels.why_device_unavailable(device)
+    if reason:
+        raise FoldError(f"device={str(device)!r}: {reason}")
+    return device
+
+
 def _job(model: nn.Module, state_dict: StateDictSource) -> _Job:
     checkpoint = _open(state_dict)
     skeleton = meta_copy(model).eval()  # a checkpoint is folded for inference, whatever mode model is in
@@ -484,7 +497,7 @@ def fold_state_dict(model: nn.Module, state_dict: StateDictSource, *, device: st
     ``flush_subnormals`` are :func:`fusedconv.fuse`'s.
     """
     job = _job(model, state_dict)
-    device = torch.device(device) if device is not None else None
+    device = _compute_device(device)
     owned = job.checkpoint.owns_its_memory()
     folded = {}
     for key, value, passed_through in _folded_items(job, device, backend, flush_subnormals, None):
@@ -549,7 +562,7 @@ def fold_checkpoint(model: nn.Module, source: StateDictSource, destination: str 
     if not destination.parent.is_dir() or destination.is_dir():
         raise FoldError(f"{destination}: cannot write there ({'a directory' if destination.is_dir() else 'no such directory'})")
     job = _job(model, source)
-    device = torch.device(device) if device is not None else None
+    device = _compute_device(device)
     total = sum(value.nbytes for key in job.checkpoint.keys()
                 if isinstance(value := job.checkpoint.meta(key), torch.Tensor))
     done = 0

@@ -66,8 +66,25 @@ class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         raise CLIError(f"{message} (see {self.prog} --help)")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        # The subcommand's parser leaves an option it does not know to this one:
+        # point to the subcommand's help, which lists its options.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            raise CLIError(f"unrecognized arguments: {' '.join(extras)} "
+                           f"(see {self.prog}{' ' + command if command else ''} --help)")
+        return parsed
+
 
 # --------------------------------------------------------------------------- helpers
+
+
+class _LogFormatter(logging.Formatter):
+    """``fusedconv: warning: message``, as the command line writes its warnings and errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.name}: {record.levelname.lower()}: {super().format(record)}"
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -177,8 +194,12 @@ def _table(rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
     return format_table(rows, left=None, indent=indent, sep="   ")
 
 
+_WARMUP_ROUNDS = 3  # untimed rounds before the demo's timed ones
+_NOISY_SPREAD = 2.0  # the speed-up's upper quartile over its lower one beyond which the demo warns
+
+
 @torch.no_grad()
-def measure_latencies(models: Sequence[nn.Module], x: torch.Tensor, runs: int, warmup: int = 3,
+def measure_latencies(models: Sequence[nn.Module], x: torch.Tensor, runs: int, warmup: int = _WARMUP_ROUNDS,
                       progress: Callable[[int], None] | None = None) -> list[Timing]:
     """Wall times of ``model(x)`` for each model, interleaved (one call of each
     per round, :func:`fusedconv.timing.measure_interleaved`): ``runs`` timed
@@ -228,7 +249,7 @@ class _Progress:
         if self._bar is not None:
             bar = self._bar
             return lambda k: bar.set_postfix_str(f"round {k}/{total}")
-        marks = {max(1, round(total * f)) for f in (0.25, 0.5, 0.75)}
+        marks = {max(1, round(total * f)) for f in (0.25, 0.5, 0.75, 1.0)}
         return lambda k: print(f"fusedconv demo:   {k}/{total} rounds", file=sys.stderr, flush=True) \
             if k in marks else None
 
@@ -276,8 +297,7 @@ def _demo(args: argparse.Namespace, progress: _Progress) -> int:
     if args.size < 8:
         raise CLIError(f"--size must be at least 8 (the demo network downsamples by 4), got {args.size}")
     device = args.device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available")
+    _check_device(device)
     if args.backend is not None:  # say so now rather than after the calibration
         kernels.choose(device, args.backend)
 
@@ -315,8 +335,9 @@ def _demo(args: argparse.Namespace, progress: _Progress) -> int:
     report = fusedconv.verify(original, fused, (x_verify,))
     ratio = report.ratio
 
-    progress.stage(f"timing {args.runs} interleaved rounds")
-    before, after = measure_latencies([original, fused], x, args.runs, progress=progress.rounds(args.runs + 3))
+    progress.stage(f"timing {args.runs} interleaved rounds, after {_WARMUP_ROUNDS} untimed ones")
+    before, after = measure_latencies([original, fused], x, args.runs, warmup=_WARMUP_ROUNDS,
+                                      progress=progress.rounds(args.runs + _WARMUP_ROUNDS))
     speedup = paired_speedup(before, after)
     progress.close()
 
@@ -351,6 +372,9 @@ def _demo(args: argparse.Namespace, progress: _Progress) -> int:
             ]
         )
     )
+    if s3 > _NOISY_SPREAD * s1:  # the speed-up's middle half spans more than 2x: the machine was busy
+        logger.warning("the latency moved a lot between runs (speed-up quartiles %.2f-%.2fx): the machine is busy; "
+                       "rerun with more --runs, --threads 1, or on a quiet machine", s1, s3)
     print()
     print(str(plan))
     print()
@@ -440,8 +464,16 @@ class _ByteProgress:
             self._bar.close()
 
 
+def _check_device(device: torch.device | None) -> None:
+    """Refuse, as a bad argument, a ``--device`` that no fold can compute on here."""
+    reason = kernels.why_device_unavailable(device) if device is not None else None
+    if reason:
+        raise CLIError(f"--device {device}: {reason}")
+
+
 def run_fuse(args: argparse.Namespace) -> int:
     """``fusedconv fuse MODULE:CALLABLE --checkpoint IN -o OUT``: fold a checkpoint file."""
+    _check_device(args.device)
     if args.checkpoint is None:  # the factory's own weights (e.g. a pretrained model)
         model = build_model(args.spec)
         source = model.state_dict()
@@ -451,7 +483,7 @@ def run_fuse(args: argparse.Namespace) -> int:
     progress = _ByteProgress(_progress_enabled(args), "fusedconv fuse")
     try:
         report = fusedconv.fold_checkpoint(model, source, args.output, device=args.device, backend=args.backend,
-                                           progress=progress)
+                                           flush_subnormals=args.flush_subnormals, progress=progress)
     finally:
         progress.close()
     plan = report.plan
@@ -580,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the arithmetic runs, e.g. cuda (default: where the tensors are)")
     fuse.add_argument("--backend", choices=("torch", "cpp", "cuda", "triton"), default=None,
                       help="kernel backend (default: the fastest that loads for the device)")
+    fuse.add_argument("--flush-subnormals", action="store_true",
+                      help="set to zero the weights that the fold makes subnormal (they slow CPU inference)")
     fuse.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                       help="show progress on stderr (default: when stderr is a terminal)")
     fuse.set_defaults(func=run_fuse)
@@ -616,10 +650,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     debug = _debug_requested(argv)
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+    handler.setFormatter(_LogFormatter())
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    # A MODULE:CALLABLE in the working directory imports, as under `python -m`
+    # (a console script's path does not hold it); last, so that it shadows nothing.
+    working_directory = os.getcwd()
+    importable = working_directory not in sys.path and "" not in sys.path
+    if importable:
+        sys.path.append(working_directory)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -664,6 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+        if importable and working_directory in sys.path:
+            sys.path.remove(working_directory)
 
 
 if __name__ == "__main__":  # pragma: no cover

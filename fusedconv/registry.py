@@ -78,7 +78,7 @@ def _load_third_party() -> None:
             try:
                 importlib.import_module(module)
             except Exception as exc:  # e.g. a block class that moved in another version of the package
-                logger.warning("fusedconv: the converters for %s blocks did not load (%s: %s); its blocks are "
+                logger.warning("the converters for %s blocks did not load (%s: %s); its blocks are "
                                "left as they are, their BatchNorms folded where possible",
                                package, type(exc).__name__, exc)
 

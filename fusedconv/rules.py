@@ -270,14 +270,14 @@ def _warn_about(plan: FusionPlan, flow: Dataflow) -> None:
     no_stats = [s.module for s in plan.skipped if s.reason.startswith("track_running_stats=False")]
     if no_stats:
         warnings.warn(
-            f"fusedconv: {len(no_stats)} BatchNorm(s) without running statistics left unfolded: "
+            f"{len(no_stats)} BatchNorm(s) without running statistics left unfolded: "
             + ", ".join(no_stats[:5]),
             FoldWarning,
             stacklevel=3,
         )
     boxes = sorted({reason for name, reason in flow.unseen.items() if "cannot trace" in reason})
     for reason in boxes:
-        warnings.warn(f"fusedconv: modules {reason}", FoldWarning, stacklevel=3)
+        warnings.warn(f"modules {reason}", FoldWarning, stacklevel=3)
 
 
 def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_stats: bool = True,

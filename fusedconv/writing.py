@@ -164,8 +164,9 @@ def subnormal_weights(weights: Sequence[torch.Tensor], folds: Sequence[LayerFold
                     weight[rows] = values.masked_fill(tiny, 0)
     if found and not flush:
         warnings.warn(
-            f"fusedconv: the fold made weights of {len(found)} layer(s) subnormal ({', '.join(found[:5])}); "
-            "on a CPU these slow inference several times over: pass flush_subnormals=True to set them to zero",
+            f"the fold made weights of {len(found)} layer(s) subnormal ({', '.join(found[:5])}); "
+            "on a CPU these slow inference several times over: pass flush_subnormals=True (on the command line, "
+            "--flush-subnormals) to set them to zero",
             FoldWarning, stacklevel=4)
     return found
 

@@ -632,3 +632,15 @@ def test_fold_state_dict_on_the_gpu():
     folded = fusedconv.fold_state_dict(small_model(), real.state_dict(), device="cuda")
     assert_same_state(folded, expected)
     assert all(t.device.type == "cpu" for t in folded.values())
+
+
+@pytest.mark.parametrize("device", ["meta"] + ["cuda"] * (not torch.cuda.is_available()))
+def test_a_device_nothing_can_compute_on_is_refused_before_anything_is_read(device, tmp_path):
+    model = randomize_batchnorm_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)),
+                                      torch.Generator().manual_seed(2)).eval()
+    source = _save(model.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(fusedconv.FoldError, match=f"^device='{device}': "):
+        fusedconv.fold_state_dict(model, source, device=device)
+    with pytest.raises(fusedconv.FoldError, match=f"^device='{device}': "):
+        fusedconv.fold_checkpoint(model, source, tmp_path / "folded.safetensors", device=device)
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]

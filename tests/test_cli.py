@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -243,8 +244,8 @@ def test_demo_verbose_logs_debug_lines(capsys):
     assert cli.main([*SMALL_DEMO, "--verbose"]) == 0
     assert logger.handlers == handlers and logger.level == level  # main() cleans up
     err = capsys.readouterr().err
-    assert "fusedconv: DEBUG: calibrating" in err
-    assert "fusedconv: DEBUG: fuse took" in err
+    assert "fusedconv: debug: calibrating" in err
+    assert "fusedconv: debug: fuse took" in err
     # the handler is removed again: a later quiet run prints nothing on stderr
     assert cli.main(SMALL_DEMO) == 0
     assert capsys.readouterr().err == ""
@@ -396,11 +397,43 @@ def test_backends_on_cuda_without_a_gpu_lists_none_available(capsys):
 @pytest.mark.parametrize(
     "argv",
     [["demo", "--device", "nosuchdevice"], ["demo", "--runs", "x"], ["backends", "--device", "x:y"],
-     ["nosuchcommand"], []],
+     ["nosuchcommand"], [], ["demo", "--device", "meta"],
+     ["fuse", "torch.nn:Identity", "-o", "never-written.pt", "--device", "meta"]]
+    + [["demo", "--device", "cuda"], ["fuse", "torch.nn:Identity", "-o", "never-written.pt", "--device", "cuda"]]
+    * (not torch.cuda.is_available()),
 )
-def test_bad_arguments_are_one_line(capsys, argv):
+def test_bad_arguments_are_one_line(capsys, argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == cli.EXIT_USAGE
-    assert _one_line_error(capsys.readouterr().err).startswith("fusedconv: error:")
+    line = _one_line_error(capsys.readouterr().err)
+    assert line.startswith("fusedconv: error:")
+    if "--device" in argv and argv[argv.index("--device") + 1] in ("cuda", "meta"):
+        assert line.startswith(f"fusedconv: error: --device {argv[argv.index('--device') + 1]}: ")
+    assert not (tmp_path / "never-written.pt").exists()
+
+
+def test_an_unknown_option_points_to_its_commands_help(capsys):
+    assert cli.main(["plan", "torch.nn:Identity", "--bogus"]) == cli.EXIT_USAGE
+    line = _one_line_error(capsys.readouterr().err)
+    assert line == "fusedconv: error: unrecognized arguments: --bogus (see fusedconv plan --help)"
+
+
+def test_a_model_in_the_working_directory_imports(capsys, tmp_path, monkeypatch):
+    """As under ``python -m``, a MODULE:CALLABLE beside the user imports; the
+    path is as it was afterwards."""
+    (tmp_path / "my_local_model.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    before = list(sys.path)
+    try:
+        assert cli.main(["plan", "my_local_model:build"]) == 0
+    finally:
+        sys.modules.pop("my_local_model", None)
+    assert "1 of 1 BatchNorms folded" in capsys.readouterr().out
+    assert sys.path == before
 
 
 def test_unexpected_errors_are_one_line_unless_debugging(capsys, monkeypatch):
@@ -435,7 +468,8 @@ def test_demo_progress_without_tqdm_is_plain_lines(capsys, monkeypatch):
     assert cli.main([*SMALL_DEMO, "--progress"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "fusedconv demo: [1/5] building and calibrating the demo network"
-    assert "fusedconv demo: [5/5] timing 2 interleaved rounds" in err
+    assert "fusedconv demo: [5/5] timing 2 interleaved rounds, after 3 untimed ones" in err
+    assert err[-1] == "fusedconv demo:   5/5 rounds"  # the count reaches its total
     assert all(line.startswith("fusedconv demo: ") for line in err)
 
 
@@ -531,3 +565,84 @@ def test_extension_sources_are_found():
     directory = extension.source_dir()
     assert directory is not None and (directory / "rounding.h").is_file()
     assert (directory / "cpu" / "rescale.cpp").is_file()
+
+
+def _prebuilt_library():
+    from fusedconv.kernels import extension
+
+    found = sorted(extension._PACKAGE.glob("_C*.so")) + sorted(extension._PACKAGE.glob("_C*.pyd"))
+    if not found:
+        pytest.skip("no prebuilt extension in the package")
+    return found[0]
+
+
+def test_a_library_that_does_not_load_says_which_torch_it_was_built_for(monkeypatch):
+    """A wheel's library built for another torch fails to load with an undefined
+    symbol; the message reads the torch it was built for from the file itself."""
+    from fusedconv.kernels import BackendUnavailable, extension
+
+    library = _prebuilt_library()
+    assert extension._built_for(library) == torch.__version__.split("+")[0]  # the text csrc/ops.cpp compiles in
+    monkeypatch.setattr(extension, "_state", {})
+    monkeypatch.setattr(extension, "_built_for", lambda path: "2.11.0" if path == library else None)
+
+    def refuse(path):
+        raise OSError(f"{path}: undefined symbol: _ZN3c106detail14torchCheckFail\nsecond line")
+
+    monkeypatch.setattr(torch.ops, "load_library", refuse)
+    with pytest.raises(BackendUnavailable) as caught:
+        extension.build_info()
+    message = str(caught.value)
+    assert f"it was built for torch 2.11.0, you have {torch.__version__}: rebuild it with pip install" in message
+    assert "undefined symbol" in message and "second line" not in message
+
+
+def test_the_torch_a_library_was_built_for_is_read_from_its_bytes(tmp_path):
+    from fusedconv.kernels import extension
+
+    library = tmp_path / "_C.so"
+    library.write_bytes(b"\x7fELF\x00junk\x00fusedconv built for torch 2.12.3\x00more")
+    assert extension._built_for(library) == "2.12.3"
+    library.write_bytes(b"\x7fELF\x00nothing here")
+    assert extension._built_for(library) is None
+    assert extension._built_for(tmp_path / "missing.so") is None
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["first-build", "cached"])
+def test_a_build_on_first_use_warns_only_when_it_compiles(monkeypatch, cached):
+    """Compiling the CPU kernels takes a minute: a MissingExtensionWarning says so
+    (a library's log is silent by default), and only when a build will run,
+    not in every later process that loads the cached build."""
+    from torch.utils import cpp_extension
+
+    from fusedconv.kernels import MissingExtensionWarning, extension
+
+    loads = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: loads.append(kwargs["name"]))
+    monkeypatch.setattr(extension, "_first_use_build_cached", lambda module, name: cached)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        extension._build_on_first_use()
+    compiling = [w for w in caught if issubclass(w.category, MissingExtensionWarning)]
+    assert loads == ["fusedconv_ext_cpu"]
+    assert len(compiling) == (0 if cached else 1)
+    if not cached:
+        assert "compiling its CPU kernels now" in str(compiling[0].message)
+        assert "pip install --no-build-isolation" in str(compiling[0].message)
+
+
+@pytest.mark.parametrize("noisy", [False, True], ids=["quiet", "busy"])
+def test_the_demo_warns_when_its_latency_is_noise(capsys, monkeypatch, noisy):
+    """Latencies of a few milliseconds on a busy machine can swing many times
+    over; the demo says so instead of presenting the ratio as a finding."""
+    from fusedconv.timing import Timing
+
+    before = [0.010, 0.011, 0.010, 0.012]
+    after = [0.008, 0.030, 0.002, 0.009] if noisy else [0.008, 0.0085, 0.0082, 0.0088]
+    monkeypatch.setattr(cli, "measure_latencies", lambda *args, **kwargs: [Timing(before), Timing(after)])
+    assert cli.main([*SMALL_DEMO, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "the latency moved a lot" in line]
+    assert len(warned) == noisy
+    if noisy:
+        assert warned[0].startswith("fusedconv: warning: ")

@@ -361,6 +361,9 @@ def _why_no_cuda_backend() -> str:
         info = extension.build_info()
     except BackendUnavailable as exc:
         return str(exc)
+    if "cuda" not in info and extension._state.get("built on first use"):
+        return ("the extension was built on first use, which compiles its CPU kernels only; for the CUDA kernels "
+                f"build it at install time with nvcc: {extension.rebuild_hint()}")
     if "cuda" not in info:
         return f"the extension was built without CUDA kernels ({info}; no nvcc/CUDA_HOME then)"
     return "no CUDA device is available"

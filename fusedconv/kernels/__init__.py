@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import BackendUnavailable, MissingExtensionWarning
-from .backends import BACKENDS, available_backends, backend_report, choose, resolve
+from .backends import BACKENDS, available_backends, backend_report, choose, resolve, why_device_unavailable
 
 __all__ = [
     "BACKENDS",

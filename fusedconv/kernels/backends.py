@@ -71,12 +71,27 @@ def _module(name: str) -> ModuleType:
     return found
 
 
+def why_device_unavailable(device: torch.device) -> str | None:
+    """Why no fold can compute on ``device`` in this process (no CUDA device, the
+    meta device, which holds no values), or None."""
+    if device.type == "meta":
+        return "the meta device holds no values to compute with (load the weights first)"
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device is available"
+    accelerator = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ...
+    is_available = getattr(accelerator, "is_available", None)
+    if device.type != "cpu" and callable(is_available) and not is_available():
+        return f"no {device.type} device is available"
+    return None
+
+
 def _why_not_on(name: str, device: torch.device) -> str | None:
     """Why a backend that loads cannot run on ``device``, or None."""
+    unavailable = why_device_unavailable(device) if device.type != "meta" else None  # (traced folds run on meta)
+    if unavailable:
+        return unavailable
     if name == "cpp" and device.type != "cpu":
         return f"the cpp backend runs on the CPU, not on {device.type}"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device is available"
     if name == "cuda" and device.type != "cuda":
         return f"the cuda backend runs on CUDA devices, not on {device.type}"
     if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -126,9 +141,10 @@ def _warn_missing_extension(reason: str, fallback: str) -> None:
     from .extension import rebuild_hint
 
     kind = "plain-PyTorch" if fallback == "torch" else fallback
+    hint = rebuild_hint()
     warnings.warn(
-        f"{reason}. fusedconv folds with the slower {kind} kernels instead (same results, same bits). "
-        f"To build the compiled kernels: {rebuild_hint()}",
+        f"{reason}. fusedconv folds with the slower {kind} kernels instead (same results, same bits)" +
+        ("." if hint in reason else f". To build the compiled kernels: {hint}"),  # the reason may name it already
         MissingExtensionWarning,
         stacklevel=_caller_stacklevel(),
     )
@@ -158,7 +174,11 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, st
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     status: dict[str, str | None] = {}
+    unavailable = why_device_unavailable(device)
     for name in BACKENDS:
+        if unavailable:  # before any backend's own reason: no backend computes there
+            status[name] = unavailable
+            continue
         try:
             _module(name)
         except BackendUnavailable as exc:

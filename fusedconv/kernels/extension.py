@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, MissingExtensionWarning
 
 logger = logging.getLogger("fusedconv")
 
@@ -65,12 +67,14 @@ def _load_library() -> str:
         try:
             torch.ops.load_library(str(prebuilt[0]))
         except OSError as exc:
-            raise BackendUnavailable(
-                f"{prebuilt[0].name} does not load ({exc}); it was probably built for another torch "
-                f"(you have {torch.__version__}): rebuild it with {rebuild_hint()}"
-            ) from exc
+            built_for = _built_for(prebuilt[0])
+            why = f"it was built for torch {built_for}, you have {torch.__version__}" if built_for else \
+                f"it was probably built for another torch (you have {torch.__version__})"
+            raise BackendUnavailable(f"{prebuilt[0].name} does not load ({_first_line(exc)}); {why}: rebuild it "
+                                     f"with {rebuild_hint()}") from exc
     else:
         _build_on_first_use()
+        _state["built on first use"] = "yes"
     info = torch.ops.fusedconv_ext.build_info()
     built_for = info.split(",")[0].removeprefix("torch ")
     if built_for != _torch_release(torch.__version__):
@@ -80,6 +84,31 @@ def _load_library() -> str:
         )
     _state["info"] = info
     return info
+
+
+def _built_for(library: Path) -> str | None:
+    """The torch release a library that does not load was built for, read from
+    the text that csrc/ops.cpp compiles into it (None if it is not there)."""
+    try:
+        found = re.search(rb"fusedconv built for torch ([0-9]+\.[0-9]+\.[0-9]+)", library.read_bytes())
+    except OSError:
+        return None
+    return found.group(1).decode() if found else None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _first_use_build_cached(cpp_extension, name: str) -> bool:
+    """Whether an earlier process built the extension on first use already
+    (torch.utils.cpp_extension keeps it in its build directory)."""
+    try:
+        directory = cpp_extension._get_build_directory(name, verbose=False)
+    except Exception:  # a private helper of torch's: if it moved, say that a build comes
+        return False
+    return any(os.path.exists(os.path.join(directory, name + suffix)) for suffix in (".so", ".pyd"))
 
 
 def _build_on_first_use() -> None:
@@ -92,11 +121,17 @@ def _build_on_first_use() -> None:
     sources = sorted(directory.glob("*.cpp")) + sorted((directory / "cpu").glob("*.cpp"))
     from torch.utils import cpp_extension
 
-    logger.warning("fusedconv: building the C++ extension's CPU kernels (first use only; cached)")
+    name = "fusedconv_ext_cpu"
+    if _first_use_build_cached(cpp_extension, name):
+        logger.info("loading the extension's CPU kernels built on first use by an earlier process")
+    else:  # a minute or so, once: say so where the user will see it (a library's logger is silent by default)
+        warnings.warn(f"fusedconv._C was not built at install time: compiling its CPU kernels now (first use only, "
+                      f"about a minute, then cached). To build it at install time: {rebuild_hint()}",
+                      MissingExtensionWarning, stacklevel=2)
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     try:
         cpp_extension.load(
-            name="fusedconv_ext_cpu",
+            name=name,
             sources=[str(s) for s in sources],
             # at::parallel_for needs OpenMP in the caller to use more than one thread.
             extra_cflags=["-O3", *openmp],
@@ -105,8 +140,7 @@ def _build_on_first_use() -> None:
             verbose=False,
         )
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler, no ninja, a compile error
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackendUnavailable(f"building the C++ extension on first use failed: {first_line}; "
+        raise BackendUnavailable(f"building the C++ extension on first use failed: {_first_line(exc)}; "
                                  f"build it at install time with {rebuild_hint()}") from exc
 
 
@@ -115,6 +149,9 @@ def load(*, with_cuda: bool):
     that it has CUDA kernels and that a CUDA device is there."""
     info = _load_library()
     if with_cuda:
+        if "cuda" not in info and _state.get("built on first use"):
+            raise BackendUnavailable(f"the extension was built on first use, which compiles its CPU kernels only; "
+                                     f"for the CUDA kernels build it at install time with nvcc: {rebuild_hint()}")
         if "cuda" not in info:
             raise BackendUnavailable(f"the extension was built without CUDA kernels ({info}; no nvcc/CUDA_HOME then)")
         if not torch.cuda.is_available():
