@@ -706,10 +706,37 @@ def test_functional_batch_norms_found_without_reading_classes_that_cannot_spell_
     ("# ✅ done\ny = F.batch\uff3fnorm(x)\n", True),  # full-width low line
     ("# ✅ done\ny = self.bn(x)\n", False),
     ("y = batch\n_norm\n", False),  # not one name
+    ("# ✅ ﬁne\ny = F.\U0001d41batch_norm(x)\n", True),  # a mathematical bold b
+    ("# ✅ ﬁne ①\ny = self.bn(x)\n", False),  # characters that decompose to ASCII, none spelling the name
 ])
 def test_which_source_texts_may_spell_batch_norm(text, spells):
     """The scan that decides whether a class's files are read finds the name as
     Python reads identifiers (NFKC), normalizing only the non-ASCII lines."""
     from fusedconv.dataflow.source import _spells_batch_norm
 
-    assert _spells_batch_norm(text.splitlines(keepends=True)) is spells
+    assert _spells_batch_norm(text) is spells
+
+
+def test_a_source_file_is_scanned_again_when_it_changes(tmp_path, monkeypatch):
+    """Files are scanned from their bytes, cached by size and time; a file in
+    another declared encoding is decoded as Python would; code no file holds
+    (a notebook cell) is what linecache holds."""
+    import linecache
+
+    from fusedconv.dataflow import source
+
+    path = tmp_path / "model_code.py"
+    path.write_text("def forward(self, x):\n    return self.bn(x)\n")
+    assert source._file_spells_batch_norm(str(path)) is False
+    path.write_text("def forward(self, x):\n    return F.batch_norm(x, m, v)\n")
+    assert source._file_spells_batch_norm(str(path)) is True
+    latin = tmp_path / "latin.py"
+    latin.write_bytes("# -*- coding: latin-1 -*-\n# caf\xe9\ny = F.\xaatch_norm\n".encode("latin-1"))
+    assert source._file_spells_batch_norm(str(latin)) is False  # ª (NFKC: a) then "tch_norm": not the name
+    latin.write_bytes("# -*- coding: latin-1 -*-\n# caf\xe9\ny = F.batch_norm(x)\n".encode("latin-1"))
+    assert source._file_spells_batch_norm(str(latin)) is True
+    cell = "<notebook-cell-7>"
+    monkeypatch.setitem(linecache.cache, cell, (0, None, ["y = F.batch_norm(x, m, v)\n"], cell))
+    assert source._file_spells_batch_norm(cell) is True
+    monkeypatch.setitem(linecache.cache, cell, (0, None, ["y = self.bn(x)\n"], cell))
+    assert source._file_spells_batch_norm(cell) is False

@@ -34,9 +34,13 @@ import ast
 import collections
 import functools
 import inspect
+import io
 import linecache
+import os
+import re
 import sys
 import textwrap
+import tokenize
 import types
 import unicodedata
 from dataclasses import dataclass, field
@@ -666,31 +670,70 @@ def _may_spell_batch_norm(cls: type) -> bool:
     return any(_file_spells_batch_norm(path) for path in files)
 
 
-# Each source file's lines as linecache last gave them, and whether they contain "batch_norm".
-_FILES_SPELLING: dict[str, tuple[list[str], bool]] = {}
+# Each source file's (modification time, size) when it was last scanned, and whether it may spell "batch_norm".
+_FILES_SPELLING: dict[str, tuple[tuple[int, int], bool]] = {}
 
 
 def _file_spells_batch_norm(path: str) -> bool:
-    linecache.checkcache(path)  # as inspect does before it reads a source: an edited file is read again
-    lines = linecache.getlines(path)
+    """Whether the source file at ``path`` may spell ``batch_norm``, scanned
+    again when it changes (as linecache, which inspect reads through, tells an
+    edited file by its size and time). A file's bytes are searched without
+    decoding them, or splitting them into lines as linecache does: a model
+    zoo's files are large, and a first fold reads several. Code that no file
+    holds (typed in a notebook, made by exec) is what linecache holds for it."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        lines = linecache.getlines(path)
+        return not lines or _spells_batch_norm("".join(lines))
+    version = (status.st_mtime_ns, status.st_size)
     known = _FILES_SPELLING.get(path)
-    if known is None or known[0] is not lines:
-        known = _FILES_SPELLING[path] = (lines, not lines or _spells_batch_norm(lines))
+    if known is None or known[0] != version:
+        known = _FILES_SPELLING[path] = (version, _source_spells_batch_norm(path))
     return known[1]
 
 
-def _spells_batch_norm(lines: list[str]) -> bool:
+def _source_spells_batch_norm(path: str) -> bool:
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError:
+        return True  # unreadable: the reading will say what it finds
+    if not data or b"batch_norm" in data:
+        return True
+    if data.isascii():
+        return False
+    try:  # as Python decodes a source file (PEP 263)
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+        text = data.decode(encoding)
+    except (SyntaxError, LookupError, UnicodeDecodeError):
+        return True
+    return _spells_batch_norm(text)
+
+
+def _spells_batch_norm(text: str) -> bool:
     """Whether the text may spell ``batch_norm`` as Python reads identifiers
     (NFKC: a full-width ``ｂatch_norm`` names ``batch_norm``). The whole text is
     searched at once (a check per line costs a first fold more than reading
     the file); only its non-ASCII lines are normalized (NFKC changes no ASCII
-    character and composes nothing across a line break), which on the large,
-    mostly ASCII files of a model zoo is most of the cost of the check. An
-    ASCII ``batch_norm`` says yes at once: at worst a combining mark after it
-    made it another name, and the class is read for nothing."""
-    text = "".join(lines)
+    character and composes nothing across a line break), and only when one of
+    its characters decomposes to a letter of the name. An ASCII
+    ``batch_norm`` says yes at once: at worst a combining mark after it made it
+    another name, and the class is read for nothing."""
     if "batch_norm" in text:
         return True
     if text.isascii():
         return False
-    return any("batch_norm" in unicodedata.normalize("NFKC", line) for line in lines if not line.isascii())
+    # NFKC turns characters into ASCII only by decomposing them (a full-width
+    # ｂ, a ligature, a mathematical letter), never by deleting or composing: a
+    # text none of whose non-ASCII characters decomposes to a letter of the name
+    # cannot spell it (a zoo's emoji and box drawings), and no line is normalized.
+    if not any(_BATCH_NORM_LETTERS.intersection(unicodedata.normalize("NFKC", character))
+               for character in set(_NON_ASCII.findall(text))):
+        return False
+    return any("batch_norm" in unicodedata.normalize("NFKC", line)
+               for line in text.splitlines() if not line.isascii())
+
+
+_BATCH_NORM_LETTERS = frozenset("batch_norm")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
