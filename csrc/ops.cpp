@@ -18,14 +18,15 @@ namespace fusedconv {
 // The torch the library was compiled against, as text in the file itself:
 // where the library does not load (built for another torch), Python reads it
 // from the file to say which torch that was (fusedconv/kernels/extension.py).
+#define FUSEDCONV_BUILT_FOR "fusedconv built for "
 extern const char kBuiltFor[];
-const char kBuiltFor[] = "fusedconv built for torch " FUSEDCONV_STRING(TORCH_VERSION_MAJOR) "." FUSEDCONV_STRING(
+const char kBuiltFor[] = FUSEDCONV_BUILT_FOR "torch " FUSEDCONV_STRING(TORCH_VERSION_MAJOR) "." FUSEDCONV_STRING(
     TORCH_VERSION_MINOR) "." FUSEDCONV_STRING(TORCH_VERSION_PATCH);
 
 // Which torch (and CUDA) the library was compiled against, so that Python can
 // say "built for torch X, running Y" instead of failing obscurely.
 std::string build_info() {
-  std::string info = kBuiltFor + sizeof("fusedconv built for ") - 1;
+  std::string info = kBuiltFor + sizeof(FUSEDCONV_BUILT_FOR) - 1;  // "torch X.Y.Z"
 #ifdef FUSEDCONV_WITH_CUDA
   info += ", cuda " + std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
 #endif

@@ -9,7 +9,7 @@ import logging
 
 from .api import fuse, plan, reparameterize
 from .checkpoint import CheckpointReport, fold_checkpoint, fold_state_dict, load_folded
-from .errors import BackendUnavailable, FoldError, FoldWarning, MissingExtensionWarning
+from .errors import BackendUnavailable, ExtensionBuildWarning, FoldError, FoldWarning, MissingExtensionWarning
 from .fold import fold_bn_conv, fold_conv_bn, folded_weights
 from .layers import count_batchnorms
 from .fusion_plan import Fold, FusionPlan, Skip
@@ -26,6 +26,7 @@ __all__ = [
     "BackendUnavailable",
     "CheckpointReport",
     "ErrorStats",
+    "ExtensionBuildWarning",
     "Fold",
     "FoldError",
     "FoldWarning",

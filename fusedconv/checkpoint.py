@@ -496,8 +496,8 @@ def fold_state_dict(model: nn.Module, state_dict: StateDictSource, *, device: st
     results go back to the device the input tensor was on. ``backend`` and
     ``flush_subnormals`` are :func:`fusedconv.fuse`'s.
     """
+    device = _compute_device(device)  # before the checkpoint is opened
     job = _job(model, state_dict)
-    device = _compute_device(device)
     owned = job.checkpoint.owns_its_memory()
     folded = {}
     for key, value, passed_through in _folded_items(job, device, backend, flush_subnormals, None):
@@ -561,8 +561,8 @@ def fold_checkpoint(model: nn.Module, source: StateDictSource, destination: str 
         raise FoldError(f"{destination}: the folded checkpoint's name must end in .safetensors, .pt or .pth")
     if not destination.parent.is_dir() or destination.is_dir():
         raise FoldError(f"{destination}: cannot write there ({'a directory' if destination.is_dir() else 'no such directory'})")
+    device = _compute_device(device)  # before the checkpoint is opened
     job = _job(model, source)
-    device = _compute_device(device)
     total = sum(value.nbytes for key in job.checkpoint.keys()
                 if isinstance(value := job.checkpoint.meta(key), torch.Tensor))
     done = 0

@@ -374,7 +374,8 @@ def _demo(args: argparse.Namespace, progress: _Progress) -> int:
     )
     if s3 > _NOISY_SPREAD * s1:  # the speed-up's middle half spans more than 2x: the machine was busy
         logger.warning("the latency moved a lot between runs (speed-up quartiles %.2f-%.2fx): the machine is busy; "
-                       "rerun with more --runs, --threads 1, or on a quiet machine", s1, s3)
+                       "rerun with more --runs%s, or on a quiet machine", s1, s3,
+                       ", --threads 1" if device.type == "cpu" else "")
     print()
     print(str(plan))
     print()
@@ -469,6 +470,21 @@ def _check_device(device: torch.device | None) -> None:
     reason = kernels.why_device_unavailable(device) if device is not None else None
     if reason:
         raise CLIError(f"--device {device}: {reason}")
+
+
+def _working_directory_on_path() -> str | None:
+    """Append the working directory to ``sys.path`` (returned) unless it is there
+    already: a MODULE:CALLABLE beside the user imports, which a console script's
+    path does not allow. Last, unlike ``python -m`` (which puts it first), so
+    that it shadows no installed package."""
+    try:
+        directory = os.getcwd()
+    except OSError:  # deleted under us: nothing there to import
+        return None
+    if directory in sys.path or "" in sys.path:
+        return None
+    sys.path.append(directory)
+    return directory
 
 
 def run_fuse(args: argparse.Namespace) -> int:
@@ -654,13 +670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
-    # A MODULE:CALLABLE in the working directory imports, as under `python -m`
-    # (a console script's path does not hold it); last, so that it shadows nothing.
-    working_directory = os.getcwd()
-    importable = working_directory not in sys.path and "" not in sys.path
-    if importable:
-        sys.path.append(working_directory)
+    appended = None
     try:
+        appended = _working_directory_on_path()
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             args = build_parser().parse_args(argv)
@@ -704,8 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
-        if importable and working_directory in sys.path:
-            sys.path.remove(working_directory)
+        if appended is not None and appended in sys.path:  # the last one: not an equal one a model's code added
+            del sys.path[len(sys.path) - 1 - sys.path[::-1].index(appended)]
 
 
 if __name__ == "__main__":  # pragma: no cover

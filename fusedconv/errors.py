@@ -26,3 +26,9 @@ class MissingExtensionWarning(UserWarning):
     loaded, so a fold ran on the slower plain-PyTorch kernels instead. Emitted
     once per process; the message says why and which command rebuilds it.
     The results are the same bits either way."""
+
+
+class ExtensionBuildWarning(UserWarning):
+    """The compiled kernels were not built at install time and are being compiled
+    now, on first use (about a minute, once: later processes load the cached
+    build). Not a fallback: the fold then runs on them."""

@@ -37,7 +37,7 @@ from collections import Counter
 import torch
 from torch import fx
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputKind, TensorArgument
 
 from . import kernels
 from .affine import BatchNormStats, batchnorm_affines
@@ -413,9 +413,17 @@ def _renamed_argument(argument, renames: dict[str, str]):
 
 
 def _with_new_names(spec, renames: dict[str, str]):
-    """A copy of an input or output spec whose argument names its node's new name
+    """A copy of an input or output spec whose argument names its node's new name,
+    as does the target of an output that is a user input's mutation or gradient
     (an ExportedProgram whose signature names a node its graph lacks does not verify)."""
-    return dataclasses.replace(spec, arg=_renamed_argument(spec.arg, renames))
+    spec = dataclasses.replace(spec, arg=_renamed_argument(spec.arg, renames))
+    if getattr(spec, "kind", None) in _OUTPUTS_NAMING_AN_INPUT and spec.target in renames:
+        spec = dataclasses.replace(spec, target=renames[spec.target])
+    return spec
+
+
+# Outputs whose target is the name of a user input's node.
+_OUTPUTS_NAMING_AN_INPUT = (OutputKind.USER_INPUT_MUTATION, OutputKind.GRADIENT_TO_USER_INPUT)
 
 
 def _call_entry_with_new_names(entry, renames: dict[str, str]):

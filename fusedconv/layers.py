@@ -226,17 +226,23 @@ def registered_attribute(module: nn.Module, name: str) -> object:
     return getattr(module, name, None)
 
 
+_REGISTER_PARAMETER = nn.Module.register_parameter
+
+
 def register_new_parameter(module: nn.Module, name: str, parameter: nn.Parameter) -> None:
     """``setattr(module, name, parameter)`` for a new Parameter taking the place
     of a registered None (a layer without a bias), written straight into
     ``module._parameters`` where that is all nn.Module's ``__setattr__`` would
-    do: the class keeps torch's ``__setattr__``, no other registry or the
-    instance dict holds the name, and no global parameter registration hook is
-    there to see it. ``__setattr__`` and ``register_parameter`` cost several
+    do: the class keeps torch's ``__setattr__`` and ``register_parameter`` (as
+    this module found it: a library may patch nn.Module's, as accelerate's
+    ``init_empty_weights`` does), no other registry or the instance dict holds
+    the name, and no global parameter registration hook is there to see it. ``__setattr__`` and ``register_parameter`` cost several
     microseconds per call, which a fold of many blocks pays for every bias."""
     hooks = getattr(_torch_module, "_global_parameter_registration_hooks", None)
     parameters = module._parameters
-    if type(module).__setattr__ is nn.Module.__setattr__ and hooks is not None and not hooks and \
+    klass = type(module)
+    if klass.__setattr__ is nn.Module.__setattr__ and klass.register_parameter is _REGISTER_PARAMETER and \
+            hooks is not None and not hooks and \
             type(parameter) is nn.Parameter and parameter.grad_fn is None and name in parameters and \
             parameters[name] is None and name not in module.__dict__ and name not in module._buffers and \
             name not in module._modules and name not in module._non_persistent_buffers_set:

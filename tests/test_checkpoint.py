@@ -644,3 +644,5 @@ def test_a_device_nothing_can_compute_on_is_refused_before_anything_is_read(devi
     with pytest.raises(fusedconv.FoldError, match=f"^device='{device}': "):
         fusedconv.fold_checkpoint(model, source, tmp_path / "folded.safetensors", device=device)
     assert sorted(os.listdir(tmp_path)) == ["model.pt"]
+    with pytest.raises(fusedconv.FoldError, match=f"^device='{device}': "):  # said before the file is opened
+        fusedconv.fold_state_dict(model, str(tmp_path / "no-such-checkpoint.pt"), device=device)

@@ -582,7 +582,7 @@ def test_a_library_that_does_not_load_says_which_torch_it_was_built_for(monkeypa
     from fusedconv.kernels import BackendUnavailable, extension
 
     library = _prebuilt_library()
-    assert extension._built_for(library) == torch.__version__.split("+")[0]  # the text csrc/ops.cpp compiles in
+    assert extension._built_for(library) == extension._torch_release(torch.__version__)  # csrc/ops.cpp's text
     monkeypatch.setattr(extension, "_state", {})
     monkeypatch.setattr(extension, "_built_for", lambda path: "2.11.0" if path == library else None)
 
@@ -610,12 +610,14 @@ def test_the_torch_a_library_was_built_for_is_read_from_its_bytes(tmp_path):
 
 @pytest.mark.parametrize("cached", [False, True], ids=["first-build", "cached"])
 def test_a_build_on_first_use_warns_only_when_it_compiles(monkeypatch, cached):
-    """Compiling the CPU kernels takes a minute: a MissingExtensionWarning says so
-    (a library's log is silent by default), and only when a build will run,
-    not in every later process that loads the cached build."""
+    """Compiling the CPU kernels takes a minute: an ExtensionBuildWarning says so
+    (a library's log is silent by default), pointing at the caller's line, and
+    only when a build will run, not in every later process that loads the
+    cached build. It is no MissingExtensionWarning: nothing falls back."""
     from torch.utils import cpp_extension
 
-    from fusedconv.kernels import MissingExtensionWarning, extension
+    from fusedconv import ExtensionBuildWarning, MissingExtensionWarning
+    from fusedconv.kernels import extension
 
     loads = []
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: loads.append(kwargs["name"]))
@@ -623,10 +625,12 @@ def test_a_build_on_first_use_warns_only_when_it_compiles(monkeypatch, cached):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         extension._build_on_first_use()
-    compiling = [w for w in caught if issubclass(w.category, MissingExtensionWarning)]
+    compiling = [w for w in caught if issubclass(w.category, ExtensionBuildWarning)]
     assert loads == ["fusedconv_ext_cpu"]
     assert len(compiling) == (0 if cached else 1)
+    assert not any(issubclass(w.category, MissingExtensionWarning) for w in caught)
     if not cached:
+        assert compiling[0].filename == __file__
         assert "compiling its CPU kernels now" in str(compiling[0].message)
         assert "pip install --no-build-isolation" in str(compiling[0].message)
 
@@ -646,3 +650,28 @@ def test_the_demo_warns_when_its_latency_is_noise(capsys, monkeypatch, noisy):
     assert len(warned) == noisy
     if noisy:
         assert warned[0].startswith("fusedconv: warning: ")
+
+
+def test_a_cached_first_use_build_is_found(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    from fusedconv.kernels import extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name = "fusedconv_ext_cpu_probe"
+    assert extension._first_use_build_cached(cpp_extension, name) is False
+    directory = cpp_extension._get_build_directory(name, verbose=False)
+    assert directory.startswith(str(tmp_path))
+    open(os.path.join(directory, name + ".so"), "wb").close()
+    assert extension._first_use_build_cached(cpp_extension, name) is True
+
+
+def test_the_command_line_runs_from_a_deleted_directory(capsys, tmp_path, monkeypatch):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    handlers, path = list(logging.getLogger("fusedconv").handlers), list(sys.path)
+    assert cli.main(["backends", "--device", "cpu"]) == 0
+    assert "torch: available" in capsys.readouterr().out
+    assert logging.getLogger("fusedconv").handlers == handlers and sys.path == path

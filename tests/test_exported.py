@@ -255,23 +255,32 @@ def test_an_unbatched_conv_output_is_not_the_bns_channel_axis():
     torch.testing.assert_close(fusedconv.fuse(program).module()(x), model(x))
 
 
-def _conv_bn_taking(*names: str) -> nn.Module:
-    """A conv -> BN -> ReLU whose forward names its inputs ``names`` (the first is
-    convolved, the others added to its output)."""
-    namespace: dict = {}
-    exec(f"def forward(self, {', '.join(names)}):\n"
-         f"    return self.act(self.bn(self.conv({names[0]}))){''.join(f' + {n}' for n in names[1:])}\n", namespace)
-    block = type("ConvBN", (nn.Module,), {"forward": namespace["forward"]})()
-    block.conv, block.bn, block.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
-    return block
+class _ConvBN(nn.Module):
+    """conv -> BN -> ReLU; the subclasses name their inputs after Python builtins."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+
+
+class _TakesInputAndSum(_ConvBN):
+    def forward(self, input, sum):  # the names are the point
+        return self.act(self.bn(self.conv(input))) + sum
+
+
+class _TakesXAndList(_ConvBN):
+    def forward(self, x, list):
+        return self.act(self.bn(self.conv(x))) + list
 
 
 @pytest.mark.parametrize("decomposed", [False, True], ids=["exported", "decomposed"])
 @pytest.mark.parametrize("make", [
     lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),  # forward(self, input)
-    lambda: _conv_bn_taking("input", "sum"),
-    lambda: _conv_bn_taking("x", "list"),
-], ids=["sequential", "input-and-sum", "x-and-list"])
+    _TakesInputAndSum,
+    _TakesXAndList,
+    # the ReLU writes the user's input in place: an output spec whose target names the renamed input
+    lambda: nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)),
+], ids=["sequential", "input-and-sum", "x-and-list", "input-mutated"])
 def test_inputs_named_as_python_builtins(make, decomposed):
     """fx renames a node named after a builtin when the graph is copied (an
     nn.Sequential's ``input`` becomes ``input_1``): the folded program's

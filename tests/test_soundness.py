@@ -1337,6 +1337,13 @@ class _RecordingSetattr(nn.Conv2d):
         super().__setattr__(name, value)
 
 
+class _DoublingRegistration(nn.Conv2d):
+    """A layer whose own ``register_parameter`` changes what is registered."""
+
+    def register_parameter(self, name, param):
+        super().register_parameter(name, None if param is None else nn.Parameter(param.detach() * 3))
+
+
 def _registration_state(module: nn.Module) -> tuple:
     """What a registration can change: the registries and the other instance attributes."""
     registries = ("_parameters", "_buffers", "_modules")
@@ -1351,6 +1358,7 @@ def _bias_cases():
     non_persistent = nn.Conv2d(3, 4, 3, bias=False)
     non_persistent._non_persistent_buffers_set.add("bias")
     return {"plain": (plain, nn.Parameter), "own __setattr__": (_RecordingSetattr(3, 4, 3, bias=False), nn.Parameter),
+            "own register_parameter": (_DoublingRegistration(3, 4, 3, bias=False), nn.Parameter),
             "shadowed": (shadowed, nn.Parameter), "non-persistent": (non_persistent, nn.Parameter),
             "subclass": (nn.Conv2d(3, 4, 3, bias=False), type("OwnParameter", (nn.Parameter,), {})),
             "not a Parameter": (nn.Conv2d(3, 4, 3, bias=False), torch.Tensor)}
@@ -1390,7 +1398,7 @@ def test_a_new_bias_is_registered_as_setattr_registers_it(case, hooked):
     assert expected[0].keys() == got[0].keys()
     assert type(got[0]["bias"]) is type(expected[0]["bias"])
     torch.testing.assert_close(got[0]["bias"], expected[0]["bias"], rtol=0, atol=0)
-    assert torch.equal(layer.bias, values * (2 if hooked else 1))
+    assert torch.equal(layer.bias, values * (2 if hooked else 1) * (3 if case == "own register_parameter" else 1))
 
 
 @pytest.mark.parametrize("case", ["plain", "own __setattr__", "module value", "registered child"])

@@ -735,6 +735,11 @@ def test_a_source_file_is_scanned_again_when_it_changes(tmp_path, monkeypatch):
     assert source._file_spells_batch_norm(str(latin)) is False  # ª (NFKC: a) then "tch_norm": not the name
     latin.write_bytes("# -*- coding: latin-1 -*-\n# caf\xe9\ny = F.batch_norm(x)\n".encode("latin-1"))
     assert source._file_spells_batch_norm(str(latin)) is True
+    # ASCII bytes in an encoding that does not read them as ASCII: +AGI- (utf-7) and \x62 (unicode_escape) are "b"
+    for encoding, spelled in (("utf-7", "F.+AGI-atch_norm(x)"), ("unicode_escape", "F.\\x62atch_norm(x)")):
+        odd = tmp_path / f"{encoding}.py"
+        odd.write_bytes(f"# -*- coding: {encoding} -*-\ny = {spelled}\n".encode("ascii"))
+        assert source._file_spells_batch_norm(str(odd)) is True, encoding
     cell = "<notebook-cell-7>"
     monkeypatch.setitem(linecache.cache, cell, (0, None, ["y = F.batch_norm(x, m, v)\n"], cell))
     assert source._file_spells_batch_norm(cell) is True

@@ -684,6 +684,7 @@ def _file_spells_batch_norm(path: str) -> bool:
     try:
         status = os.stat(path)
     except OSError:
+        linecache.checkcache(path)  # as inspect does: lines of a file since deleted are dropped
         lines = linecache.getlines(path)
         return not lines or _spells_batch_norm("".join(lines))
     version = (status.st_mtime_ns, status.st_size)
@@ -701,12 +702,15 @@ def _source_spells_batch_norm(path: str) -> bool:
         return True  # unreadable: the reading will say what it finds
     if not data or b"batch_norm" in data:
         return True
-    if data.isascii():
-        return False
     try:  # as Python decodes a source file (PEP 263)
         encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    except SyntaxError:
+        return True
+    if data.isascii() and encoding in ("utf-8", "utf-8-sig"):
+        return False  # ASCII bytes are this text (not so in utf-7 or unicode_escape: ``+AGI-`` is a "b")
+    try:
         text = data.decode(encoding)
-    except (SyntaxError, LookupError, UnicodeDecodeError):
+    except (LookupError, UnicodeDecodeError):
         return True
     return _spells_batch_norm(text)
 

@@ -36,7 +36,14 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import BackendUnavailable, MissingExtensionWarning
-from .backends import BACKENDS, available_backends, backend_report, choose, resolve, why_device_unavailable
+from .backends import (
+    BACKENDS,
+    available_backends,
+    backend_report,
+    choose,
+    resolve,
+    why_device_unavailable,
+)
 
 __all__ = [
     "BACKENDS",
@@ -49,6 +56,7 @@ __all__ = [
     "pad_add_",
     "rescale_",
     "resolve",
+    "why_device_unavailable",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -71,25 +71,31 @@ def _module(name: str) -> ModuleType:
     return found
 
 
-def why_device_unavailable(device: torch.device) -> str | None:
-    """Why no fold can compute on ``device`` in this process (no CUDA device, the
-    meta device, which holds no values), or None."""
-    if device.type == "meta":
-        return "the meta device holds no values to compute with (load the weights first)"
+def _missing_device(device: torch.device) -> str | None:
+    """Why ``device`` is not there in this process (no CUDA device...), or None."""
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device is available"
     accelerator = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ...
     is_available = getattr(accelerator, "is_available", None)
-    if device.type != "cpu" and callable(is_available) and not is_available():
+    if device.type not in ("cpu", "meta") and callable(is_available) and not is_available():
         return f"no {device.type} device is available"
     return None
 
 
+def why_device_unavailable(device: torch.device) -> str | None:
+    """Why the arithmetic of a fold cannot run on ``device`` in this process (no
+    CUDA device, or the meta device, which holds no values), or None. The
+    backends themselves run on meta tensors, as a traced fold does."""
+    if device.type == "meta":
+        return "the meta device holds no values to compute with (load the weights first)"
+    return _missing_device(device)
+
+
 def _why_not_on(name: str, device: torch.device) -> str | None:
     """Why a backend that loads cannot run on ``device``, or None."""
-    unavailable = why_device_unavailable(device) if device.type != "meta" else None  # (traced folds run on meta)
-    if unavailable:
-        return unavailable
+    missing = _missing_device(device)
+    if missing:
+        return missing
     if name == "cpp" and device.type != "cpu":
         return f"the cpp backend runs on the CPU, not on {device.type}"
     if name == "cuda" and device.type != "cuda":
@@ -146,11 +152,11 @@ def _warn_missing_extension(reason: str, fallback: str) -> None:
         f"{reason}. fusedconv folds with the slower {kind} kernels instead (same results, same bits)" +
         ("." if hint in reason else f". To build the compiled kernels: {hint}"),  # the reason may name it already
         MissingExtensionWarning,
-        stacklevel=_caller_stacklevel(),
+        stacklevel=caller_stacklevel(),
     )
 
 
-def _caller_stacklevel() -> int:
+def caller_stacklevel() -> int:
     """The ``stacklevel`` of the first frame outside fusedconv (so the warning
     names the user's line that folded)."""
     import sys
@@ -174,10 +180,10 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, st
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     status: dict[str, str | None] = {}
-    unavailable = why_device_unavailable(device)
+    missing = _missing_device(device)
     for name in BACKENDS:
-        if unavailable:  # before any backend's own reason: no backend computes there
-            status[name] = unavailable
+        if missing:  # before any backend's own reason: no backend computes there
+            status[name] = missing
             continue
         try:
             _module(name)

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BackendUnavailable, MissingExtensionWarning
+from ..errors import BackendUnavailable, ExtensionBuildWarning
 
 logger = logging.getLogger("fusedconv")
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 # An installed package carries its sources as package data; a checkout has csrc/ beside it.
 _SOURCE_DIRS = (_PACKAGE / "_csrc", _PACKAGE.parent / "csrc")
-_state: dict[str, str] = {}  # "info": build info once loaded
+_state: dict[str, str | bool] = {}  # "info": build info once loaded; "built on first use": True if so
 
 
 def source_dir() -> Path | None:
@@ -74,7 +74,7 @@ def _load_library() -> str:
                                      f"with {rebuild_hint()}") from exc
     else:
         _build_on_first_use()
-        _state["built on first use"] = "yes"
+        _state["built on first use"] = True
     info = torch.ops.fusedconv_ext.build_info()
     built_for = info.split(",")[0].removeprefix("torch ")
     if built_for != _torch_release(torch.__version__):
@@ -103,10 +103,11 @@ def _first_line(error: BaseException) -> str:
 
 def _first_use_build_cached(cpp_extension, name: str) -> bool:
     """Whether an earlier process built the extension on first use already
-    (torch.utils.cpp_extension keeps it in its build directory)."""
+    (torch.utils.cpp_extension keeps it in its build directory; should its
+    sources have changed since, ninja compiles them again, unannounced)."""
     try:
         directory = cpp_extension._get_build_directory(name, verbose=False)
-    except Exception:  # a private helper of torch's: if it moved, say that a build comes
+    except (AttributeError, TypeError, OSError):  # a private helper of torch's: if it moved, say a build comes
         return False
     return any(os.path.exists(os.path.join(directory, name + suffix)) for suffix in (".so", ".pyd"))
 
@@ -125,9 +126,11 @@ def _build_on_first_use() -> None:
     if _first_use_build_cached(cpp_extension, name):
         logger.info("loading the extension's CPU kernels built on first use by an earlier process")
     else:  # a minute or so, once: say so where the user will see it (a library's logger is silent by default)
+        from .backends import caller_stacklevel
+
         warnings.warn(f"fusedconv._C was not built at install time: compiling its CPU kernels now (first use only, "
                       f"about a minute, then cached). To build it at install time: {rebuild_hint()}",
-                      MissingExtensionWarning, stacklevel=2)
+                      ExtensionBuildWarning, stacklevel=caller_stacklevel())
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     try:
         cpp_extension.load(
