@@ -459,7 +459,7 @@ def fuse_exported(program: ExportedProgram, *, backend: str | None = None) -> Ex
             spec.target] = torch.nn.Parameter(tensor, requires_grad=False) \
             if spec.kind == InputKind.PARAMETER else tensor
 
-    renamed: dict[str, str] = {}  # a BN output the program returned -> the layer now returned
+    renamed: dict[str, str] = {}  # a BN output a signature named -> the layer now in its place
     for (old_layer, old_bn, before), fold, new_weight in zip(pairs, folds, new_weights):
         layer, bn = by_name[old_layer.name], by_name[old_bn.name]
         renamed.update({reader.name: layer.name for reader in _bn_output_users(bn)})
@@ -492,13 +492,14 @@ def fuse_exported(program: ExportedProgram, *, backend: str | None = None) -> Ex
                 constants.pop(spec.target, None)
     graph.lint()
     graph_module.recompile()
-    outputs = [_with_new_names(spec, renames) for spec in program.graph_signature.output_specs]
-    for spec in outputs:
-        if isinstance(spec.arg, TensorArgument) and spec.arg.name in renamed:
-            spec.arg = TensorArgument(renamed[spec.arg.name])
+    # The program's outputs, and those of the submodules whose call signature
+    # export preserved, name the layer where they named the BN it absorbed.
+    outputs = [_with_new_names(_with_new_names(spec, renames), renamed)
+               for spec in program.graph_signature.output_specs]
     signature = ExportGraphSignature(input_specs=specs, output_specs=outputs)
     return ExportedProgram(
         root=graph_module, graph=graph, graph_signature=signature, state_dict=state_dict,
         range_constraints=program.range_constraints,
-        module_call_graph=[_call_entry_with_new_names(entry, renames) for entry in program.module_call_graph],
+        module_call_graph=[_call_entry_with_new_names(_call_entry_with_new_names(entry, renames), renamed)
+                           for entry in program.module_call_graph],
         example_inputs=program.example_inputs, constants=constants, verifiers=[program.verifier])

@@ -300,3 +300,24 @@ def test_inputs_named_as_python_builtins(make, decomposed):
     assert relative_error(fused.module()(*inputs), reference) <= FACTOR * unfolded + FLOOR
     again = torch.export.export(fused.module(), inputs)  # what it became exports again
     assert relative_error(again.module()(*inputs), reference) <= FACTOR * unfolded + FLOOR
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["exported", "decomposed"])
+def test_a_preserved_submodule_signature_names_the_layer(decomposed):
+    """With ``preserve_module_call_signature``, a submodule's call signature names
+    its output node: where that was the BN's, it must name the layer after the
+    fold, or the program does not verify (and ``module()`` cannot swap it)."""
+    model = _prepared(nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nn.ReLU()))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(13))
+    reference = float64_reference(model, (x,))
+    with torch.no_grad():
+        unfolded = relative_error(model(x), reference)
+    program = torch.export.export(model, (x,), preserve_module_call_signature=("0",))
+    if decomposed:
+        program = program.run_decompositions()
+    fused = fusedconv.fuse(program)
+    assert _batch_norm_nodes(fused.graph) == 0
+    names = {node.name for node in fused.graph.nodes}
+    preserved = next(entry for entry in fused.module_call_graph if entry.fqn == "0").signature
+    assert all(argument.name in names for argument in (*preserved.inputs, *preserved.outputs))
+    assert relative_error(fused.module()(x), reference) <= FACTOR * unfolded + FLOOR
