@@ -405,20 +405,28 @@ def _copied_nodes(original: fx.Graph, copied: fx.Graph) -> dict[str, fx.Node]:
     return {old.name: new for old, new in zip(original.nodes, copied.nodes, strict=True)}
 
 
-def _renamed_argument(argument, renames: dict[str, str]):
+def _new_name(name: str, renames: tuple[dict[str, str], ...]) -> str:
+    """``name`` through each of ``renames`` in turn."""
+    for mapping in renames:
+        name = mapping.get(name, name)
+    return name
+
+
+def _renamed_argument(argument, *renames: dict[str, str]):
     """``argument`` (a TensorArgument, SymIntArgument, ...) naming its node's new name."""
     name = getattr(argument, "name", None)
-    return dataclasses.replace(argument, name=renames[name]) if isinstance(name, str) and name in renames \
-        else argument
+    if not isinstance(name, str) or _new_name(name, renames) == name:
+        return argument
+    return dataclasses.replace(argument, name=_new_name(name, renames))
 
 
-def _with_new_names(spec, renames: dict[str, str]):
+def _with_new_names(spec, *renames: dict[str, str]):
     """A copy of an input or output spec whose argument names its node's new name,
     as does the target of an output that is a user input's mutation or gradient
     (an ExportedProgram whose signature names a node its graph lacks does not verify)."""
-    spec = dataclasses.replace(spec, arg=_renamed_argument(spec.arg, renames))
-    if getattr(spec, "kind", None) in _OUTPUTS_NAMING_AN_INPUT and spec.target in renames:
-        spec = dataclasses.replace(spec, target=renames[spec.target])
+    spec = dataclasses.replace(spec, arg=_renamed_argument(spec.arg, *renames))
+    if getattr(spec, "kind", None) in _OUTPUTS_NAMING_AN_INPUT:
+        spec = dataclasses.replace(spec, target=_new_name(spec.target, renames))
     return spec
 
 
@@ -426,12 +434,12 @@ def _with_new_names(spec, renames: dict[str, str]):
 _OUTPUTS_NAMING_AN_INPUT = (OutputKind.USER_INPUT_MUTATION, OutputKind.GRADIENT_TO_USER_INPUT)
 
 
-def _call_entry_with_new_names(entry, renames: dict[str, str]):
+def _call_entry_with_new_names(entry, *renames: dict[str, str]):
     """A copy of a module call graph entry whose signature names the nodes' new names."""
     entry = copy.deepcopy(entry)
     if entry.signature is not None:
-        entry.signature.inputs = [_renamed_argument(argument, renames) for argument in entry.signature.inputs]
-        entry.signature.outputs = [_renamed_argument(argument, renames) for argument in entry.signature.outputs]
+        entry.signature.inputs = [_renamed_argument(argument, *renames) for argument in entry.signature.inputs]
+        entry.signature.outputs = [_renamed_argument(argument, *renames) for argument in entry.signature.outputs]
     return entry
 
 
@@ -494,12 +502,10 @@ def fuse_exported(program: ExportedProgram, *, backend: str | None = None) -> Ex
     graph_module.recompile()
     # The program's outputs, and those of the submodules whose call signature
     # export preserved, name the layer where they named the BN it absorbed.
-    outputs = [_with_new_names(_with_new_names(spec, renames), renamed)
-               for spec in program.graph_signature.output_specs]
+    outputs = [_with_new_names(spec, renames, renamed) for spec in program.graph_signature.output_specs]
     signature = ExportGraphSignature(input_specs=specs, output_specs=outputs)
     return ExportedProgram(
         root=graph_module, graph=graph, graph_signature=signature, state_dict=state_dict,
         range_constraints=program.range_constraints,
-        module_call_graph=[_call_entry_with_new_names(_call_entry_with_new_names(entry, renames), renamed)
-                           for entry in program.module_call_graph],
+        module_call_graph=[_call_entry_with_new_names(entry, renames, renamed) for entry in program.module_call_graph],
         example_inputs=program.example_inputs, constants=constants, verifiers=[program.verifier])

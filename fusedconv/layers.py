@@ -236,8 +236,9 @@ def register_new_parameter(module: nn.Module, name: str, parameter: nn.Parameter
     do: the class keeps torch's ``__setattr__`` and ``register_parameter`` (as
     this module found it: a library may patch nn.Module's, as accelerate's
     ``init_empty_weights`` does), no other registry or the instance dict holds
-    the name, and no global parameter registration hook is there to see it. ``__setattr__`` and ``register_parameter`` cost several
-    microseconds per call, which a fold of many blocks pays for every bias."""
+    the name, and no global parameter registration hook is there to see it.
+    ``__setattr__`` and ``register_parameter`` cost several microseconds per
+    call, which a fold of many blocks pays for every bias."""
     hooks = getattr(_torch_module, "_global_parameter_registration_hooks", None)
     parameters = module._parameters
     klass = type(module)

@@ -152,10 +152,10 @@ def load(*, with_cuda: bool):
     that it has CUDA kernels and that a CUDA device is there."""
     info = _load_library()
     if with_cuda:
-        if "cuda" not in info and _state.get("built on first use"):
-            raise BackendUnavailable(f"the extension was built on first use, which compiles its CPU kernels only; "
-                                     f"for the CUDA kernels build it at install time with nvcc: {rebuild_hint()}")
         if "cuda" not in info:
+            if _state.get("built on first use"):
+                raise BackendUnavailable(f"the extension was built on first use, which compiles its CPU kernels only; "
+                                         f"for the CUDA kernels build it at install time with nvcc: {rebuild_hint()}")
             raise BackendUnavailable(f"the extension was built without CUDA kernels ({info}; no nvcc/CUDA_HOME then)")
         if not torch.cuda.is_available():
             raise BackendUnavailable("no CUDA device is available")
