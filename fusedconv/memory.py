@@ -60,13 +60,16 @@ def storage_key(tensor: torch.Tensor) -> int | None:
     return address or None
 
 
-def sharing_memory(entries: Iterable[tuple[Hashable, torch.Tensor]]) -> set[Hashable]:
+def sharing_memory(entries: Iterable[tuple[Hashable, torch.Tensor]],
+                   spans: Iterable[tuple[int, int, Hashable]] = ()) -> set[Hashable]:
     """The keys of the entries whose tensor overlaps the bytes of another entry's
-    (the same tensor listed twice counts as sharing). Tensors on the meta device
+    (the same tensor listed twice counts as sharing); ``spans``: more entries,
+    as the ``(start, end, key)`` of their :func:`memory_span` read by the caller
+    (the C walk of the module tree reads those of most tensors). Tensors on the meta device
     (a model's structure) have no addresses: they share when they view
     overlapping bytes of one storage. Other tensors without memory to compare
     share when they are the same tensor or views of one."""
-    spans: list[tuple[int, int, Hashable]] = []
+    spans = list(spans)
     meta_spans: dict[int, list[tuple[int, int, Hashable]]] = {}
     roots: dict[int, Hashable] = {}
     shared: set[Hashable] = set()

@@ -12,7 +12,8 @@ from torch import nn
 
 from .dataflow.references import PLAIN_TYPES, attribute_values, modules_held_elsewhere
 from .distributed import sharded_among
-from .layers import BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
+from .kernels.extension import native_walk
+from .layers import MODULE_STATE, BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
 from .memory import sharing_memory, storage_key
 from .registry import block_converter_lookup, entangled_blocks
 from .walking import submodules
@@ -43,7 +44,7 @@ class ModelIndex:
         # Modules holding a tensor that shares memory with another tensor of the
         # model (tied weights, ``.data`` assigned across modules, views), over
         # every module (those inside blocks too).
-        holders = sharing_memory(walk.registered + walk.in_attributes)
+        holders = sharing_memory(walk.unspanned + walk.in_attributes, spans=walk.spans)
         # id(module) -> the paths of the modules whose attributes, hooks or class reach it
         self.holders: dict[int, list[str]] = {}
         holder_paths = self.holders
@@ -148,7 +149,25 @@ class _Walk:
         self.members: dict[str, list[nn.Module]] = {}
         self.outside: list[tuple[str, nn.Module]] = []
         self.found_all = blocks is None
+        # The registered tensors whose bytes the C walk read (start, end, path),
+        # and the others (path, tensor), whose spans memory.sharing_memory reads.
+        self.spans: list[tuple[int, int, str]] = []
+        self.unspanned: list[tuple[str, torch.Tensor]] = []
         converter_of = block_converter_lookup() if blocks is None else None
+        native = native_walk()
+        if native is not None:
+            native(self, model, blocks, converter_of, MODULE_STATE, PLAIN_TYPES, torch.Tensor, nn.Parameter)
+        else:
+            self._walk(model, blocks, converter_of)
+        members = self.members
+        if "" in members:
+            self.outside = []  # the model is itself a block
+        for name in blocks or ():  # one inside another's subtree (only a caller's own ``blocks`` can say so)
+            if name not in members and name in self.by_path:
+                members[name] = submodules(self.by_path[name])
+
+    def _walk(self, model: nn.Module, blocks: dict[str, nn.Module] | None, converter_of) -> None:
+        """The walk itself (csrc/walk.cpp does the same, where the extension is built)."""
         paths, by_path, members = self.paths, self.by_path, self.members
         prefix, current, seen = None, None, set()  # the block being walked: its insides' prefix, modules, their ids
         stack = [("", model)]
@@ -189,11 +208,6 @@ class _Walk:
                 members[path] = current
             if first:
                 self.outside.append((path, m))
-        if "" in members:
-            self.outside = []  # the model is itself a block
-        for name in blocks or ():  # one inside another's subtree (only a caller's own ``blocks`` can say so)
-            if name not in members and name in by_path:
-                members[name] = submodules(by_path[name])
 
     def _look_at(self, path: str, m: nn.Module) -> None:
         """One look at a module's attributes, and every tensor it holds (registered,
@@ -202,10 +216,13 @@ class _Walk:
         self.values.append(attributes)
         if m._forward_hooks or m._forward_pre_hooks:
             self.hooked.add(id(m))
+        registered = []
         if m._parameters:  # most modules (containers, activations) register no tensor
-            self.registered += [(path, t) for t in m._parameters.values() if t is not None]
+            registered += [(path, t) for t in m._parameters.values() if t is not None]
         if m._buffers:
-            self.registered += [(path, t) for t in m._buffers.values() if t is not None]
+            registered += [(path, t) for t in m._buffers.values() if t is not None]
+        self.registered += registered
+        self.unspanned += registered
         if attributes:
             self.in_attributes += [(path, t) for t in _tensors_among(attributes)]
 

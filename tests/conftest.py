@@ -39,3 +39,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(params=["C walk", "Python walk"])
+def each_module_walk(request, monkeypatch):
+    """The test once with the module walk in C (csrc/walk.cpp) and once with
+    the Python walk it stands in for (which also runs where the extension is
+    not built)."""
+    from fusedconv import model_index
+    from fusedconv.kernels import extension
+
+    if request.param == "Python walk":
+        monkeypatch.setattr(model_index, "native_walk", lambda: None)
+    elif extension.native_walk() is None:
+        pytest.skip("the extension (with its C walk) is not built")
+    return request.param

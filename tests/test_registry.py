@@ -174,7 +174,7 @@ def test_readme_register_block_example_leaves_no_batchnorm():
         registry._CONVERTERS.pop(block_class, None)
 
 
-def test_index_lists_each_blocks_modules_as_a_walk_of_the_block_would(my_block_registered):
+def test_index_lists_each_blocks_modules_as_a_walk_of_the_block_would(my_block_registered, each_module_walk):
     """The index cuts each block's modules from its one walk of the model; they
     must be what walking the block gives, in its order, with a module that is
     also registered outside (first there, and twice inside), a block
@@ -196,7 +196,7 @@ def test_index_lists_each_blocks_modules_as_a_walk_of_the_block_would(my_block_r
     assert [id(m) for m in nested["3"]] == [id(m) for m in submodules(second)]
 
 
-def test_index_finds_the_modules_outside_blocks_as_the_prefix_rule_says(my_block_registered):
+def test_index_finds_the_modules_outside_blocks_as_the_prefix_rule_says(my_block_registered, each_module_walk):
     """``ModelIndex.outside`` (one pass in walk order) must list exactly the
     modules whose first path starts with no block's ``path + "."``: blocks
     found, caller-given blocks nested in each other or named by a second path,
@@ -238,7 +238,7 @@ def _model_with_odd_registrations() -> nn.Module:
     lambda: __import__("torchvision").models.resnet18().eval(),
     lambda: blocks.RepVGGBlock(6, 6, 3).eval(),
 ], ids=["odd registrations", "blocks", "resnet18", "model is a block"])
-def test_index_walk_is_named_modules(build):
+def test_index_walk_is_named_modules(build, each_module_walk):
     """The index's one walk must give every path ``named_modules`` gives, in its
     order, the first path of each module, each block's modules as walking the
     block gives them, and as outside exactly the modules the prefix rule puts
@@ -261,7 +261,7 @@ def test_index_walk_is_named_modules(build):
         [(path, id(m)) for path, m in _outside_blocks(index.modules, index.blocks)]
 
 
-def test_index_refolds_an_entangled_blocks_insides():
+def test_index_refolds_an_entangled_blocks_insides(each_module_walk):
     """The walk sets a found block's modules apart; once the block turns out
     entangled, its BNs are outside again, for the ordinary rules."""
     from fusedconv.model_index import ModelIndex

@@ -239,7 +239,7 @@ def _tie_buffer(net):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("tie", [_tie_data, _tie_view, _tie_buffer], ids=["data", "view", "buffer_view"])
-def test_storage_shared_weights_are_not_folded(tie, mode, inplace, monkeypatch):
+def test_storage_shared_weights_are_not_folded(tie, mode, inplace, monkeypatch, each_module_walk):
     plan = fold_and_compare(lambda: TwoConvs(tie), (2, 3, 8, 8), mode=mode, inplace=inplace, folded=set(),
                             monkeypatch=monkeypatch)
     assert "shares memory" in reason(plan, "b1")

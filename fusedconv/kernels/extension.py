@@ -13,6 +13,7 @@ fixes it, how (:func:`rebuild_hint`).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -29,7 +30,9 @@ logger = logging.getLogger("fusedconv")
 _PACKAGE = Path(__file__).resolve().parents[1]
 # An installed package carries its sources as package data; a checkout has csrc/ beside it.
 _SOURCE_DIRS = (_PACKAGE / "_csrc", _PACKAGE.parent / "csrc")
-_state: dict[str, str | bool] = {}  # "info": build info once loaded; "built on first use": True if so
+# "info": build info once loaded; "path": the library's file; "built on first use": True if so;
+# "walk": the C module walk, or None (native_walk)
+_state: dict[str, object] = {}
 
 
 def source_dir() -> Path | None:
@@ -59,10 +62,7 @@ def _load_library() -> str:
     """Load the library once; return its build info ("torch X.Y.Z[, cuda A.B]")."""
     if "info" in _state:
         return _state["info"]
-    # A listing, not Path.glob, which compiles a pattern first: a first fold pays for it.
-    names = sorted(os.listdir(_PACKAGE))
-    prebuilt = [_PACKAGE / name for suffix in (".so", ".pyd") for name in names
-                if name.startswith("_C") and name.endswith(suffix)]
+    prebuilt = _prebuilt()
     if prebuilt:
         try:
             torch.ops.load_library(str(prebuilt[0]))
@@ -72,8 +72,9 @@ def _load_library() -> str:
                 f"it was probably built for another torch (you have {torch.__version__})"
             raise BackendUnavailable(f"{prebuilt[0].name} does not load ({_first_line(exc)}); {why}: rebuild it "
                                      f"with {rebuild_hint()}") from exc
+        _state["path"] = prebuilt[0]
     else:
-        _build_on_first_use()
+        _state["path"] = Path(_build_on_first_use())
         _state["built on first use"] = True
     info = torch.ops.fusedconv_ext.build_info()
     built_for = info.split(",")[0].removeprefix("torch ")
@@ -84,6 +85,14 @@ def _load_library() -> str:
         )
     _state["info"] = info
     return info
+
+
+def _prebuilt() -> list[Path]:
+    """The extension built at install time (``fusedconv/_C*.so``), if it is there."""
+    # A listing, not Path.glob, which compiles a pattern first: a first fold pays for it.
+    names = sorted(os.listdir(_PACKAGE))
+    return [_PACKAGE / name for suffix in (".so", ".pyd") for name in names
+            if name.startswith("_C") and name.endswith(suffix)]
 
 
 def _built_for(library: Path) -> str | None:
@@ -112,7 +121,9 @@ def _first_use_build_cached(cpp_extension, name: str) -> bool:
     return any(os.path.exists(os.path.join(directory, name + suffix)) for suffix in (".so", ".pyd"))
 
 
-def _build_on_first_use() -> None:
+def _build_on_first_use() -> str:
+    """Build the CPU kernels (or find them built by an earlier process), load
+    them; the library's path."""
     directory = source_dir()
     if directory is None:
         raise BackendUnavailable(
@@ -133,7 +144,7 @@ def _build_on_first_use() -> None:
                       ExtensionBuildWarning, stacklevel=caller_stacklevel())
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     try:
-        cpp_extension.load(
+        return cpp_extension.load(
             name=name,
             sources=[str(s) for s in sources],
             # at::parallel_for needs OpenMP in the caller to use more than one thread.
@@ -160,6 +171,39 @@ def load(*, with_cuda: bool):
         if not torch.cuda.is_available():
             raise BackendUnavailable("no CUDA device is available")
     return sys.modules[__name__]
+
+
+def native_walk():
+    """The C walk of a model's module tree (``csrc/walk.cpp``), or None where it
+    is not there to use: the extension is neither built at install time nor
+    built on first use already in this process (a walk is never worth a
+    compile), does not load, or predates the walk. The walk is the same as
+    :class:`fusedconv.model_index.ModelIndex`'s Python one, which stands in."""
+    if "walk" not in _state:
+        _state["walk"] = _import_walk()
+    return _state["walk"]
+
+
+def _import_walk():
+    if "info" not in _state and not _prebuilt():
+        return None
+    try:
+        _load_library()
+        path = _state["path"]
+        if path.parent == _PACKAGE:
+            module = importlib.import_module("fusedconv._C")
+        else:  # built on first use: a module of its own name, in torch's build directory
+            name = path.name.split(".")[0]
+            module = sys.modules.get(name)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                sys.modules[name] = module
+    except (BackendUnavailable, ImportError, OSError) as exc:
+        logger.debug("the module walk runs in Python: %s", exc)
+        return None
+    return getattr(module, "walk_modules", None)  # None: a library built before the walk
 
 
 def build_info() -> str:
