@@ -13,7 +13,13 @@ from torch import nn
 from .dataflow.references import PLAIN_TYPES, attribute_values, modules_held_elsewhere
 from .distributed import sharded_among
 from .kernels.extension import native_walk
-from .layers import MODULE_STATE, BatchNormKind, batchnorm_kind, is_batchnorm_like, layer_kind
+from .layers import (
+    MODULE_STATE,
+    BatchNormKind,
+    batchnorm_kind,
+    is_batchnorm_like,
+    layer_kind,
+)
 from .memory import sharing_memory, storage_key
 from .registry import block_converter_lookup, entangled_blocks
 from .walking import submodules

@@ -147,15 +147,16 @@ class _OwnGetattribute(nn.Conv2d):
         return super().__getattribute__(name)
 
 
+_CLASS_LEVEL_HOOKS = collections.OrderedDict(x=lambda module, args, output: output)
+
+
 class _ClassLevelRegistry(nn.Module):
     """A data descriptor of the class named like nn.Module's bookkeeping: it,
     not the instance dict, says what ``module._forward_hooks`` is."""
 
-    _hooks = collections.OrderedDict(x=lambda module, args, output: output)
-
     @property
     def _forward_hooks(self):
-        return self._hooks
+        return _CLASS_LEVEL_HOOKS
 
     @_forward_hooks.setter
     def _forward_hooks(self, value):  # nn.Module.__init__ sets it
