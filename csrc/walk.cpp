@@ -19,6 +19,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "module.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <utility>
@@ -26,30 +28,6 @@
 
 namespace fusedconv {
 namespace {
-
-// An owned reference, released on scope exit.
-class Ref {
- public:
-  Ref() = default;
-  explicit Ref(PyObject* object) : object_(object) {}  // steals
-  Ref(const Ref&) = delete;
-  Ref& operator=(const Ref&) = delete;
-  Ref(Ref&& other) noexcept : object_(other.object_) { other.object_ = nullptr; }
-  Ref& operator=(Ref&& other) noexcept {
-    std::swap(object_, other.object_);
-    return *this;
-  }
-  ~Ref() { Py_XDECREF(object_); }
-  static Ref borrowed(PyObject* object) {
-    Py_XINCREF(object);
-    return Ref(object);
-  }
-  PyObject* get() const { return object_; }
-  explicit operator bool() const { return object_ != nullptr; }
-
- private:
-  PyObject* object_ = nullptr;
-};
 
 // Interned attribute names, made once.
 struct Names {
@@ -374,6 +352,8 @@ int walk_tree(const Walk& walk, PyObject* model, PyObject* blocks, PyObject* con
   return 0;
 }
 
+}  // namespace
+
 // walk(walk, model, blocks, converter_of, state, plain, tensor_type, parameter_type)
 PyObject* walk_modules(PyObject* /*self*/, PyObject* args) {
   PyObject *target, *model, *blocks, *converter_of;
@@ -406,28 +386,4 @@ PyObject* walk_modules(PyObject* /*self*/, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-PyMethodDef methods[] = {
-    {"walk_modules", walk_modules, METH_VARARGS,
-     "The walk of fusedconv.model_index._Walk, filling the walk's fields (see csrc/walk.cpp)."},
-    {nullptr, nullptr, 0, nullptr},
-};
-
-}  // namespace
 }  // namespace fusedconv
-
-#define FUSEDCONV_CONCAT_(a, b) a##b
-#define FUSEDCONV_CONCAT(a, b) FUSEDCONV_CONCAT_(a, b)
-#define FUSEDCONV_QUOTE_(x) #x
-#define FUSEDCONV_QUOTE(x) FUSEDCONV_QUOTE_(x)
-
-// The library is also a Python module (fusedconv._C, or the name of a build on
-// first use), whose only function is the walk; its ops are registered with
-// torch when the library loads (ops.cpp).
-static PyModuleDef module_definition = {
-    PyModuleDef_HEAD_INIT, FUSEDCONV_QUOTE(TORCH_EXTENSION_NAME), "fusedconv's module walk (csrc/walk.cpp)", -1,
-    fusedconv::methods,
-};
-
-PyMODINIT_FUNC FUSEDCONV_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  return PyModule_Create(&module_definition);
-}

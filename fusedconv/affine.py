@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .errors import FoldError
+from .kernels.extension import native_function
 
 
 # Not frozen: one is made for every BN or layer of a model, and a frozen
@@ -96,38 +97,65 @@ def batchnorm_affines(all_stats: Sequence[BatchNormStats]) -> list[ChannelAffine
     """The affine maps of many eval-mode BatchNorms, after checking their statistics.
 
     BNs on the same device are computed together: a handful of tensor ops and
-    one host sync in all, however many BNs a model has. Raises
-    :class:`FoldError` naming the BN whose statistic is NaN/inf, whose variance
-    is negative, or whose ``running_var + eps`` is zero.
+    one host sync in all, however many BNs a model has (on the CPU, one call of
+    the extension's ``bn_affines`` where it is built: the same arithmetic, see
+    ``csrc/cpu/bn_affines.cpp``). Raises :class:`FoldError` naming the BN whose
+    statistic is NaN/inf, whose variance is negative, or whose
+    ``running_var + eps`` is zero.
     """
     affines: list[ChannelAffine | None] = [None] * len(all_stats)
     by_device: dict[torch.device, list[int]] = {}
     for i, stats in enumerate(all_stats):
         by_device.setdefault(stats.running_mean.device, []).append(i)
-    for indices in by_device.values():
-        columns, sizes = _concatenated([all_stats[i] for i in indices])
-        mean, var, gamma, beta = columns
-        epsilons = [all_stats[i].eps for i in indices]
-        if len(set(epsilons)) == 1:  # the usual case; as a float64 scalar it adds exactly what a vector would
-            eps = epsilons[0]
-        else:
-            eps = torch.repeat_interleave(
-                torch.tensor(epsilons, dtype=torch.float64, device=mean.device),
-                torch.tensor(sizes, device=mean.device),
-            )
-        var_eps = var + eps
-        # A sum is finite only if every term is; one that overflows merely sends
-        # the BNs through the exact checks, which then find nothing.
-        finite = torch.isfinite(columns.sum())
-        if not bool(finite & (var_eps > 0).all()):
-            for i in indices:
-                _raise_for_bad_stats(all_stats[i])
-        scale = gamma / torch.sqrt(var_eps)
-        shift = beta - mean * scale
-        # torch.split_with_sizes, not Tensor.split: the Python wrapper costs more than the views
-        for i, s, t in zip(indices, torch.split_with_sizes(scale, sizes), torch.split_with_sizes(shift, sizes)):
-            affines[i] = ChannelAffine(s, t)
+    for device, indices in by_device.items():
+        group = [all_stats[i] for i in indices]
+        maps = _native_affines(group) if device.type == "cpu" else None
+        for i, affine in zip(indices, maps if maps is not None else _affines(group)):
+            affines[i] = affine
     return affines
+
+
+def _affines(group: Sequence[BatchNormStats]) -> list[ChannelAffine]:
+    """:func:`batchnorm_affines` of BNs on one device, with torch ops."""
+    columns, sizes = _concatenated(group)
+    mean, var, gamma, beta = columns
+    epsilons = [stats.eps for stats in group]
+    if len(set(epsilons)) == 1:  # the usual case; as a float64 scalar it adds exactly what a vector would
+        eps = epsilons[0]
+    else:
+        eps = torch.repeat_interleave(
+            torch.tensor(epsilons, dtype=torch.float64, device=mean.device),
+            torch.tensor(sizes, device=mean.device),
+        )
+    var_eps = var + eps
+    # A sum is finite only if every term is; one that overflows merely sends
+    # the BNs through the exact checks, which then find nothing.
+    finite = torch.isfinite(columns.sum())
+    if not bool(finite & (var_eps > 0).all()):
+        for stats in group:
+            _raise_for_bad_stats(stats)
+    scale = gamma / torch.sqrt(var_eps)
+    shift = beta - mean * scale
+    # torch.split_with_sizes, not Tensor.split: the Python wrapper costs more than the views
+    return [ChannelAffine(s, t) for s, t in zip(torch.split_with_sizes(scale, sizes),
+                                                torch.split_with_sizes(shift, sizes))]
+
+
+def _native_affines(group: Sequence[BatchNormStats]) -> list[ChannelAffine] | None:
+    """:func:`_affines` of BNs on the CPU in one call of the extension, or None
+    where it is not built or does not read these statistics directly."""
+    compute = native_function("bn_affines")
+    if compute is None:
+        return None
+    computed = compute([s.running_mean for s in group], [s.running_var for s in group], [s.weight for s in group],
+                       [s.bias for s in group], [float(s.eps) for s in group])
+    if computed is None:
+        return None
+    scales, shifts, all_fit = computed
+    if not all_fit:
+        for stats in group:
+            _raise_for_bad_stats(stats)
+    return [ChannelAffine(s, t) for s, t in zip(scales, shifts)]
 
 
 def batchnorm_affine(stats: BatchNormStats) -> ChannelAffine:

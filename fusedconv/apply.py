@@ -81,7 +81,8 @@ def _write(target_modules: dict[str, nn.Module], prepared: _Prepared, merges: li
     weights = [layer.weight for layer in targets]
     with Rollback() as rollback:
         swap_batchnorms(target_modules, prepared.bn_paths, rollback, kinds)
-        set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback)
+        set_biases(targets, [layer_fold.bias for layer_fold in prepared.layer_folds], rollback,
+                   owned=[layer_fold.owns_bias for layer_fold in prepared.layer_folds])
         if merges:
             install_merges(merges, merged_blocks, target_modules[""], rollback)
         # A copied weight that the memo did not leave unwritten (a Parameter

@@ -24,6 +24,7 @@ from torch import nn
 from . import distributed, kernels
 from .affine import ChannelAffine, batchnorm_affines, compose
 from .errors import FoldError
+from .kernels.extension import native_function
 from .kernels.reference import column_factors
 from .layers import (
     LayerKind,
@@ -71,6 +72,9 @@ class LayerFold:
     col_scale: torch.Tensor | None
     groups: int
     bias: torch.Tensor
+    # Whether ``bias`` is a tensor of this fold's own (no view of a shared batch,
+    # nothing else holds it), which a layer without a bias may take as it is.
+    owns_bias: bool = False
 
 
 def rescale_weights(
@@ -210,27 +214,50 @@ def plan_layer_folds(
             folds[i] = plan_layer_fold(layer, before, after, name=name, extra_bias=extra_biases[i])
     for (device, dtype), members in batches.items():
         scales = [affines[i][1].scale for i, _, _ in members]
-        sizes = [scale.numel() for scale in scales]  # the layers' output channels (_checked_kind)
-        if all(bias is None for _, _, bias in members):  # most convs before a BN: one tensor of zeros
-            biases = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
-        else:
-            zeros = torch.zeros(max(sizes), dtype=dtype, device=device)
-            biases = torch.cat([zeros[:n] if bias is None else bias.detach()
-                                for (_, _, bias), n in zip(members, sizes)]).to(torch.float64)
-        gathered = torch.cat(scales)
-        scale = gathered.to(device)
-        new_biases = biases * scale + torch.cat([affines[i][1].shift for i, _, _ in members]).to(device)
-        if any(extra_biases[i] is not None for i, _, _ in members):
-            none = torch.zeros(max(sizes), dtype=torch.float64, device=device)
-            new_biases += torch.cat([none[:n] if extra_biases[i] is None else extra_biases[i].to(device)
-                                     for (i, _, _), n in zip(members, sizes)])
-        # The scales themselves where they are on the layers' device already.
-        row_scales = scales if scale is gathered else torch.split_with_sizes(scale, sizes)
-        for (i, kind, _), row_scale, bias in zip(members, row_scales,
-                                                 torch.split_with_sizes(new_biases.to(dtype), sizes)):
+        shifts = [affines[i][1].shift for i, _, _ in members]
+        extras = [extra_biases[i] for i, _, _ in members]
+        biases = [bias for _, _, bias in members]
+        computed = _native_biases(scales, shifts, biases, extras, dtype) if device.type == "cpu" else None
+        owned = computed is not None  # each bias a tensor of its own, which a new Parameter may take as it is
+        row_scales, new_biases = computed if owned else _batched_biases(scales, shifts, biases, extras, device, dtype)
+        for (i, kind, _), row_scale, bias in zip(members, row_scales, new_biases):
             row, col = scale_grid(kind, None, row_scale)
-            folds[i] = LayerFold(row, col, layer_groups(layers[i]), bias)
+            folds[i] = LayerFold(row, col, layer_groups(layers[i]), bias, owned)
     return folds
+
+
+def _batched_biases(scales: list[torch.Tensor], shifts: list[torch.Tensor], biases: list[torch.Tensor | None],
+                    extras: list[torch.Tensor | None], device: torch.device, dtype: torch.dtype):
+    """The row scales and new biases ``round(bias * scale + shift [+ extra])`` of
+    layers followed by a BN, all of one device and bias dtype, with a handful of
+    torch ops however many layers (on a GPU, per-layer ops would cost a launch
+    each); the biases are views of one tensor."""
+    sizes = [scale.numel() for scale in scales]  # the layers' output channels (_checked_kind)
+    if all(bias is None for bias in biases):  # most convs before a BN: one tensor of zeros
+        gathered_biases = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
+    else:
+        zeros = torch.zeros(max(sizes), dtype=dtype, device=device)
+        gathered_biases = torch.cat([zeros[:n] if bias is None else bias.detach()
+                                     for bias, n in zip(biases, sizes)]).to(torch.float64)
+    gathered = torch.cat(scales)
+    scale = gathered.to(device)
+    new_biases = gathered_biases * scale + torch.cat(shifts).to(device)
+    if any(extra is not None for extra in extras):
+        none = torch.zeros(max(sizes), dtype=torch.float64, device=device)
+        new_biases += torch.cat([none[:n] if extra is None else extra.to(device) for extra, n in zip(extras, sizes)])
+    # The scales themselves where they are on the layers' device already.
+    row_scales = scales if scale is gathered else torch.split_with_sizes(scale, sizes)
+    return row_scales, torch.split_with_sizes(new_biases.to(dtype), sizes)
+
+
+def _native_biases(scales: list[torch.Tensor], shifts: list[torch.Tensor], biases: list[torch.Tensor | None],
+                   extras: list[torch.Tensor | None], dtype: torch.dtype):
+    """:func:`_batched_biases` on the CPU in one call of the extension
+    (``csrc/affines.cpp``), each new bias a tensor of its own; None where it is
+    not built or does not read these tensors directly."""
+    compute = native_function("folded_biases")
+    made = compute(scales, shifts, biases, extras, dtype) if compute is not None else None
+    return None if made is None else (scales, made)
 
 
 def new_bias_parameter(layer: nn.Module, values: torch.Tensor) -> nn.Parameter:
@@ -240,29 +267,37 @@ def new_bias_parameter(layer: nn.Module, values: torch.Tensor) -> nn.Parameter:
 
 
 def set_biases(layers: Sequence[nn.Module], biases: Sequence[torch.Tensor], rollback=None,
-               new_bias: Callable[[nn.Module, torch.Tensor], nn.Parameter] = new_bias_parameter) -> None:
+               new_bias: Callable[[nn.Module, torch.Tensor], nn.Parameter] = new_bias_parameter,
+               owned: Sequence[bool] | None = None) -> None:
     """Store folded biases in place, all with one multi-tensor copy; a layer
     without a bias gets ``new_bias(layer, values)`` (by default a new Parameter
-    of its own, not a view of a shared batch). For a DTensor bias, ``biases``
+    of its own, not a view of a shared batch), or, where ``owned`` says the
+    values are a tensor of the fold's own (:attr:`LayerFold.owns_bias`), a
+    Parameter made of them, which needs no copy. For a DTensor bias, ``biases``
     hold what this rank holds of it, and its local tensor is written.
     With a :class:`fusedconv.writing.Rollback`, each change is recorded so that it can be undone."""
     with torch.no_grad():
-        targets = []
-        for layer, bias in zip(layers, biases):
+        targets, values = [], []
+        for i, (layer, bias) in enumerate(zip(layers, biases)):
             current = registered_attribute(layer, "bias")
             if current is None:
-                new = new_bias(layer, bias)
+                adopt = owned is not None and owned[i] and new_bias is new_bias_parameter
+                new = nn.Parameter(bias, requires_grad=registered_attribute(layer, "weight").requires_grad) \
+                    if adopt else new_bias(layer, bias)
                 if rollback is None:
                     register_new_parameter(layer, "bias", new)
                 else:
                     rollback.setattr(layer, "bias", new)
                 # what registration kept (a registration hook may replace it)
                 current = registered_attribute(layer, "bias")
+                if adopt and current is new:
+                    continue  # holds its values already
             elif rollback is not None:
                 rollback.keep(distributed.local_tensor(current))
             targets.append(distributed.local_tensor(current))
+            values.append(bias)
         if targets:
-            torch._foreach_copy_(targets, list(biases))
+            torch._foreach_copy_(targets, values)
 
 
 def fold_affines(
@@ -320,7 +355,7 @@ def _folded_copy(layer: nn.Module, before: Sequence[nn.Module], after: Sequence[
                            name=type(layer).__name__)
     new = copy.deepcopy(layer)
     rescale_weights([new.weight], [fold])
-    set_biases([new], [fold.bias])
+    set_biases([new], [fold.bias], owned=[fold.owns_bias])
     return new
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .dataflow.references import PLAIN_TYPES, attribute_values, modules_held_elsewhere
 from .distributed import sharded_among
-from .kernels.extension import native_walk
+from .kernels.extension import native_function
 from .layers import (
     MODULE_STATE,
     BatchNormKind,
@@ -160,7 +160,7 @@ class _Walk:
         self.spans: list[tuple[int, int, str]] = []
         self.unspanned: list[tuple[str, torch.Tensor]] = []
         converter_of = block_converter_lookup() if blocks is None else None
-        native = native_walk()
+        native = native_function("walk_modules")
         if native is not None:
             native(self, model, blocks, converter_of, MODULE_STATE, PLAIN_TYPES, torch.Tensor, nn.Parameter)
         else:

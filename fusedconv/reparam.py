@@ -298,4 +298,5 @@ def write_merged_weights(plans: Sequence[Reparameterization], backend: str | Non
             dilations.extend(dilation)
     if bigs:  # blocks that only fold BNs (ultralytics' Conv) add no branch
         kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend=backend)
-    set_biases([p.target for p in plans], [p.target_fold.bias for p in plans])
+    set_biases([p.target for p in plans], [p.target_fold.bias for p in plans],
+               owned=[p.target_fold.owns_bias for p in plans])

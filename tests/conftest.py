@@ -50,7 +50,7 @@ def each_module_walk(request, monkeypatch):
     from fusedconv.kernels import extension
 
     if request.param == "Python walk":
-        monkeypatch.setattr(model_index, "native_walk", lambda: None)
-    elif extension.native_walk() is None:
+        monkeypatch.setattr(model_index, "native_function", lambda name: None)
+    elif extension.native_function("walk_modules") is None:
         pytest.skip("the extension (with its C walk) is not built")
     return request.param

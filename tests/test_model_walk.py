@@ -16,7 +16,7 @@ from fusedconv import blocks, model_index
 from fusedconv.kernels import available_backends, extension
 from fusedconv.memory import memory_span, sharing_memory
 
-NATIVE = extension.native_walk()
+NATIVE = extension.native_function("walk_modules")
 needs_native = pytest.mark.skipif(NATIVE is None, reason="the extension (with its C walk) is not built")
 
 
@@ -33,7 +33,7 @@ def _walks(model: nn.Module, blocks_given=None, monkeypatch=None):
     monkeypatch.setattr(model_index._Walk, "_look_at", counting_look)
     native = model_index._Walk(model, blocks_given)
     monkeypatch.setattr(model_index._Walk, "_look_at", look)
-    monkeypatch.setattr(model_index, "native_walk", lambda: None)
+    monkeypatch.setattr(model_index, "native_function", lambda name: None)
     python = model_index._Walk(model, blocks_given)
     monkeypatch.undo()
     return native, python, handed
@@ -263,7 +263,7 @@ def test_c_walk_raises_what_the_python_walk_raises(monkeypatch):
     model._modules[3] = nn.ReLU()  # a child name that is not a string: "0." + 3 fails in both
     with pytest.raises(TypeError) as native:
         model_index._Walk(model, None)
-    monkeypatch.setattr(model_index, "native_walk", lambda: None)
+    monkeypatch.setattr(model_index, "native_function", lambda name: None)
     with pytest.raises(TypeError) as python:
         model_index._Walk(model, None)
     assert type(native.value) is type(python.value)
@@ -274,4 +274,4 @@ def test_c_walk_loads_with_the_extension():
     that silently lost it would fold correctly, only slower."""
     if available_backends("cpu")["cpp"] is not None:
         pytest.skip(f"the cpp backend is unavailable: {available_backends('cpu')['cpp']}")
-    assert extension.native_walk() is not None
+    assert extension.native_function("walk_modules") is not None

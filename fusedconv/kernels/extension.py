@@ -31,7 +31,8 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 # An installed package carries its sources as package data; a checkout has csrc/ beside it.
 _SOURCE_DIRS = (_PACKAGE / "_csrc", _PACKAGE.parent / "csrc")
 # "info": build info once loaded; "path": the library's file; "built on first use": True if so;
-# "walk": the C module walk, or None (native_walk)
+# "prebuilt": whether a library built at install time is there to load; "module": the library
+# as a Python module, or None (native_function)
 _state: dict[str, object] = {}
 
 
@@ -173,37 +174,55 @@ def load(*, with_cuda: bool):
     return sys.modules[__name__]
 
 
-def native_walk():
-    """The C walk of a model's module tree (``csrc/walk.cpp``), or None where it
-    is not there to use: the extension is neither built at install time nor
-    built on first use already in this process (a walk is never worth a
-    compile), does not load, or predates the walk. The walk is the same as
-    :class:`fusedconv.model_index.ModelIndex`'s Python one, which stands in."""
-    if "walk" not in _state:
-        _state["walk"] = _import_walk()
-    return _state["walk"]
+def native_function(name: str):
+    """A function of the extension's Python module (``csrc/module.h``: the
+    module walk, the BNs' affine maps), which computes exactly what fusedconv's
+    Python code computes, faster; None where it is not there to use
+    (:func:`_loaded_without_building`, or a library that predates it), and the
+    caller runs its Python code."""
+    if "module" not in _state:
+        if not _loaded_without_building():
+            return None
+        _state["module"] = _import_module()
+    return getattr(_state["module"], name, None)
 
 
-def _import_walk():
-    if "info" not in _state and not _prebuilt():
-        return None
+def _loaded_without_building() -> bool:
+    """Whether the extension is loaded, loading it if it was built at install
+    time: a helper is never worth a compile (a build on first use, for the
+    kernels, makes it available from then on)."""
+    if "info" in _state:
+        return True
+    if "prebuilt" not in _state:
+        _state["prebuilt"] = bool(_prebuilt())
+    if not _state["prebuilt"]:
+        return False
     try:
         _load_library()
-        path = _state["path"]
+    except BackendUnavailable as exc:
+        logger.debug("the extension's helpers are not used: %s", exc)
+        _state["prebuilt"] = False  # not again in this process
+        return False
+    return True
+
+
+def _import_module():
+    """The loaded library as a Python module, or None if it does not import."""
+    path = _state["path"]
+    try:
         if path.parent == _PACKAGE:
-            module = importlib.import_module("fusedconv._C")
-        else:  # built on first use: a module of its own name, in torch's build directory
-            name = path.name.split(".")[0]
-            module = sys.modules.get(name)
-            if module is None:
-                spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-                sys.modules[name] = module
-    except (BackendUnavailable, ImportError, OSError) as exc:
-        logger.debug("the module walk runs in Python: %s", exc)
+            return importlib.import_module("fusedconv._C")
+        # built on first use: a module of its own name, in torch's build directory
+        name = path.name.split(".")[0]
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[name] = module
+        return sys.modules[name]
+    except (ImportError, OSError) as exc:
+        logger.debug("the extension's helpers are not used: %s", exc)
         return None
-    return getattr(module, "walk_modules", None)  # None: a library built before the walk
 
 
 def build_info() -> str:
