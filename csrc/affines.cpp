@@ -61,7 +61,7 @@ void widen<double>(const double* values, int64_t n, double* out) {
 // tensor is not one this file reads.
 bool read_as_double(const at::Tensor& tensor, int64_t n, double* out) {
   if (tensor.device().type() != c10::DeviceType::CPU || tensor.layout() != at::kStrided || tensor.numel() != n ||
-      !tensor.is_contiguous() || tensor.is_conj() || tensor.is_neg())
+      !tensor.has_storage() || !tensor.is_contiguous() || tensor.is_conj() || tensor.is_neg())
     return false;
   switch (tensor.scalar_type()) {
     case at::kFloat:
@@ -283,9 +283,8 @@ PyObject* bn_affines(PyObject* /*self*/, PyObject* args) {
   Affines affines;
   try {
     affines = affines_of(bns);
-  } catch (const std::exception& error) {
-    PyErr_SetString(PyExc_RuntimeError, error.what());
-    return nullptr;
+  } catch (const std::exception&) {  // a tensor whose data cannot be read here (a wrapper without storage...)
+    Py_RETURN_NONE;
   }
   if (affines.scales.size() != static_cast<size_t>(count)) Py_RETURN_NONE;  // not read
   Ref scales(tensor_list(affines.scales));
@@ -326,9 +325,8 @@ PyObject* folded_biases(PyObject* /*self*/, PyObject* args) {
   std::vector<at::Tensor> made;
   try {
     made = folded_biases_of(scales, shifts, biases, extras, dtype);
-  } catch (const std::exception& error) {
-    PyErr_SetString(PyExc_RuntimeError, error.what());
-    return nullptr;
+  } catch (const std::exception&) {  // as in bn_affines: the torch path reads it
+    Py_RETURN_NONE;
   }
   if (made.size() != static_cast<size_t>(count)) Py_RETURN_NONE;
   return tensor_list(made);

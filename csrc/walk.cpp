@@ -112,6 +112,25 @@ PyObject* attribute(PyObject* module, PyObject* attributes, PyObject* name) {
   return PyObject_GetAttr(module, name);  // not there: nn.Module's __getattr__ says what it is
 }
 
+// The module's instance dict when vars(module) returns it (no class redefines
+// __dict__), as a plain dict; else null, with an exception set only where
+// looking raised one that is not about the attribute.
+PyObject* instance_dict(PyObject* module) {
+  Ref real(PyObject_GenericGetDict(module, nullptr));
+  if (!real) {
+    if (PyErr_ExceptionMatches(PyExc_AttributeError) || PyErr_ExceptionMatches(PyExc_TypeError)) PyErr_Clear();
+    return nullptr;
+  }
+  Ref seen(PyObject_GetAttr(module, names()->dict));  // what vars(module) gives
+  if (!seen) {
+    if (PyErr_ExceptionMatches(PyExc_AttributeError) || PyErr_ExceptionMatches(PyExc_TypeError)) PyErr_Clear();
+    return nullptr;
+  }
+  if (seen.get() != real.get() || !PyDict_CheckExact(real.get())) return nullptr;
+  Py_INCREF(real.get());
+  return real.get();
+}
+
 // Whether a truthy attribute: -1 on error.
 int truthy_attribute(PyObject* module, PyObject* attributes, PyObject* name) {
   Ref value(attribute(module, attributes, name));
@@ -152,6 +171,8 @@ int plain_module(const Walk& walk, PyObject* module, PyObject* attributes, Ref* 
     if (!PyUnicode_CheckExact(key)) return 0;  // its hash would run Python code amid the iteration
     int own = PySet_Contains(walk.state, key);
     if (own < 0) return -1;
+    // Held while it is looked at: a metaclass's __hash__ may run Python code that changes the dict.
+    Ref held = Ref::borrowed(value);
     if (own || plain_type(walk, value, &error)) continue;
     if (error) return -1;
     if (!PyTuple_CheckExact(value)) return 0;
@@ -259,6 +280,10 @@ int push_children(std::vector<std::pair<Ref, Ref>>* stack, PyObject* path, PyObj
     if (child == Py_None) continue;
     Ref child_path(PyNumber_Add(below.get(), PyTuple_GET_ITEM(item, 0)));
     if (!child_path) return -1;
+    if (!PyUnicode_Check(child_path.get())) {
+      PyErr_SetString(PyExc_TypeError, "a module's child is registered under a name that is not a string");
+      return -1;
+    }
     stack->emplace_back(std::move(child_path), Ref::borrowed(child));
   }
   std::reverse(stack->begin() + static_cast<std::ptrdiff_t>(first), stack->end());
@@ -276,10 +301,12 @@ int walk_tree(const Walk& walk, PyObject* model, PyObject* blocks, PyObject* con
     Ref module = std::move(stack.back().second);
     stack.pop_back();
     if (PyDict_SetItem(walk.by_path, path.get(), module.get()) < 0) return -1;
-    // vars(module), when it is a plain dict (else every attribute is looked up as usual)
-    Ref attributes(PyObject_GetAttr(module.get(), n->dict));
-    if (!attributes) PyErr_Clear();
-    PyObject* plain_dict = attributes && PyDict_CheckExact(attributes.get()) ? attributes.get() : nullptr;
+    // The instance dict, read directly where vars(module) is that very dict (a
+    // class may define __dict__ otherwise); else every attribute is looked up
+    // as usual, and the module goes to the Python look.
+    Ref attributes(instance_dict(module.get()));
+    if (!attributes && PyErr_Occurred()) return -1;
+    PyObject* plain_dict = attributes ? attributes.get() : nullptr;
     if (push_children(&stack, path.get(), module.get(), plain_dict) < 0) return -1;
     Ref id(PyLong_FromVoidPtr(module.get()));
     if (!id) return -1;

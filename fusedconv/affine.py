@@ -99,7 +99,7 @@ def batchnorm_affines(all_stats: Sequence[BatchNormStats]) -> list[ChannelAffine
     BNs on the same device are computed together: a handful of tensor ops and
     one host sync in all, however many BNs a model has (on the CPU, one call of
     the extension's ``bn_affines`` where it is built: the same arithmetic, see
-    ``csrc/cpu/bn_affines.cpp``). Raises :class:`FoldError` naming the BN whose
+    ``csrc/affines.cpp``). Raises :class:`FoldError` naming the BN whose
     statistic is NaN/inf, whose variance is negative, or whose
     ``running_var + eps`` is zero.
     """

@@ -126,6 +126,33 @@ class _TensorSubclass(torch.Tensor):
     pass
 
 
+class _OddPlainTensors(_OddTensors):
+    """The same tensors, but for the subclass: the module is plain, and the C
+    walk reads every span itself (or leaves it to Python)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.sub
+
+
+class _OwnDict(nn.Module):
+    """A class whose ``__dict__`` is not the instance dict: ``vars()`` shows a
+    copy without children, while ``self._modules`` reads the real one."""
+
+    @property
+    def __dict__(self):
+        shown = dict(vars(nn.Module)["__dict__"].__get__(self))  # the instance dict itself
+        shown["_modules"] = {}
+        return shown
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 class _OrderedChildren(nn.Module):
     """Registries that are not plain dicts, and a None child."""
 
@@ -204,6 +231,8 @@ MODELS = {
     "hooks": _Hooked,
     "attributes": _Attributes,
     "odd tensors": _OddTensors,
+    "odd plain tensors": _OddPlainTensors,
+    "own __dict__": lambda: nn.Sequential(_OwnDict()),
     "ordered children": _OrderedChildren,
     "own __getattribute__": lambda: nn.Sequential(_OwnGetattribute(2, 2, 1), nn.BatchNorm2d(2)),
     "class-level registry": _ClassLevelRegistry,
@@ -241,6 +270,10 @@ def test_c_walk_hands_subtle_modules_to_the_python_look(monkeypatch):
     assert handed == ["", "conv"]
     _, _, handed = _walks(_OddTensors().eval(), monkeypatch=monkeypatch)
     assert handed == [""]  # the Parameter subclass
+    native, _, handed = _walks(_OddPlainTensors().eval(), monkeypatch=monkeypatch)
+    assert handed == [] and native.spans and native.unspanned  # spans read in C, and left to Python
+    _, _, handed = _walks(nn.Sequential(_OwnDict()).eval(), monkeypatch=monkeypatch)
+    assert handed == ["0"]
     _, _, handed = _walks(_OrderedChildren().eval(), monkeypatch=monkeypatch)
     assert handed == [""]
     _, _, handed = _walks(nn.Sequential(_OwnGetattribute(2, 2, 1)).eval(), monkeypatch=monkeypatch)
@@ -275,3 +308,13 @@ def test_c_walk_loads_with_the_extension():
     if available_backends("cpu")["cpp"] is not None:
         pytest.skip(f"the cpp backend is unavailable: {available_backends('cpu')['cpp']}")
     assert extension.native_function("walk_modules") is not None
+
+
+def test_native_helpers_can_be_switched_off(monkeypatch):
+    """FUSEDCONV_NATIVE_HELPERS=0 runs fusedconv's Python code for everything
+    the helpers would compute (the kernels are another matter: backend=)."""
+    monkeypatch.setenv("FUSEDCONV_NATIVE_HELPERS", "0")
+    assert extension.native_function("walk_modules") is None
+    assert extension.native_function("bn_affines") is None
+    monkeypatch.delenv("FUSEDCONV_NATIVE_HELPERS")
+    assert (extension.native_function("walk_modules") is None) == (NATIVE is None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from torch import nn
 
 import fusedconv
@@ -190,7 +189,26 @@ def test_fold_adopts_native_biases_and_matches_the_torch_path(monkeypatch):
     reference = fusedconv.fuse(build())
     assert native.state_dict().keys() == reference.state_dict().keys()
     for key, value in native.state_dict().items():
-        assert torch.equal(value, reference.state_dict()[key]), key
+        assert torch.equal(_bits(value), _bits(reference.state_dict()[key])), key
     for layer in (native[0], native[6]):
         assert layer.bias._base is None and layer.bias.untyped_storage().nbytes() == layer.bias.nbytes
         assert layer.bias.requires_grad == layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_set_biases_takes_a_folds_own_bias_without_a_copy(native, monkeypatch):
+    """The bias that the extension made for a layer becomes its Parameter as it
+    is; one of the torch path's (a view of a batch) is copied into a new one."""
+    if not native:
+        monkeypatch.setattr(fold, "native_function", lambda name: None)
+    layers = [nn.Conv2d(3, 4, 1, bias=False), nn.Conv2d(3, 5, 1, bias=False)]
+    generator = torch.Generator().manual_seed(4)
+    affines = [(None, affine.ChannelAffine(torch.randn(n, generator=generator, dtype=torch.float64),
+                                           torch.randn(n, generator=generator, dtype=torch.float64))) for n in (4, 5)]
+    folds = fold.plan_layer_folds(layers, affines, ["a", "b"])
+    assert [f.owns_bias for f in folds] == [native, native]
+    fold.set_biases(layers, [f.bias for f in folds], owned=[f.owns_bias for f in folds])
+    for layer, planned in zip(layers, folds):
+        assert torch.equal(layer.bias.detach(), planned.bias)
+        assert (layer.bias.data_ptr() == planned.bias.data_ptr()) == native
+        assert type(layer.bias) is nn.Parameter and layer.bias.requires_grad

@@ -178,8 +178,11 @@ def native_function(name: str):
     """A function of the extension's Python module (``csrc/module.h``: the
     module walk, the BNs' affine maps), which computes exactly what fusedconv's
     Python code computes, faster; None where it is not there to use
-    (:func:`_loaded_without_building`, or a library that predates it), and the
-    caller runs its Python code."""
+    (:func:`_loaded_without_building`, a library that predates it, or
+    ``FUSEDCONV_NATIVE_HELPERS=0`` in the environment), and the caller runs its
+    Python code."""
+    if os.environ.get("FUSEDCONV_NATIVE_HELPERS") == "0":
+        return None
     if "module" not in _state:
         if not _loaded_without_building():
             return None
@@ -199,7 +202,7 @@ def _loaded_without_building() -> bool:
         return False
     try:
         _load_library()
-    except BackendUnavailable as exc:
+    except Exception as exc:  # noqa: BLE001  whatever keeps it from loading, the Python code stands in
         logger.debug("the extension's helpers are not used: %s", exc)
         _state["prebuilt"] = False  # not again in this process
         return False
@@ -207,19 +210,20 @@ def _loaded_without_building() -> bool:
 
 
 def _import_module():
-    """The loaded library as a Python module, or None if it does not import."""
+    """The loaded library as a Python module, or None if it does not import.
+    Exactly the file that was loaded: another ``_C*.so`` (built for another
+    Python) would register the ops again, which aborts the process."""
     path = _state["path"]
+    # fusedconv._C, or a build on first use: a module of its own name, in torch's build directory
+    name = "fusedconv._C" if path.parent == _PACKAGE else path.name.split(".")[0]
     try:
-        if path.parent == _PACKAGE:
-            return importlib.import_module("fusedconv._C")
-        # built on first use: a module of its own name, in torch's build directory
-        name = path.name.split(".")[0]
-        if name not in sys.modules:
+        module = sys.modules.get(name)
+        if module is None or getattr(module, "__file__", None) != str(path):
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             sys.modules[name] = module
-        return sys.modules[name]
+        return module
     except (ImportError, OSError) as exc:
         logger.debug("the extension's helpers are not used: %s", exc)
         return None
