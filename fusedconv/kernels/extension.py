@@ -148,8 +148,9 @@ def _build_on_first_use() -> str:
         return cpp_extension.load(
             name=name,
             sources=[str(s) for s in sources],
-            # at::parallel_for needs OpenMP in the caller to use more than one thread.
-            extra_cflags=["-O3", *openmp],
+            # No fused multiply-add, as in setup.py (one rounding per operation); at::parallel_for
+            # needs OpenMP in the caller to use more than one thread.
+            extra_cflags=["-O3", "-ffp-contract=off", *openmp],
             extra_ldflags=openmp,
             is_python_module=False,
             verbose=False,
