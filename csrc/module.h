@@ -33,7 +33,7 @@ class Ref {
   PyObject* object_ = nullptr;
 };
 
-// walk_modules(walk, model, blocks, converter_of, state, plain, tensor_type, parameter_type): walk.cpp
+// walk_modules(walk, model, blocks, converter_of, state, plain): walk.cpp
 PyObject* walk_modules(PyObject* self, PyObject* args);
 
 // bn_affines(means, variances, gammas, betas, eps): affines.cpp

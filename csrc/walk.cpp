@@ -78,19 +78,12 @@ struct Walk {
   PyObject* look_at;     // the Python look, bound to the _Walk
   PyObject* state;       // frozenset: nn.Module's bookkeeping names
   PyObject* plain;       // frozenset: the plain configuration types
-  PyObject* tensor_type;     // torch.Tensor
-  PyObject* parameter_type;  // torch.nn.Parameter
 };
 
 bool plain_type(const Walk& walk, PyObject* value, int* error) {
   int found = PySet_Contains(walk.plain, reinterpret_cast<PyObject*>(Py_TYPE(value)));
   if (found < 0) *error = 1;
   return found == 1;
-}
-
-bool exact_tensor(const Walk& walk, PyObject* value) {
-  PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(value));
-  return type == walk.tensor_type || type == walk.parameter_type;
 }
 
 // ``getattr(module, name)``, read from the instance dict ``attributes`` where
@@ -157,7 +150,7 @@ int plain_module(const Walk& walk, PyObject* module, PyObject* attributes, Ref* 
     PyObject *key, *tensor;
     while (PyDict_Next(registries[i].get(), &position, &key, &tensor)) {
       if (tensor == Py_None) continue;
-      if (!exact_tensor(walk, tensor)) return 0;
+      if (!THPVariable_CheckExact(tensor)) return 0;  // exactly a Tensor or a Parameter
       Ref attributes(PyObject_GetAttr(tensor, n->dict));
       if (!attributes) return -1;
       int any = PyObject_IsTrue(attributes.get());
@@ -381,12 +374,12 @@ int walk_tree(const Walk& walk, PyObject* model, PyObject* blocks, PyObject* con
 
 }  // namespace
 
-// walk(walk, model, blocks, converter_of, state, plain, tensor_type, parameter_type)
+// walk(walk, model, blocks, converter_of, state, plain)
 PyObject* walk_modules(PyObject* /*self*/, PyObject* args) {
   PyObject *target, *model, *blocks, *converter_of;
   Walk walk{};
-  if (!PyArg_ParseTuple(args, "OOOOO!O!OO", &target, &model, &blocks, &converter_of, &PyFrozenSet_Type, &walk.state,
-                        &PyFrozenSet_Type, &walk.plain, &walk.tensor_type, &walk.parameter_type))
+  if (!PyArg_ParseTuple(args, "OOOOO!O!", &target, &model, &blocks, &converter_of, &PyFrozenSet_Type, &walk.state,
+                        &PyFrozenSet_Type, &walk.plain))
     return nullptr;
   Names* n = names();
   const char* fields[] = {"paths", "by_path", "modules", "values", "registered", "unspanned",

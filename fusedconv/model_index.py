@@ -162,7 +162,7 @@ class _Walk:
         converter_of = block_converter_lookup() if blocks is None else None
         native = native_function("walk_modules")
         if native is not None:
-            native(self, model, blocks, converter_of, MODULE_STATE, PLAIN_TYPES, torch.Tensor, nn.Parameter)
+            native(self, model, blocks, converter_of, MODULE_STATE, PLAIN_TYPES)
         else:
             self._walk(model, blocks, converter_of)
         members = self.members
