@@ -16,6 +16,8 @@ PyMethodDef methods[] = {
      "The float64 affine maps of eval-mode BatchNorms, as fusedconv.affine computes them (csrc/affines.cpp)."},
     {"folded_biases", fusedconv::folded_biases, METH_VARARGS,
      "The new biases of layers followed by a BN, as fusedconv.fold computes them (csrc/affines.cpp)."},
+    {"rescale_in_place", fusedconv::rescale_in_place, METH_VARARGS,
+     "The CPU kernel of fusedconv::rescale_, called directly on plain tensors (csrc/cpu/rescale.cpp)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

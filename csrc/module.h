@@ -1,6 +1,7 @@
 // The extension's Python module: helpers of fusedconv's Python code that
-// compute exactly what it computes, faster (the ops of the backends are
-// registered with torch by ops.cpp, cpu/ and cuda/, not here).
+// compute exactly what it computes, faster, and a direct entry to one CPU
+// kernel (the ops of the backends are registered with torch by ops.cpp, cpu/
+// and cuda/, not here).
 #pragma once
 
 #include <Python.h>
@@ -41,5 +42,8 @@ PyObject* bn_affines(PyObject* self, PyObject* args);
 
 // folded_biases(scales, shifts, biases, extras, dtype): affines.cpp
 PyObject* folded_biases(PyObject* self, PyObject* args);
+
+// rescale_in_place(weights, row_scales, col_scales, groups): cpu/rescale.cpp
+PyObject* rescale_in_place(PyObject* self, PyObject* args);
 
 }  // namespace fusedconv

@@ -14,6 +14,7 @@ import torch
 from fusedconv import kernels
 from fusedconv.kernels import KernelInputError
 from fusedconv.kernels.backends import BackendUnavailable, available_backends
+from fusedconv.kernels.extension import native_function
 from fusedconv.kernels.reference import round_from_float64
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -209,6 +210,130 @@ def test_rescale_mixes_dtypes_in_one_call(backend, dtypes):
     kernels.rescale_(weights, scales, [None] * n, [1] * n, backend=backend)
     for w, e in zip(weights, expected):
         assert torch.equal(w, e), w.dtype
+
+
+# The direct CPU call (csrc/cpu/rescale.cpp, rescale_in_place): the op's CPU
+# kernel without the dispatches, taken by rescale_ where nothing else could see
+# the op; it must give the op's bits, and decline everything else.
+_direct_rescale = pytest.mark.skipif(
+    native_function("rescale_in_place") is None, reason="the extension's Python module is not loaded")
+
+
+@_direct_rescale
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_direct_cpu_rescale_gives_the_torch_bits(dtype, channels_last):
+    weights, rows, cols, groups = _rescale_case(dtype, channels_last, seed=21)
+    weights, rows, cols = ([t if t is None else t.cpu() for t in ts] for ts in (weights, rows, cols))
+    weights.append(weights[0])  # listed twice: scaled twice, in order
+    rows.append(_random_scale(weights[0].shape[0], torch.Generator().manual_seed(22)))
+    cols.append(None)
+    groups.append(groups[0])
+    expected = {id(w): w.clone() for w in weights}
+    kernels.rescale_([expected[id(w)] for w in weights], rows, cols, groups, backend="torch")
+    assert kernels._rescaled_directly(weights, rows, cols, groups)
+    for w in weights:
+        assert torch.equal(w, expected[id(w)])
+
+
+def _declined_cases():
+    """(name, arguments, context): calls the direct path must leave to the op."""
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Marked(torch.Tensor):
+        pass
+
+    def weight():
+        return torch.randn(8, 4, 3, 3)
+
+    def scale(n=8):
+        return torch.rand(n, dtype=torch.float64) + 0.5
+
+    plain = contextlib.nullcontext
+    base = torch.randn(12, 4, 3, 3)
+    with torch.inference_mode():
+        inference = weight()
+    return [
+        ("subclass", lambda: ([weight().as_subclass(Marked)], [scale()], [None], [1]), plain),
+        ("strided weight", lambda: ([weight()[:, :2]], [scale()], [None], [1]), plain),
+        ("negative view", lambda: ([torch._neg_view(weight())], [scale()], [None], [1]), plain),
+        ("inference tensor", lambda: ([inference], [scale()], [None], [1]), plain),
+        ("integer weight", lambda: ([torch.ones(8, 4, dtype=torch.int32)], [scale()], [None], [1]), plain),
+        ("one dim", lambda: ([torch.randn(8)], [scale()], [None], [1]), plain),
+        ("meta", lambda: ([weight().to("meta")], [scale().to("meta")], [None], [1]), plain),
+        ("float32 scale", lambda: ([weight()], [scale().float()], [None], [1]), plain),
+        ("short scale", lambda: ([weight()], [scale(7)], [None], [1]), plain),
+        ("strided scale", lambda: ([weight()], [scale(16)[::2]], [None], [1]), plain),
+        ("column scale of other groups", lambda: ([weight()], [None], [scale(4)], [2]), plain),
+        ("groups that do not divide", lambda: ([weight()], [scale()], [None], [3]), plain),
+        ("zero groups", lambda: ([weight()], [scale()], [None], [0]), plain),
+        ("overlapping weights", lambda: ([base[:8], base[4:]], [scale(), scale()], [None, None], [1, 1]), plain),
+        ("lists that disagree", lambda: ([weight()], [scale(), scale()], [None], [1]), plain),
+        ("dispatch mode", lambda: ([weight()], [scale()], [None], [1]), Passing),
+        ("inference mode", lambda: ([weight()], [scale()], [None], [1]), torch.inference_mode),
+        ("autocast", lambda: ([weight()], [scale()], [None], [1]), lambda: torch.autocast("cpu")),
+    ]
+
+
+@_direct_rescale
+@pytest.mark.parametrize("name, arguments, context", _declined_cases(), ids=[c[0] for c in _declined_cases()])
+def test_direct_cpu_rescale_declines_what_only_the_op_handles(name, arguments, context):
+    """Anything but plain dense CPU tensors with well-formed arguments in torch's
+    default dispatch state goes to the op (which handles or reports it); the
+    declined call writes nothing."""
+    weights, rows, cols, groups = arguments()
+    before = [w.clone() for w in weights]
+    with context():
+        assert native_function("rescale_in_place")(weights, rows, cols, groups) is None
+    for w, b in zip(weights, before):
+        if not w.is_meta:
+            assert torch.equal(w, b)
+
+
+@_direct_rescale
+def test_rescale_takes_the_direct_call_only_where_nothing_sees_the_op(monkeypatch):
+    """Plain CPU tensors skip the op's dispatch; a torch function mode or a
+    dispatch mode around the call still sees fusedconv::rescale_."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class FunctionLog(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class DispatchLog(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(23)
+    weight = torch.randn(8, 4, 3, 3, generator=gen)
+    scale = _random_scale(8, gen)
+    expected = weight.clone()
+    kernels.rescale_([expected], [scale], [None], [1], backend="torch")
+    op = torch.ops.fusedconv.rescale_
+
+    def must_not_dispatch(*args):
+        raise AssertionError("plain CPU tensors went through the op")
+
+    monkeypatch.setattr(torch.ops.fusedconv, "rescale_", must_not_dispatch)
+    kernels.rescale_([weight], [scale], [None], [1])
+    assert torch.equal(weight, expected)
+    monkeypatch.setattr(torch.ops.fusedconv, "rescale_", op)
+    for mode in (FunctionLog, DispatchLog):
+        seen.clear()
+        with mode():
+            kernels.rescale_([weight], [scale], [None], [1])
+        assert any("fusedconv.rescale_" in name for name in seen), (mode.__name__, seen)
 
 
 # (big shape, small shape, offsets, dilations): RepVGG 1x1 into 3x3, ACNet 1x3 and

@@ -699,7 +699,7 @@ def test_functional_batch_norms_found_without_reading_classes_that_cannot_spell_
     assert [skip.module for skip in fusedconv.plan(model).skipped] == ["3: Head: F.batch_norm(...)"]
 
 
-@pytest.mark.parametrize("text, spells", [
+SPELLINGS = [
     ("y = F.batch_norm(x, m, v)\n", True),
     ("y = self.bn(x)\n", False),
     ("# ✅ done\ny = F.\uff42atch_norm(x, m, v)\n", True),  # full-width b, non-ASCII on another line too
@@ -708,13 +708,33 @@ def test_functional_batch_norms_found_without_reading_classes_that_cannot_spell_
     ("y = batch\n_norm\n", False),  # not one name
     ("# ✅ ﬁne\ny = F.\U0001d41batch_norm(x)\n", True),  # a mathematical bold b
     ("# ✅ ﬁne ①\ny = self.bn(x)\n", False),  # characters that decompose to ASCII, none spelling the name
-])
+]
+
+
+@pytest.mark.parametrize("text, spells", SPELLINGS)
 def test_which_source_texts_may_spell_batch_norm(text, spells):
     """The scan that decides whether a class's files are read finds the name as
     Python reads identifiers (NFKC), normalizing only the non-ASCII lines."""
     from fusedconv.dataflow.source import _spells_batch_norm
 
     assert _spells_batch_norm(text) is spells
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])
+@pytest.mark.parametrize("text, spells", SPELLINGS)
+def test_utf8_files_are_scanned_as_their_text(tmp_path, text, spells, encoding):
+    """A UTF-8 file's non-ASCII characters are taken from its bytes (its ASCII
+    bytes deleted), with the answer its decoded text gives; bytes that are not
+    UTF-8 make the file be read, as something the scan cannot vouch for."""
+    from fusedconv.dataflow import source
+
+    path = tmp_path / "model_code.py"
+    path.write_bytes(text.encode(encoding))
+    assert source._file_spells_batch_norm(str(path)) is spells
+    # \xc3 opens a two-byte sequence that "a" does not continue; deleting the ASCII bytes would
+    # have joined it with the next byte \xa9 into a valid "é"
+    path.write_bytes(text.encode(encoding) + b"# \xc3a\xa9\n")
+    assert source._file_spells_batch_norm(str(path)) is True
 
 
 def test_a_source_file_is_scanned_again_when_it_changes(tmp_path, monkeypatch):

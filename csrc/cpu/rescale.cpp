@@ -16,6 +16,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
 #include <ATen/native/cpu/Loops.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,6 +26,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "../module.h"
 #include "../rounding.h"
 
 namespace fusedconv {
@@ -151,11 +155,12 @@ void rescale_grid(const at::Tensor& weight, const at::Tensor& source, const std:
   });
 }
 
-void rescale_cpu(at::TensorList weights, const OptionalTensors& row_scales, const OptionalTensors& col_scales,
-                 at::IntArrayRef groups, at::TensorList sources) {
-  TORCH_CHECK(row_scales.size() == weights.size() && col_scales.size() == weights.size() &&
-                  groups.size() == weights.size() && sources.size() == weights.size(),
-              "rescale_: one row scale, column scale, group count and source per weight");
+using Scales = std::vector<std::optional<at::Tensor>>;
+
+// The kernel of both entries: the op's CPU implementation (rescale_cpu) and
+// the Python module's direct call (rescale_in_place).
+void rescale_all(const std::vector<at::Tensor>& weights, const Scales& row_scales, const Scales& col_scales,
+                 const std::vector<int64_t>& groups, const std::vector<at::Tensor>& sources) {
   // Row scalings are collected and run together. A weight listed twice (two
   // folds of one tensor) must be scaled in list order, so the collected batch
   // runs before any entry that writes a weight already in it.
@@ -168,7 +173,7 @@ void rescale_cpu(at::TensorList weights, const OptionalTensors& row_scales, cons
   };
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor& w = weights[i];
-    const std::optional<at::Tensor> row = row_scales.get(i), col = col_scales.get(i);
+    const std::optional<at::Tensor>&row = row_scales[i], &col = col_scales[i];
     if ((!row.has_value() && !col.has_value()) || w.numel() == 0) {
       continue;
     }
@@ -186,7 +191,120 @@ void rescale_cpu(at::TensorList weights, const OptionalTensors& row_scales, cons
   run_batch();
 }
 
+void rescale_cpu(at::TensorList weights, const OptionalTensors& row_scales, const OptionalTensors& col_scales,
+                 at::IntArrayRef groups, at::TensorList sources) {
+  TORCH_CHECK(row_scales.size() == weights.size() && col_scales.size() == weights.size() &&
+                  groups.size() == weights.size() && sources.size() == weights.size(),
+              "rescale_: one row scale, column scale, group count and source per weight");
+  Scales rows(row_scales.begin(), row_scales.end()), cols(col_scales.begin(), col_scales.end());
+  rescale_all(weights.vec(), rows, cols, groups.vec(), sources.vec());
+}
+
+// The dispatch keys of a plain dense CPU tensor outside inference mode. Any
+// other set (a conjugate or negative view, a functorch wrapper, a tensor made
+// in inference mode, another device or layout) is left to the op.
+c10::DispatchKeySet plain_cpu_keys() {
+  static const c10::DispatchKeySet keys = at::empty({0}, at::TensorOptions().dtype(at::kFloat)).key_set();
+  return keys;
+}
+
+// ``object`` as a tensor the direct call takes (exactly a Tensor or a
+// Parameter, with plain CPU keys), else null.
+const at::Tensor* plain_cpu_tensor(PyObject* object) {
+  if (!THPVariable_CheckExact(object)) return nullptr;
+  const at::Tensor& tensor = THPVariable_Unpack(object);
+  return tensor.key_set() == plain_cpu_keys() ? &tensor : nullptr;
+}
+
+// A scale the checks of fusedconv/kernels/__init__.py accept, contiguous (the
+// op path makes a strided one contiguous first): None, or a float64 vector of
+// ``length``. False for anything else.
+bool read_scale(PyObject* object, int64_t length, std::optional<at::Tensor>* scale) {
+  if (object == Py_None) return true;
+  const at::Tensor* tensor = plain_cpu_tensor(object);
+  if (tensor == nullptr || tensor->scalar_type() != at::kDouble || tensor->dim() != 1 ||
+      tensor->size(0) != length || !tensor->is_contiguous())
+    return false;
+  *scale = *tensor;
+  return true;
+}
+
 }  // namespace
+
+// rescale_in_place(weights, row_scales, col_scales, groups) -> True, or None
+// where the call is not plainly the op's CPU kernel on plain tensors. What the
+// op fusedconv::rescale_ does on the CPU with the cpp backend and no sources,
+// without what surrounds the kernel there: two dispatches that each parse the
+// lists (about a hundred tensors in a fold) and the Python checks between them,
+// about 1 ms of a fold of a small network. It runs only where the op would
+// reach this same kernel with nothing else seeing the call: the thread's
+// dispatch state is torch's default (no dispatch mode, functorch transform,
+// inference mode or autocast), every tensor is a plain dense CPU tensor, and
+// the arguments pass the checks of fusedconv/kernels/__init__.py (weights of a
+// float dtype with at least 2 dims, contiguous or channels_last, not
+// overlapping one another; well-formed groups and scales). Otherwise it
+// returns None and the caller takes the op, which handles or reports it.
+// Python checks the torch function modes, which live in Python.
+PyObject* rescale_in_place(PyObject* /*self*/, PyObject* args) {
+  PyObject *weight_list, *row_list, *col_list, *group_list;
+  if (!PyArg_ParseTuple(args, "O!O!O!O!", &PyList_Type, &weight_list, &PyList_Type, &row_list, &PyList_Type,
+                        &col_list, &PyList_Type, &group_list))
+    return nullptr;
+  const Py_ssize_t count = PyList_GET_SIZE(weight_list);
+  if (count == 0 || PyList_GET_SIZE(row_list) != count || PyList_GET_SIZE(col_list) != count ||
+      PyList_GET_SIZE(group_list) != count)
+    Py_RETURN_NONE;
+  const c10::impl::LocalDispatchKeySet state = c10::impl::tls_local_dispatch_key_set();
+  if (state.included_ != c10::default_included_set || state.excluded_ != c10::default_excluded_set ||
+      c10::impl::TorchDispatchModeTLS::stack_len() != 0)
+    Py_RETURN_NONE;
+  std::vector<at::Tensor> weights;
+  Scales rows(static_cast<size_t>(count)), cols(static_cast<size_t>(count));
+  std::vector<int64_t> groups;
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  weights.reserve(static_cast<size_t>(count));
+  groups.reserve(static_cast<size_t>(count));
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    const at::Tensor* weight = plain_cpu_tensor(PyList_GET_ITEM(weight_list, i));
+    if (weight == nullptr) Py_RETURN_NONE;
+    const at::ScalarType dtype = weight->scalar_type();
+    if ((dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf && dtype != at::kBFloat16) ||
+        weight->dim() < 2 || !has_dense_rows(*weight))
+      Py_RETURN_NONE;
+    PyObject* group_object = PyList_GET_ITEM(group_list, i);
+    if (!PyLong_CheckExact(group_object)) Py_RETURN_NONE;
+    int overflow = 0;
+    const long long group_count = PyLong_AsLongLongAndOverflow(group_object, &overflow);
+    if (overflow != 0 || group_count < 1 || weight->size(0) % group_count != 0) Py_RETURN_NONE;
+    const size_t at = static_cast<size_t>(i);
+    if (!read_scale(PyList_GET_ITEM(row_list, i), weight->size(0), &rows[at]) ||
+        !read_scale(PyList_GET_ITEM(col_list, i), group_count * weight->size(1), &cols[at]))
+      Py_RETURN_NONE;
+    if (weight->numel() > 0) {
+      const auto start = reinterpret_cast<uintptr_t>(weight->const_data_ptr());
+      spans.emplace_back(start, start + static_cast<uintptr_t>(weight->numel() * weight->element_size()));
+    }
+    weights.push_back(*weight);
+    groups.push_back(group_count);
+  }
+  // A weight may be listed twice (scaled twice, in order); distinct weights may not overlap.
+  std::sort(spans.begin(), spans.end());
+  spans.erase(std::unique(spans.begin(), spans.end()), spans.end());
+  for (size_t k = 1; k < spans.size(); ++k) {
+    if (spans[k].first < spans[k - 1].second) Py_RETURN_NONE;
+  }
+  PyThreadState* thread = PyEval_SaveThread();  // as the op's call from Python releases the GIL
+  try {
+    rescale_all(weights, rows, cols, groups, weights);
+  } catch (const std::exception& error) {
+    PyEval_RestoreThread(thread);
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+  PyEval_RestoreThread(thread);
+  Py_RETURN_TRUE;
+}
+
 }  // namespace fusedconv
 
 TORCH_LIBRARY_IMPL(fusedconv_ext, CPU, m) {

@@ -712,10 +712,15 @@ def _source_spells_batch_norm(path: str) -> bool:
         text = data.decode(encoding)
     except (LookupError, UnicodeDecodeError):
         return True
+    if encoding in ("utf-8", "utf-8-sig"):
+        # UTF-8 encodes every non-ASCII character in bytes >= 0x80 only, so what is
+        # left of valid UTF-8 without its ASCII bytes is those characters, one after
+        # another: a C pass over the bytes instead of a regex over the text.
+        return _spells_batch_norm(text, set(data.translate(None, _ASCII_BYTES).decode("utf-8")))
     return _spells_batch_norm(text)
 
 
-def _spells_batch_norm(text: str) -> bool:
+def _spells_batch_norm(text: str, non_ascii: set[str] | None = None) -> bool:
     """Whether the text may spell ``batch_norm`` as Python reads identifiers
     (NFKC: a full-width ``ｂatch_norm`` names ``batch_norm``). The whole text is
     searched at once (a check per line costs a first fold more than reading
@@ -723,7 +728,8 @@ def _spells_batch_norm(text: str) -> bool:
     character and composes nothing across a line break), and only when one of
     its characters decomposes to a letter of the name. An ASCII
     ``batch_norm`` says yes at once: at worst a combining mark after it made it
-    another name, and the class is read for nothing."""
+    another name, and the class is read for nothing. ``non_ascii`` is the set
+    of the text's non-ASCII characters, where the caller has it already."""
     if "batch_norm" in text:
         return True
     if text.isascii():
@@ -732,8 +738,10 @@ def _spells_batch_norm(text: str) -> bool:
     # ｂ, a ligature, a mathematical letter), never by deleting or composing: a
     # text none of whose non-ASCII characters decomposes to a letter of the name
     # cannot spell it (a zoo's emoji and box drawings), and no line is normalized.
+    if non_ascii is None:
+        non_ascii = set(_NON_ASCII.findall(text))
     if not any(_BATCH_NORM_LETTERS.intersection(unicodedata.normalize("NFKC", character))
-               for character in set(_NON_ASCII.findall(text))):
+               for character in non_ascii):
         return False
     return any("batch_norm" in unicodedata.normalize("NFKC", line)
                for line in text.splitlines() if not line.isascii())
@@ -741,3 +749,4 @@ def _spells_batch_norm(text: str) -> bool:
 
 _BATCH_NORM_LETTERS = frozenset("batch_norm")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_ASCII_BYTES = bytes(range(0x80))

@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import BackendUnavailable, MissingExtensionWarning
+from . import extension
 from .backends import (
     BACKENDS,
     available_backends,
@@ -44,6 +45,7 @@ from .backends import (
     resolve,
     why_device_unavailable,
 )
+from .extension import native_function
 
 __all__ = [
     "BACKENDS",
@@ -306,10 +308,26 @@ def rescale_(
                  None if sources is None else list(sources))
     forced = _forced_backend(backend)
     with torch.no_grad():
+        if forced is None and sources is None and _rescaled_directly(*arguments[:4]):
+            return
         if forced is None:
             torch.ops.fusedconv.rescale_(*arguments)
         else:  # a backend asked for by name is called directly: the op's schema knows no backends
             _rescale(*arguments, backend=forced)
+
+
+def _rescaled_directly(weights, row_scales, col_scales, groups) -> bool:
+    """Whether the extension's CPU kernel has scaled the weights, called
+    directly (``rescale_in_place``, csrc/cpu/rescale.cpp): what the op does on
+    the CPU by default, without its two dispatches and the Python checks
+    between them. The call declines (and the op runs, handling or reporting
+    the arguments) for anything but plain dense CPU tensors and well-formed
+    arguments in torch's default dispatch state; torch function modes, which
+    would see the op, are checked here."""
+    direct = native_function("rescale_in_place")
+    if direct is None or torch._C._is_torch_function_mode_enabled():
+        return False
+    return direct(weights, row_scales, col_scales, groups) is True
 
 
 def pad_add_(
@@ -336,3 +354,7 @@ def pad_add_(
             torch.ops.fusedconv.pad_add_(*arguments)
         else:
             _pad_add(*arguments, backend=forced)
+
+
+# The prebuilt extension (fusedconv/_C*.so) loads with the package, not in a first fold.
+extension.load_prebuilt()

@@ -210,6 +210,17 @@ def _loaded_without_building() -> bool:
     return True
 
 
+def load_prebuilt() -> None:
+    """Load the extension if it was built at install time, and import its Python
+    module; never build it. Importing fusedconv calls this, as torch loads its
+    own kernels at import: loading a library is a cost of the process, not of a
+    first fold (here 1-3 ms, mostly the dynamic linker binding the library's
+    symbols to torch's). Whatever keeps it from loading is logged at debug level
+    only; the backends that need it say it again, with the fix, when asked."""
+    if _loaded_without_building() and "module" not in _state:
+        _state["module"] = _import_module()
+
+
 def _import_module():
     """The loaded library as a Python module, or None if it does not import.
     Exactly the file that was loaded: another ``_C*.so`` (built for another
