@@ -8,10 +8,11 @@ are also given in "passes": divided by the median time of one float32 mul_ over
 the model's conv weights (a fresh copy's, like the folds'), timed in the same
 rounds. Warm means warm caches: fusedconv reads
 each module class's forward code once per process and caches it, fx and the zoo
-tools have their own first-call costs. So each (model, tool) is also timed once
-in a fresh Python process ("cold": the tool's packages and the model built and
+tools have their own first-call costs. So each (model, tool) is also timed in
+fresh Python processes ("cold": the tool's packages and the model built and
 imported, nothing folded yet), which is what a script that folds one model once
-pays. --no-cold skips that.
+pays: the median of --cold-repeats processes per tool, the tools taking turns.
+--no-cold skips that.
 
 Tools:
   fusedconv            fusedconv.fuse(m)                      (returns a folded copy)
@@ -335,6 +336,23 @@ def cold_first_call(spec: ModelSpec, tool: Tool, args) -> float | str:
     return f"cold call failed (exit {done.returncode}): {tail[:70]}"
 
 
+def cold_first_calls(spec: ModelSpec, tools: list[Tool], args) -> dict[str, float | str]:
+    """Each tool's cold first call (:func:`cold_first_call`): the median over
+    ``--cold-repeats`` fresh processes, the tools taking turns in each round
+    (so that the machine's drift weighs on all alike), or the reason it failed."""
+    samples: dict[str, list[float]] = {tool.name: [] for tool in tools}
+    failed: dict[str, str] = {}
+    for _ in range(args.cold_repeats):
+        for tool in tools:
+            if tool.name not in failed:
+                cold = cold_first_call(spec, tool, args)
+                if isinstance(cold, str):
+                    failed[tool.name] = cold
+                else:
+                    samples[tool.name].append(cold)
+    return {name: failed.get(name) or statistics.median(times) for name, times in samples.items()}
+
+
 def _cold_call_child(args) -> None:
     """``--cold-call MODEL TOOL``: time one first call and print it as JSON."""
     spec_name, tool_name = args.cold_call
@@ -385,22 +403,22 @@ def bench_model(spec: ModelSpec, tools: list[Tool], args, device: torch.device) 
     shape = "x".join(map(str, example[0].shape))
     bn_before = fusedconv.count_batchnorms(model)
 
+    applicable = [tool for tool in tools if tool.applies_to(spec)]
+    # first, while nothing has been folded in this process either
+    colds = {} if args.no_cold else cold_first_calls(spec, applicable, args)
     results, runs = [], []
-    for tool in tools:
-        if not tool.applies_to(spec):
-            continue
+    for tool in applicable:
         result = Result(spec.name, tool.name, shape if tool.uses_example_inputs else "-", bn_before)
         results.append(result)
 
         def run(m, tool=tool):
             return tool.fold(m, example, pairs)
 
-        if not args.no_cold:  # first, while nothing has been folded in this process either
-            cold = cold_first_call(spec, tool, args)
-            if isinstance(cold, str):
-                result.error = cold
-                continue
-            result.cold = cold
+        cold = colds.get(tool.name)
+        if isinstance(cold, str):
+            result.error = cold
+            continue
+        result.cold = cold
 
         # One untimed run: warms up (imports, caches) and gives the folded model to count.
         try:
@@ -527,6 +545,8 @@ def main(argv=None) -> None:
                         help="randomize BN statistics and report fusedconv.verify's error ratio per tool")
     parser.add_argument("--no-cold", action="store_true",
                         help="skip the cold first call of each tool in a fresh process")
+    parser.add_argument("--cold-repeats", type=int, default=5,
+                        help="fresh processes per tool whose median is the cold first call (default 5)")
     parser.add_argument("--cold-timeout", type=int, default=600, help="seconds allowed for one cold call")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--cold-call", nargs=2, metavar=("MODEL", "TOOL"), help=argparse.SUPPRESS)
@@ -545,7 +565,7 @@ def main(argv=None) -> None:
           f"timed region")
     if not args.no_cold:
         print("# cold: the first call in a fresh process (model built and copied, packages imported, "
-              "nothing folded yet), one sample")
+              f"nothing folded yet), median of {args.cold_repeats} processes per tool")
         _write_bytecode_of_fusedconv()
 
     results: list[Result] = []

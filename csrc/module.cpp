@@ -18,6 +18,8 @@ PyMethodDef methods[] = {
      "The new biases of layers followed by a BN, as fusedconv.fold computes them (csrc/affines.cpp)."},
     {"rescale_in_place", fusedconv::rescale_in_place, METH_VARARGS,
      "The CPU kernel of fusedconv::rescale_, called directly on plain tensors (csrc/cpu/rescale.cpp)."},
+    {"pad_add_in_place", fusedconv::pad_add_in_place, METH_VARARGS,
+     "The CPU kernel of fusedconv::pad_add_, called directly on plain tensors (csrc/cpu/pad_add.cpp)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

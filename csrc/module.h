@@ -1,6 +1,6 @@
 // The extension's Python module: helpers of fusedconv's Python code that
-// compute exactly what it computes, faster, and a direct entry to one CPU
-// kernel (the ops of the backends are registered with torch by ops.cpp, cpu/
+// compute exactly what it computes, faster, and direct entries to the CPU
+// kernels (the ops of the backends are registered with torch by ops.cpp, cpu/
 // and cuda/, not here).
 #pragma once
 
@@ -45,5 +45,8 @@ PyObject* folded_biases(PyObject* self, PyObject* args);
 
 // rescale_in_place(weights, row_scales, col_scales, groups): cpu/rescale.cpp
 PyObject* rescale_in_place(PyObject* self, PyObject* args);
+
+// pad_add_in_place(bigs, smalls, scales, offsets, dilations): cpu/pad_add.cpp
+PyObject* pad_add_in_place(PyObject* self, PyObject* args);
 
 }  // namespace fusedconv

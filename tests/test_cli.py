@@ -576,6 +576,36 @@ def _prebuilt_library():
     return found[0]
 
 
+def test_the_prebuilt_library_loads_with_the_package():
+    """Importing fusedconv loads a library built at install time (not a first
+    fold), with its Python module."""
+    _prebuilt_library()
+    code = ("import fusedconv\nfrom fusedconv.kernels import extension\n"
+            "print(sorted(key for key in extension._state if key in ('info', 'module')), "
+            "extension._state['module'] is not None)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["['info',", "'module']", "True"]
+
+
+def test_a_library_that_does_not_load_at_import_is_reported_when_needed(monkeypatch):
+    """The load at import never raises; the backend that needs the library says
+    why it did not load when it is asked for."""
+    from fusedconv.kernels import BackendUnavailable, extension
+
+    _prebuilt_library()
+    monkeypatch.setattr(extension, "_state", {})
+
+    def refuse(path):
+        raise OSError(f"{path}: undefined symbol: _ZN3c106detail14torchCheckFail")
+
+    monkeypatch.setattr(torch.ops, "load_library", refuse)
+    extension.load_prebuilt()  # no error
+    assert extension.native_function("walk_modules") is None
+    with pytest.raises(BackendUnavailable, match="does not load .*undefined symbol"):
+        extension.build_info()
+
+
 def test_a_library_that_does_not_load_says_which_torch_it_was_built_for(monkeypatch):
     """A wheel's library built for another torch fails to load with an undefined
     symbol; the message reads the torch it was built for from the file itself."""

@@ -212,130 +212,6 @@ def test_rescale_mixes_dtypes_in_one_call(backend, dtypes):
         assert torch.equal(w, e), w.dtype
 
 
-# The direct CPU call (csrc/cpu/rescale.cpp, rescale_in_place): the op's CPU
-# kernel without the dispatches, taken by rescale_ where nothing else could see
-# the op; it must give the op's bits, and decline everything else.
-_direct_rescale = pytest.mark.skipif(
-    native_function("rescale_in_place") is None, reason="the extension's Python module is not loaded")
-
-
-@_direct_rescale
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_direct_cpu_rescale_gives_the_torch_bits(dtype, channels_last):
-    weights, rows, cols, groups = _rescale_case(dtype, channels_last, seed=21)
-    weights, rows, cols = ([t if t is None else t.cpu() for t in ts] for ts in (weights, rows, cols))
-    weights.append(weights[0])  # listed twice: scaled twice, in order
-    rows.append(_random_scale(weights[0].shape[0], torch.Generator().manual_seed(22)))
-    cols.append(None)
-    groups.append(groups[0])
-    expected = {id(w): w.clone() for w in weights}
-    kernels.rescale_([expected[id(w)] for w in weights], rows, cols, groups, backend="torch")
-    assert kernels._rescaled_directly(weights, rows, cols, groups)
-    for w in weights:
-        assert torch.equal(w, expected[id(w)])
-
-
-def _declined_cases():
-    """(name, arguments, context): calls the direct path must leave to the op."""
-    import contextlib
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Passing(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
-    class Marked(torch.Tensor):
-        pass
-
-    def weight():
-        return torch.randn(8, 4, 3, 3)
-
-    def scale(n=8):
-        return torch.rand(n, dtype=torch.float64) + 0.5
-
-    plain = contextlib.nullcontext
-    base = torch.randn(12, 4, 3, 3)
-    with torch.inference_mode():
-        inference = weight()
-    return [
-        ("subclass", lambda: ([weight().as_subclass(Marked)], [scale()], [None], [1]), plain),
-        ("strided weight", lambda: ([weight()[:, :2]], [scale()], [None], [1]), plain),
-        ("negative view", lambda: ([torch._neg_view(weight())], [scale()], [None], [1]), plain),
-        ("inference tensor", lambda: ([inference], [scale()], [None], [1]), plain),
-        ("integer weight", lambda: ([torch.ones(8, 4, dtype=torch.int32)], [scale()], [None], [1]), plain),
-        ("one dim", lambda: ([torch.randn(8)], [scale()], [None], [1]), plain),
-        ("meta", lambda: ([weight().to("meta")], [scale().to("meta")], [None], [1]), plain),
-        ("float32 scale", lambda: ([weight()], [scale().float()], [None], [1]), plain),
-        ("short scale", lambda: ([weight()], [scale(7)], [None], [1]), plain),
-        ("strided scale", lambda: ([weight()], [scale(16)[::2]], [None], [1]), plain),
-        ("column scale of other groups", lambda: ([weight()], [None], [scale(4)], [2]), plain),
-        ("groups that do not divide", lambda: ([weight()], [scale()], [None], [3]), plain),
-        ("zero groups", lambda: ([weight()], [scale()], [None], [0]), plain),
-        ("overlapping weights", lambda: ([base[:8], base[4:]], [scale(), scale()], [None, None], [1, 1]), plain),
-        ("lists that disagree", lambda: ([weight()], [scale(), scale()], [None], [1]), plain),
-        ("dispatch mode", lambda: ([weight()], [scale()], [None], [1]), Passing),
-        ("inference mode", lambda: ([weight()], [scale()], [None], [1]), torch.inference_mode),
-        ("autocast", lambda: ([weight()], [scale()], [None], [1]), lambda: torch.autocast("cpu")),
-    ]
-
-
-@_direct_rescale
-@pytest.mark.parametrize("name, arguments, context", _declined_cases(), ids=[c[0] for c in _declined_cases()])
-def test_direct_cpu_rescale_declines_what_only_the_op_handles(name, arguments, context):
-    """Anything but plain dense CPU tensors with well-formed arguments in torch's
-    default dispatch state goes to the op (which handles or reports it); the
-    declined call writes nothing."""
-    weights, rows, cols, groups = arguments()
-    before = [w.clone() for w in weights]
-    with context():
-        assert native_function("rescale_in_place")(weights, rows, cols, groups) is None
-    for w, b in zip(weights, before):
-        if not w.is_meta:
-            assert torch.equal(w, b)
-
-
-@_direct_rescale
-def test_rescale_takes_the_direct_call_only_where_nothing_sees_the_op(monkeypatch):
-    """Plain CPU tensors skip the op's dispatch; a torch function mode or a
-    dispatch mode around the call still sees fusedconv::rescale_."""
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = []
-
-    class FunctionLog(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    class DispatchLog(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    gen = torch.Generator().manual_seed(23)
-    weight = torch.randn(8, 4, 3, 3, generator=gen)
-    scale = _random_scale(8, gen)
-    expected = weight.clone()
-    kernels.rescale_([expected], [scale], [None], [1], backend="torch")
-    op = torch.ops.fusedconv.rescale_
-
-    def must_not_dispatch(*args):
-        raise AssertionError("plain CPU tensors went through the op")
-
-    monkeypatch.setattr(torch.ops.fusedconv, "rescale_", must_not_dispatch)
-    kernels.rescale_([weight], [scale], [None], [1])
-    assert torch.equal(weight, expected)
-    monkeypatch.setattr(torch.ops.fusedconv, "rescale_", op)
-    for mode in (FunctionLog, DispatchLog):
-        seen.clear()
-        with mode():
-            kernels.rescale_([weight], [scale], [None], [1])
-        assert any("fusedconv.rescale_" in name for name in seen), (mode.__name__, seen)
-
-
 # (big shape, small shape, offsets, dilations): RepVGG 1x1 into 3x3, ACNet 1x3 and
 # 3x1 into 3x3, a dilated 3x3 into 7x7 (UniRepLKNet), 1d and 3d, RepLKNet 5x5 into 13x13.
 PAIRS = [
@@ -394,6 +270,171 @@ def test_pad_add_backend_gives_the_torch_bits(backend, dtype, channels_last):
     kernels.pad_add_(bigs, smalls, scales, offsets, dilations, backend=backend)
     for big, e in zip(bigs, expected):
         assert torch.equal(big, e), (big - e).abs().max()
+
+
+# The direct CPU entries (csrc/cpu/: rescale_in_place, pad_add_in_place): the
+# ops' CPU kernels without the dispatches, taken by rescale_ and pad_add_ where
+# nothing else could see the op; they must give the torch bits, and decline
+# everything else.
+_direct_entries = pytest.mark.skipif(
+    native_function("rescale_in_place") is None or native_function("pad_add_in_place") is None,
+    reason="the extension's Python module is not loaded")
+
+
+@_direct_entries
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_direct_cpu_calls_give_the_torch_bits(dtype, channels_last):
+    weights, rows, cols, groups = _rescale_case(dtype, channels_last, seed=21)
+    weights, rows, cols = ([t if t is None else t.cpu() for t in ts] for ts in (weights, rows, cols))
+    weights.append(weights[0])  # listed twice: scaled twice, in order
+    rows.append(_random_scale(weights[0].shape[0], torch.Generator().manual_seed(22)))
+    cols.append(None)
+    groups.append(groups[0])
+    expected = {id(w): w.clone() for w in weights}
+    kernels.rescale_([expected[id(w)] for w in weights], rows, cols, groups, backend="torch")
+    assert kernels._ran_directly("rescale_in_place", weights, rows, cols, groups)
+    for w in weights:
+        assert torch.equal(w, expected[id(w)])
+
+    bigs, smalls, scales, offsets, dilations = _pad_add_case(dtype, channels_last, seed=24)
+    bigs, smalls, scales = ([t if t is None else t.cpu() for t in ts] for ts in (bigs, smalls, scales))
+    smalls = [small.contiguous() for small in smalls]  # as the op makes them (it declines others)
+    expected = [big.clone() for big in bigs]
+    kernels.pad_add_(expected, smalls, scales, offsets, dilations, backend="torch")
+    assert kernels._ran_directly("pad_add_in_place", bigs, smalls, scales, offsets, dilations)
+    for big, e in zip(bigs, expected):
+        assert torch.equal(big, e)
+
+
+class _Marked(torch.Tensor):
+    pass
+
+
+def _declined_calls():
+    """(name, entry, arguments, context): calls a direct entry must leave to the op."""
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def weight():
+        return torch.randn(8, 4, 3, 3)
+
+    def small():
+        return torch.randn(8, 4, 1, 1)
+
+    def scale(n=8):
+        return torch.rand(n, dtype=torch.float64) + 0.5
+
+    def rescale(name, make, context=contextlib.nullcontext):
+        return name, "rescale_in_place", make, context
+
+    def pad_add(name, make, context=contextlib.nullcontext):
+        return name, "pad_add_in_place", make, context
+
+    base = torch.randn(12, 4, 3, 3)
+    with torch.inference_mode():
+        inference = weight()
+    return [
+        rescale("subclass", lambda: ([weight().as_subclass(_Marked)], [scale()], [None], [1])),
+        rescale("strided weight", lambda: ([weight()[:, :2]], [scale()], [None], [1])),
+        rescale("negative view", lambda: ([torch._neg_view(weight())], [scale()], [None], [1])),
+        rescale("inference tensor", lambda: ([inference], [scale()], [None], [1])),
+        rescale("integer weight", lambda: ([torch.ones(8, 4, dtype=torch.int32)], [scale()], [None], [1])),
+        rescale("one dim", lambda: ([torch.randn(8)], [scale()], [None], [1])),
+        rescale("meta", lambda: ([weight().to("meta")], [scale().to("meta")], [None], [1])),
+        rescale("float32 scale", lambda: ([weight()], [scale().float()], [None], [1])),
+        rescale("short scale", lambda: ([weight()], [scale(7)], [None], [1])),
+        rescale("strided scale", lambda: ([weight()], [scale(16)[::2]], [None], [1])),
+        rescale("column scale of other groups", lambda: ([weight()], [None], [scale(4)], [2])),
+        rescale("groups that do not divide", lambda: ([weight()], [scale()], [None], [3])),
+        rescale("zero groups", lambda: ([weight()], [scale()], [None], [0])),
+        rescale("overlapping weights", lambda: ([base[:8], base[4:]], [scale(), scale()], [None, None], [1, 1])),
+        rescale("lists that disagree", lambda: ([weight()], [scale(), scale()], [None], [1])),
+        rescale("dispatch mode", lambda: ([weight()], [scale()], [None], [1]), Passing),
+        rescale("inference mode", lambda: ([weight()], [scale()], [None], [1]), torch.inference_mode),
+        rescale("autocast", lambda: ([weight()], [scale()], [None], [1]), lambda: torch.autocast("cpu")),
+        pad_add("subclass", lambda: ([weight().as_subclass(_Marked)], [small()], [scale()], [1, 1], [1, 1])),
+        pad_add("strided big", lambda: ([weight()[:, :, ::2]], [small()], [scale()], [0, 0], [1, 1])),
+        pad_add("strided small", lambda: ([weight()], [torch.randn(8, 4, 2, 2).transpose(2, 3)], [scale()], [1, 1],
+                                          [1, 1])),
+        pad_add("small of another dtype", lambda: ([weight()], [small().double()], [scale()], [1, 1], [1, 1])),
+        pad_add("small of other channels", lambda: ([weight()], [torch.randn(8, 2, 1, 1)], [scale()], [1, 1],
+                                                    [1, 1])),
+        pad_add("window past the edge", lambda: ([weight()], [small()], [scale()], [3, 1], [1, 1])),
+        pad_add("negative offset", lambda: ([weight()], [small()], [scale()], [-1, 1], [1, 1])),
+        pad_add("zero dilation", lambda: ([weight()], [torch.randn(8, 4, 2, 2)], [scale()], [0, 0], [0, 1])),
+        pad_add("too few offsets", lambda: ([weight()], [small()], [scale()], [1], [1, 1])),
+        pad_add("too many dilations", lambda: ([weight()], [small()], [scale()], [1, 1], [1, 1, 1])),
+        pad_add("float32 scale", lambda: ([weight()], [small()], [scale().float()], [1, 1], [1, 1])),
+        pad_add("dispatch mode", lambda: ([weight()], [small()], [scale()], [1, 1], [1, 1]), Passing),
+        pad_add("inference mode", lambda: ([weight()], [small()], [scale()], [1, 1], [1, 1]), torch.inference_mode),
+    ]
+
+
+@_direct_entries
+@pytest.mark.parametrize("name, entry, arguments, context", _declined_calls(),
+                         ids=[f"{c[1]}-{c[0]}" for c in _declined_calls()])
+def test_direct_cpu_calls_decline_what_only_the_op_handles(name, entry, arguments, context):
+    """Anything but plain dense CPU tensors with well-formed arguments in torch's
+    default dispatch state goes to the op (which handles or reports it); a
+    declined call writes nothing."""
+    arguments = arguments()
+    written = [t for t in arguments[0] if not t.is_meta]
+    before = [t.clone() for t in written]
+    with context():
+        assert native_function(entry)(*arguments) is None
+    for t, b in zip(written, before):
+        assert torch.equal(t, b)
+
+
+@_direct_entries
+@pytest.mark.parametrize("op", ["rescale_", "pad_add_"])
+def test_the_direct_call_is_taken_only_where_nothing_sees_the_op(op, monkeypatch):
+    """Plain CPU tensors skip the op's dispatch; a torch function mode or a
+    dispatch mode around the call still sees the op."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class FunctionLog(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class DispatchLog(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(23)
+    weight = torch.randn(8, 4, 3, 3, generator=gen)
+    if op == "rescale_":
+        arguments = ([_random_scale(8, gen)], [None], [1])
+    else:
+        arguments = ([torch.randn(8, 4, 1, 1, generator=gen)], [_random_scale(8, gen)], [1, 1], [1, 1])
+    call = getattr(kernels, op)
+    expected = weight.clone()
+    call([expected], *arguments, backend="torch")
+    dispatched = getattr(torch.ops.fusedconv, op)
+
+    def must_not_dispatch(*args):
+        raise AssertionError("plain CPU tensors went through the op")
+
+    monkeypatch.setattr(torch.ops.fusedconv, op, must_not_dispatch)
+    call([weight], *arguments)
+    assert torch.equal(weight, expected)
+    monkeypatch.setattr(torch.ops.fusedconv, op, dispatched)
+    for mode in (FunctionLog, DispatchLog):
+        seen.clear()
+        with mode():
+            call([weight], *arguments)
+        assert any(f"fusedconv.{op}" in name for name in seen), (mode.__name__, seen)
 
 
 def _strided(scales: list) -> list:

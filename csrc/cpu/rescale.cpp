@@ -16,9 +16,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
 #include <ATen/native/cpu/Loops.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
-#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,6 +25,7 @@
 
 #include "../module.h"
 #include "../rounding.h"
+#include "direct_call.h"
 
 namespace fusedconv {
 namespace {
@@ -44,11 +42,6 @@ at::Tensor factor_view(const std::optional<at::Tensor>& scale, const at::Tensor&
   shape[0] = grouped.size(0);
   shape[per_row ? 1 : 2] = grouped.size(per_row ? 1 : 2);
   return scale->view(shape);
-}
-
-bool has_dense_rows(const at::Tensor& t) {
-  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
-         t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
 }
 
 // Elements per task: large enough to amortise scheduling, small enough to
@@ -200,51 +193,17 @@ void rescale_cpu(at::TensorList weights, const OptionalTensors& row_scales, cons
   rescale_all(weights.vec(), rows, cols, groups.vec(), sources.vec());
 }
 
-// The dispatch keys of a plain dense CPU tensor outside inference mode. Any
-// other set (a conjugate or negative view, a functorch wrapper, a tensor made
-// in inference mode, another device or layout) is left to the op.
-c10::DispatchKeySet plain_cpu_keys() {
-  static const c10::DispatchKeySet keys = at::empty({0}, at::TensorOptions().dtype(at::kFloat)).key_set();
-  return keys;
-}
-
-// ``object`` as a tensor the direct call takes (exactly a Tensor or a
-// Parameter, with plain CPU keys), else null.
-const at::Tensor* plain_cpu_tensor(PyObject* object) {
-  if (!THPVariable_CheckExact(object)) return nullptr;
-  const at::Tensor& tensor = THPVariable_Unpack(object);
-  return tensor.key_set() == plain_cpu_keys() ? &tensor : nullptr;
-}
-
-// A scale the checks of fusedconv/kernels/__init__.py accept, contiguous (the
-// op path makes a strided one contiguous first): None, or a float64 vector of
-// ``length``. False for anything else.
-bool read_scale(PyObject* object, int64_t length, std::optional<at::Tensor>* scale) {
-  if (object == Py_None) return true;
-  const at::Tensor* tensor = plain_cpu_tensor(object);
-  if (tensor == nullptr || tensor->scalar_type() != at::kDouble || tensor->dim() != 1 ||
-      tensor->size(0) != length || !tensor->is_contiguous())
-    return false;
-  *scale = *tensor;
-  return true;
-}
-
 }  // namespace
 
-// rescale_in_place(weights, row_scales, col_scales, groups) -> True, or None
-// where the call is not plainly the op's CPU kernel on plain tensors. What the
-// op fusedconv::rescale_ does on the CPU with the cpp backend and no sources,
-// without what surrounds the kernel there: two dispatches that each parse the
-// lists (about a hundred tensors in a fold) and the Python checks between them,
-// about 1 ms of a fold of a small network. It runs only where the op would
-// reach this same kernel with nothing else seeing the call: the thread's
-// dispatch state is torch's default (no dispatch mode, functorch transform,
-// inference mode or autocast), every tensor is a plain dense CPU tensor, and
-// the arguments pass the checks of fusedconv/kernels/__init__.py (weights of a
+// rescale_in_place(weights, row_scales, col_scales, groups) -> True, or None:
+// what fusedconv::rescale_ does on the CPU with the cpp backend and no
+// sources, without what surrounds the kernel there: two dispatches that each
+// parse the lists (about a hundred tensors in a fold) and the Python checks
+// between them, about 1 ms of a fold of a small network. It runs where the
+// arguments pass the checks of fusedconv/kernels/__init__.py (weights of a
 // float dtype with at least 2 dims, contiguous or channels_last, not
-// overlapping one another; well-formed groups and scales). Otherwise it
-// returns None and the caller takes the op, which handles or reports it.
-// Python checks the torch function modes, which live in Python.
+// overlapping one another; well-formed groups and scales) on plain tensors in
+// torch's default dispatch state (direct_call.h); None leaves the call to the op.
 PyObject* rescale_in_place(PyObject* /*self*/, PyObject* args) {
   PyObject *weight_list, *row_list, *col_list, *group_list;
   if (!PyArg_ParseTuple(args, "O!O!O!O!", &PyList_Type, &weight_list, &PyList_Type, &row_list, &PyList_Type,
@@ -252,11 +211,7 @@ PyObject* rescale_in_place(PyObject* /*self*/, PyObject* args) {
     return nullptr;
   const Py_ssize_t count = PyList_GET_SIZE(weight_list);
   if (count == 0 || PyList_GET_SIZE(row_list) != count || PyList_GET_SIZE(col_list) != count ||
-      PyList_GET_SIZE(group_list) != count)
-    Py_RETURN_NONE;
-  const c10::impl::LocalDispatchKeySet state = c10::impl::tls_local_dispatch_key_set();
-  if (state.included_ != c10::default_included_set || state.excluded_ != c10::default_excluded_set ||
-      c10::impl::TorchDispatchModeTLS::stack_len() != 0)
+      PyList_GET_SIZE(group_list) != count || !default_dispatch_state())
     Py_RETURN_NONE;
   std::vector<at::Tensor> weights;
   Scales rows(static_cast<size_t>(count)), cols(static_cast<size_t>(count));
@@ -266,16 +221,11 @@ PyObject* rescale_in_place(PyObject* /*self*/, PyObject* args) {
   groups.reserve(static_cast<size_t>(count));
   for (Py_ssize_t i = 0; i < count; ++i) {
     const at::Tensor* weight = plain_cpu_tensor(PyList_GET_ITEM(weight_list, i));
-    if (weight == nullptr) Py_RETURN_NONE;
-    const at::ScalarType dtype = weight->scalar_type();
-    if ((dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf && dtype != at::kBFloat16) ||
-        weight->dim() < 2 || !has_dense_rows(*weight))
+    if (weight == nullptr || !is_float_kernel(*weight) || !has_dense_rows(*weight)) Py_RETURN_NONE;
+    int64_t group_count = 0;
+    if (!read_int(PyList_GET_ITEM(group_list, i), &group_count) || group_count < 1 ||
+        weight->size(0) % group_count != 0)
       Py_RETURN_NONE;
-    PyObject* group_object = PyList_GET_ITEM(group_list, i);
-    if (!PyLong_CheckExact(group_object)) Py_RETURN_NONE;
-    int overflow = 0;
-    const long long group_count = PyLong_AsLongLongAndOverflow(group_object, &overflow);
-    if (overflow != 0 || group_count < 1 || weight->size(0) % group_count != 0) Py_RETURN_NONE;
     const size_t at = static_cast<size_t>(i);
     if (!read_scale(PyList_GET_ITEM(row_list, i), weight->size(0), &rows[at]) ||
         !read_scale(PyList_GET_ITEM(col_list, i), group_count * weight->size(1), &cols[at]))
@@ -293,16 +243,7 @@ PyObject* rescale_in_place(PyObject* /*self*/, PyObject* args) {
   for (size_t k = 1; k < spans.size(); ++k) {
     if (spans[k].first < spans[k - 1].second) Py_RETURN_NONE;
   }
-  PyThreadState* thread = PyEval_SaveThread();  // as the op's call from Python releases the GIL
-  try {
-    rescale_all(weights, rows, cols, groups, weights);
-  } catch (const std::exception& error) {
-    PyEval_RestoreThread(thread);
-    PyErr_SetString(PyExc_RuntimeError, error.what());
-    return nullptr;
-  }
-  PyEval_RestoreThread(thread);
-  Py_RETURN_TRUE;
+  return run_without_gil([&] { rescale_all(weights, rows, cols, groups, weights); });
 }
 
 }  // namespace fusedconv

@@ -308,7 +308,7 @@ def rescale_(
                  None if sources is None else list(sources))
     forced = _forced_backend(backend)
     with torch.no_grad():
-        if forced is None and sources is None and _rescaled_directly(*arguments[:4]):
+        if forced is None and sources is None and _ran_directly("rescale_in_place", *arguments[:4]):
             return
         if forced is None:
             torch.ops.fusedconv.rescale_(*arguments)
@@ -316,18 +316,19 @@ def rescale_(
             _rescale(*arguments, backend=forced)
 
 
-def _rescaled_directly(weights, row_scales, col_scales, groups) -> bool:
-    """Whether the extension's CPU kernel has scaled the weights, called
-    directly (``rescale_in_place``, csrc/cpu/rescale.cpp): what the op does on
-    the CPU by default, without its two dispatches and the Python checks
-    between them. The call declines (and the op runs, handling or reporting
-    the arguments) for anything but plain dense CPU tensors and well-formed
-    arguments in torch's default dispatch state; torch function modes, which
-    would see the op, are checked here."""
-    direct = native_function("rescale_in_place")
+def _ran_directly(entry: str, *arguments) -> bool:
+    """Whether the extension's CPU kernel has run, called directly through
+    ``entry`` (``rescale_in_place`` or ``pad_add_in_place``, csrc/cpu/): what
+    the op does on the CPU by default, without its two dispatches and the
+    Python checks between them. The entry declines (and the op runs, handling
+    or reporting the arguments) anything but plain dense CPU tensors and
+    well-formed arguments in torch's default dispatch state
+    (csrc/cpu/direct_call.h); torch function modes, which would see the op,
+    are checked here."""
+    direct = native_function(entry)
     if direct is None or torch._C._is_torch_function_mode_enabled():
         return False
-    return direct(weights, row_scales, col_scales, groups) is True
+    return direct(*arguments) is True
 
 
 def pad_add_(
@@ -350,6 +351,8 @@ def pad_add_(
     arguments = (list(bigs), list(smalls), list(scales), [int(o) for o in offsets], [int(d) for d in dilations])
     forced = _forced_backend(backend)
     with torch.no_grad():
+        if forced is None and _ran_directly("pad_add_in_place", *arguments):
+            return
         if forced is None:
             torch.ops.fusedconv.pad_add_(*arguments)
         else:
