@@ -336,14 +336,21 @@ def cold_first_call(spec: ModelSpec, tool: Tool, args) -> float | str:
     return f"cold call failed (exit {done.returncode}): {tail[:70]}"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def cold_first_calls(spec: ModelSpec, tools: list[Tool], args) -> dict[str, float | str]:
     """Each tool's cold first call (:func:`cold_first_call`): the median over
     ``--cold-repeats`` fresh processes, the tools taking turns in each round
     (so that the machine's drift weighs on all alike), or the reason it failed."""
     samples: dict[str, list[float]] = {tool.name: [] for tool in tools}
     failed: dict[str, str] = {}
-    for _ in range(args.cold_repeats):
-        for tool in tools:
+    for round_ in range(args.cold_repeats if tools else 0):
+        for tool in tools[round_ % len(tools):] + tools[:round_ % len(tools)]:  # each round starts elsewhere
             if tool.name not in failed:
                 cold = cold_first_call(spec, tool, args)
                 if isinstance(cold, str):
@@ -545,7 +552,7 @@ def main(argv=None) -> None:
                         help="randomize BN statistics and report fusedconv.verify's error ratio per tool")
     parser.add_argument("--no-cold", action="store_true",
                         help="skip the cold first call of each tool in a fresh process")
-    parser.add_argument("--cold-repeats", type=int, default=5,
+    parser.add_argument("--cold-repeats", type=_positive, default=5,
                         help="fresh processes per tool whose median is the cold first call (default 5)")
     parser.add_argument("--cold-timeout", type=int, default=600, help="seconds allowed for one cold call")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")

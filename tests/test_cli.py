@@ -514,6 +514,7 @@ def extension_missing(monkeypatch):
     from fusedconv.kernels import backends
 
     monkeypatch.setitem(backends._loaded, "cpp", "the extension fusedconv._C was not built (simulated)")
+    monkeypatch.setenv("FUSEDCONV_NATIVE_HELPERS", "0")  # nor its direct entries and helpers
     monkeypatch.setattr(backends, "_warned_missing_extension", False)
     monkeypatch.setattr(backends, "_reported", set())
     monkeypatch.delenv("FUSEDCONV_BACKEND", raising=False)

@@ -293,7 +293,8 @@ def test_direct_cpu_calls_give_the_torch_bits(dtype, channels_last):
     groups.append(groups[0])
     expected = {id(w): w.clone() for w in weights}
     kernels.rescale_([expected[id(w)] for w in weights], rows, cols, groups, backend="torch")
-    assert kernels._ran_directly("rescale_in_place", weights, rows, cols, groups)
+    with torch.no_grad():  # as the wrappers call it
+        assert kernels._ran_directly("rescale_in_place", weights, rows, cols, groups)
     for w in weights:
         assert torch.equal(w, expected[id(w)])
 
@@ -302,7 +303,8 @@ def test_direct_cpu_calls_give_the_torch_bits(dtype, channels_last):
     smalls = [small.contiguous() for small in smalls]  # as the op makes them (it declines others)
     expected = [big.clone() for big in bigs]
     kernels.pad_add_(expected, smalls, scales, offsets, dilations, backend="torch")
-    assert kernels._ran_directly("pad_add_in_place", bigs, smalls, scales, offsets, dilations)
+    with torch.no_grad():
+        assert kernels._ran_directly("pad_add_in_place", bigs, smalls, scales, offsets, dilations)
     for big, e in zip(bigs, expected):
         assert torch.equal(big, e)
 
@@ -358,6 +360,10 @@ def _declined_calls():
         rescale("dispatch mode", lambda: ([weight()], [scale()], [None], [1]), Passing),
         rescale("inference mode", lambda: ([weight()], [scale()], [None], [1]), torch.inference_mode),
         rescale("autocast", lambda: ([weight()], [scale()], [None], [1]), lambda: torch.autocast("cpu")),
+        rescale("grad mode", lambda: ([weight()], [scale()], [None], [1]), torch.enable_grad),
+        rescale("profiler", lambda: ([weight()], [scale()], [None], [1]), torch.profiler.profile),
+        rescale("groups overflowing the column count",
+                lambda: ([torch.empty(0, 4)], [None], [scale(4)], [2**62 + 1])),
         pad_add("subclass", lambda: ([weight().as_subclass(_Marked)], [small()], [scale()], [1, 1], [1, 1])),
         pad_add("strided big", lambda: ([weight()[:, :, ::2]], [small()], [scale()], [0, 0], [1, 1])),
         pad_add("strided small", lambda: ([weight()], [torch.randn(8, 4, 2, 2).transpose(2, 3)], [scale()], [1, 1],
@@ -368,6 +374,11 @@ def _declined_calls():
         pad_add("window past the edge", lambda: ([weight()], [small()], [scale()], [3, 1], [1, 1])),
         pad_add("negative offset", lambda: ([weight()], [small()], [scale()], [-1, 1], [1, 1])),
         pad_add("zero dilation", lambda: ([weight()], [torch.randn(8, 4, 2, 2)], [scale()], [0, 0], [0, 1])),
+        pad_add("window overflowing", lambda: ([weight()], [torch.randn(8, 4, 2, 2)], [scale()], [0, 0],
+                                               [2**62 + 1, 1])),
+        pad_add("offset overflowing", lambda: ([weight()], [small()], [scale()], [2**63 - 1, 0], [1, 1])),
+        pad_add("empty small dim", lambda: ([weight()], [torch.randn(8, 4, 0, 1)], [scale()], [0, 0], [1, 1])),
+        pad_add("profiler", lambda: ([weight()], [small()], [scale()], [1, 1], [1, 1]), torch.profiler.profile),
         pad_add("too few offsets", lambda: ([weight()], [small()], [scale()], [1], [1, 1])),
         pad_add("too many dilations", lambda: ([weight()], [small()], [scale()], [1, 1], [1, 1, 1])),
         pad_add("float32 scale", lambda: ([weight()], [small()], [scale().float()], [1, 1], [1, 1])),
@@ -386,10 +397,21 @@ def test_direct_cpu_calls_decline_what_only_the_op_handles(name, entry, argument
     arguments = arguments()
     written = [t for t in arguments[0] if not t.is_meta]
     before = [t.clone() for t in written]
-    with context():
+    with torch.no_grad(), context():  # no_grad as the wrappers call; a case's context may turn grad back on
         assert native_function(entry)(*arguments) is None
     for t, b in zip(written, before):
         assert torch.equal(t, b)
+
+
+@_direct_entries
+def test_arguments_the_op_refuses_are_refused_whichever_path_is_tried():
+    """Overflowing groups, offsets and dilations, which the direct entries
+    decline, are reported by the op's checks as for any bad argument."""
+    scale4 = torch.rand(4, dtype=torch.float64)
+    with pytest.raises(KernelInputError, match=r"col_scales\[0\]"):
+        kernels.rescale_([torch.empty(0, 4)], [None], [scale4], [2**62 + 1])
+    with pytest.raises(KernelInputError, match="do not fit"):
+        kernels.pad_add_([torch.randn(8, 4, 3, 3)], [torch.randn(8, 4, 2, 2)], [None], [0, 0], [2**62 + 1, 1])
 
 
 @_direct_entries

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fusedconv.kernels  # noqa: F401  (defines torch.ops.fusedconv)
+from fusedconv import kernels  # (importing it defines torch.ops.fusedconv)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -65,15 +65,22 @@ def test_rescale_with_sources_passes_opcheck():
                           ([torch.empty_like(source)], [_scale(6, gen, "cpu")], [None], [1], [source]))
 
 
+# Each op called as itself and through its Python wrapper (fusedconv.kernels),
+# which must trace to the op, not to the extension's direct CPU entry.
+CALLERS = ["op", "wrapper"]
+
+
+@pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_rescale_compiles_with_fullgraph(device):
+def test_rescale_compiles_with_fullgraph(device, caller):
     weights, rows, cols, groups = rescale_cases(device)["several"]
     expected = [w.clone() for w in weights]
     torch.ops.fusedconv.rescale_(expected, rows, cols, groups)
+    rescale = torch.ops.fusedconv.rescale_ if caller == "op" else kernels.rescale_
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def fold(ws):
-        torch.ops.fusedconv.rescale_(ws, rows, cols, groups)
+        rescale(ws, rows, cols, groups)
         return ws[0] + 0
 
     torch._dynamo.reset()
@@ -82,15 +89,17 @@ def test_rescale_compiles_with_fullgraph(device):
     assert torch.equal(out, expected[0])
 
 
+@pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_pad_add_compiles_with_fullgraph(device):
+def test_pad_add_compiles_with_fullgraph(device, caller):
     bigs, smalls, scales, offsets, dilations = pad_add_cases(device)["centre"]
     expected = [b.clone() for b in bigs]
     torch.ops.fusedconv.pad_add_(expected, smalls, scales, offsets, dilations)
+    pad_add = torch.ops.fusedconv.pad_add_ if caller == "op" else kernels.pad_add_
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def merge(bs):
-        torch.ops.fusedconv.pad_add_(bs, smalls, scales, offsets, dilations)
+        pad_add(bs, smalls, scales, offsets, dilations)
         return bs[0] * 1
 
     torch._dynamo.reset()

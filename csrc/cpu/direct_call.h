@@ -6,25 +6,31 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/record_function.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <pybind11/pybind11.h>
 
 #include <Python.h>
 
-#include <exception>
 #include <optional>
 
 namespace fusedconv {
 
-// Whether the thread's dispatch state is torch's default: no dispatch mode,
-// functorch transform, inference mode or autocast, so that the op would reach
-// its CPU kernel with nothing else seeing the call. (Torch function modes live
-// in Python, which checks them.)
-inline bool default_dispatch_state() {
+// Whether the op would reach its CPU kernel with nothing else seeing the call:
+// the thread's dispatch state is torch's default (no dispatch mode, functorch
+// transform, inference mode or autocast), grad mode is off (the wrappers call
+// under no_grad), and no record-function callback (the profiler, an
+// observer) would record the op. Torch function modes and torch.compile live
+// in Python, which checks them (fusedconv/kernels/__init__.py).
+inline bool unobserved_default_state() {
   const c10::impl::LocalDispatchKeySet state = c10::impl::tls_local_dispatch_key_set();
   return state.included_ == c10::default_included_set && state.excluded_ == c10::default_excluded_set &&
-         c10::impl::TorchDispatchModeTLS::stack_len() == 0;
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0 && !c10::GradMode::is_enabled() &&
+         !at::hasCallbacks();
 }
 
 // The dispatch keys of a plain dense CPU tensor made outside inference mode.
@@ -76,22 +82,26 @@ inline bool read_scale(PyObject* object, int64_t length, std::optional<at::Tenso
   return true;
 }
 
-// Runs ``kernel`` as the op's CPU implementation runs: without the GIL, and
-// below autograd (the op has no autograd kernel, so its implementation's own
-// view ops record nothing). Returns True, or null with a RuntimeError set.
+// Runs ``kernel`` without the GIL, below autograd (the views it makes are its
+// own and never escape), with torch's translation of C++ errors and warnings
+// into Python ones, as torch's own bindings do. Returns True, or null with the
+// Python error set.
 template <typename Kernel>
-PyObject* run_without_gil(Kernel&& kernel) {
-  PyThreadState* thread = PyEval_SaveThread();
-  try {
+PyObject* run_kernel(Kernel&& kernel) {
+  HANDLE_TH_ERRORS
+  {
+    pybind11::gil_scoped_release no_gil;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     kernel();
-  } catch (const std::exception& error) {
-    PyEval_RestoreThread(thread);
-    PyErr_SetString(PyExc_RuntimeError, error.what());
-    return nullptr;
   }
-  PyEval_RestoreThread(thread);
   Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
+// a + b * c <= limit for non-negative values, without overflow.
+inline bool fits(int64_t a, int64_t b, int64_t c, int64_t limit) {
+  int64_t product = 0, sum = 0;
+  return !__builtin_mul_overflow(b, c, &product) && !__builtin_add_overflow(a, product, &sum) && sum <= limit;
 }
 
 }  // namespace fusedconv

@@ -45,18 +45,24 @@ void pad_add_one(const at::Tensor& big, const at::Tensor& small, const std::opti
   });
 }
 
-void pad_add_cpu(at::TensorList bigs, at::TensorList smalls, const OptionalTensors& scales, at::IntArrayRef offsets,
-                 at::IntArrayRef dilations) {
-  TORCH_CHECK(smalls.size() == bigs.size() && scales.size() == bigs.size(),
-              "pad_add_: one small kernel and scale per big kernel");
+// Each pair in turn, its spatial dims' offsets and dilations read in order.
+void pad_add_all(at::TensorList bigs, at::TensorList smalls, const std::vector<std::optional<at::Tensor>>& scales,
+                 at::IntArrayRef offsets, at::IntArrayRef dilations) {
   size_t at = 0;
   for (size_t i = 0; i < bigs.size(); ++i) {
     const size_t spatial = bigs[i].dim() - 2;
     TORCH_CHECK(at + spatial <= offsets.size() && at + spatial <= dilations.size(),
                 "pad_add_: too few offsets or dilations");
-    pad_add_one(bigs[i], smalls[i], scales.get(i), offsets.data() + at, dilations.data() + at);
+    pad_add_one(bigs[i], smalls[i], scales[i], offsets.data() + at, dilations.data() + at);
     at += spatial;
   }
+}
+
+void pad_add_cpu(at::TensorList bigs, at::TensorList smalls, const OptionalTensors& scales, at::IntArrayRef offsets,
+                 at::IntArrayRef dilations) {
+  TORCH_CHECK(smalls.size() == bigs.size() && scales.size() == bigs.size(),
+              "pad_add_: one small kernel and scale per big kernel");
+  pad_add_all(bigs, smalls, std::vector<std::optional<at::Tensor>>(scales.begin(), scales.end()), offsets, dilations);
 }
 
 }  // namespace
@@ -74,7 +80,7 @@ PyObject* pad_add_in_place(PyObject* /*self*/, PyObject* args) {
     return nullptr;
   const Py_ssize_t count = PyList_GET_SIZE(big_list);
   if (count == 0 || PyList_GET_SIZE(small_list) != count || PyList_GET_SIZE(scale_list) != count ||
-      !default_dispatch_state())
+      !unobserved_default_state())
     Py_RETURN_NONE;
   std::vector<at::Tensor> bigs, smalls;
   std::vector<std::optional<at::Tensor>> scales(static_cast<size_t>(count));
@@ -93,7 +99,7 @@ PyObject* pad_add_in_place(PyObject* /*self*/, PyObject* args) {
       if (at >= PyList_GET_SIZE(offset_list) || at >= PyList_GET_SIZE(dilation_list) ||
           !read_int(PyList_GET_ITEM(offset_list, at), &offset) ||
           !read_int(PyList_GET_ITEM(dilation_list, at), &dilation) || dilation < 1 || offset < 0 ||
-          offset + dilation * (small->size(d) - 1) >= big->size(d))
+          small->size(d) < 1 || !fits(offset, dilation, small->size(d) - 1, big->size(d) - 1))
         Py_RETURN_NONE;
       offsets.push_back(offset);
       dilations.push_back(dilation);
@@ -104,13 +110,7 @@ PyObject* pad_add_in_place(PyObject* /*self*/, PyObject* args) {
   if (static_cast<Py_ssize_t>(offsets.size()) != PyList_GET_SIZE(offset_list) ||
       static_cast<Py_ssize_t>(dilations.size()) != PyList_GET_SIZE(dilation_list))
     Py_RETURN_NONE;
-  return run_without_gil([&] {
-    size_t at = 0;
-    for (size_t i = 0; i < bigs.size(); ++i) {
-      pad_add_one(bigs[i], smalls[i], scales[i], offsets.data() + at, dilations.data() + at);
-      at += static_cast<size_t>(bigs[i].dim() - 2);
-    }
-  });
+  return run_kernel([&] { pad_add_all(bigs, smalls, scales, offsets, dilations); });
 }
 
 }  // namespace fusedconv

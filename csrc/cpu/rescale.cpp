@@ -152,8 +152,8 @@ using Scales = std::vector<std::optional<at::Tensor>>;
 
 // The kernel of both entries: the op's CPU implementation (rescale_cpu) and
 // the Python module's direct call (rescale_in_place).
-void rescale_all(const std::vector<at::Tensor>& weights, const Scales& row_scales, const Scales& col_scales,
-                 const std::vector<int64_t>& groups, const std::vector<at::Tensor>& sources) {
+void rescale_all(at::TensorList weights, const Scales& row_scales, const Scales& col_scales, at::IntArrayRef groups,
+                 at::TensorList sources) {
   // Row scalings are collected and run together. A weight listed twice (two
   // folds of one tensor) must be scaled in list order, so the collected batch
   // runs before any entry that writes a weight already in it.
@@ -190,7 +190,7 @@ void rescale_cpu(at::TensorList weights, const OptionalTensors& row_scales, cons
                   groups.size() == weights.size() && sources.size() == weights.size(),
               "rescale_: one row scale, column scale, group count and source per weight");
   Scales rows(row_scales.begin(), row_scales.end()), cols(col_scales.begin(), col_scales.end());
-  rescale_all(weights.vec(), rows, cols, groups.vec(), sources.vec());
+  rescale_all(weights, rows, cols, groups, sources);
 }
 
 }  // namespace
@@ -211,7 +211,7 @@ PyObject* rescale_in_place(PyObject* /*self*/, PyObject* args) {
     return nullptr;
   const Py_ssize_t count = PyList_GET_SIZE(weight_list);
   if (count == 0 || PyList_GET_SIZE(row_list) != count || PyList_GET_SIZE(col_list) != count ||
-      PyList_GET_SIZE(group_list) != count || !default_dispatch_state())
+      PyList_GET_SIZE(group_list) != count || !unobserved_default_state())
     Py_RETURN_NONE;
   std::vector<at::Tensor> weights;
   Scales rows(static_cast<size_t>(count)), cols(static_cast<size_t>(count));
@@ -228,6 +228,7 @@ PyObject* rescale_in_place(PyObject* /*self*/, PyObject* args) {
       Py_RETURN_NONE;
     const size_t at = static_cast<size_t>(i);
     if (!read_scale(PyList_GET_ITEM(row_list, i), weight->size(0), &rows[at]) ||
+        !fits(0, group_count, weight->size(1), INT64_MAX) ||
         !read_scale(PyList_GET_ITEM(col_list, i), group_count * weight->size(1), &cols[at]))
       Py_RETURN_NONE;
     if (weight->numel() > 0) {
@@ -243,7 +244,7 @@ PyObject* rescale_in_place(PyObject* /*self*/, PyObject* args) {
   for (size_t k = 1; k < spans.size(); ++k) {
     if (spans[k].first < spans[k - 1].second) Py_RETURN_NONE;
   }
-  return run_without_gil([&] { rescale_all(weights, rows, cols, groups, weights); });
+  return run_kernel([&] { rescale_all(weights, rows, cols, groups, weights); });
 }
 
 }  // namespace fusedconv

@@ -716,7 +716,7 @@ def _source_spells_batch_norm(path: str) -> bool:
         # UTF-8 encodes every non-ASCII character in bytes >= 0x80 only, so what is
         # left of valid UTF-8 without its ASCII bytes is those characters, one after
         # another: a C pass over the bytes instead of a regex over the text.
-        return _spells_batch_norm(text, set(data.translate(None, _ASCII_BYTES).decode("utf-8")))
+        return _spells_batch_norm(text, set(data.translate(None, _ASCII_BYTES).decode(encoding)))
     return _spells_batch_norm(text)
 
 

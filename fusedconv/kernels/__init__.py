@@ -322,11 +322,12 @@ def _ran_directly(entry: str, *arguments) -> bool:
     the op does on the CPU by default, without its two dispatches and the
     Python checks between them. The entry declines (and the op runs, handling
     or reporting the arguments) anything but plain dense CPU tensors and
-    well-formed arguments in torch's default dispatch state
-    (csrc/cpu/direct_call.h); torch function modes, which would see the op,
-    are checked here."""
+    well-formed arguments, in torch's default dispatch state with no profiler
+    or other record-function observer (csrc/cpu/direct_call.h). Torch function
+    modes, which would see the op, and torch.compile, which traces the op into
+    its graph, are checked here."""
     direct = native_function(entry)
-    if direct is None or torch._C._is_torch_function_mode_enabled():
+    if direct is None or torch._C._is_torch_function_mode_enabled() or torch.compiler.is_compiling():
         return False
     return direct(*arguments) is True
 

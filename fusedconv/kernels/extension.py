@@ -13,6 +13,7 @@ fixes it, how (:func:`rebuild_hint`).
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import logging
 import os
@@ -90,10 +91,11 @@ def _load_library() -> str:
 
 def _prebuilt() -> list[Path]:
     """The extension built at install time (``fusedconv/_C*.so``), if it is there."""
-    # A listing, not Path.glob, which compiles a pattern first: a first fold pays for it.
-    names = sorted(os.listdir(_PACKAGE))
-    return [_PACKAGE / name for suffix in (".so", ".pyd") for name in names
-            if name.startswith("_C") and name.endswith(suffix)]
+    # The names this Python imports an extension module by (another Python's
+    # build, left by an earlier install, is not this one's): tested one by one,
+    # not with Path.glob, which compiles a pattern first, a cost of the import.
+    return [_PACKAGE / f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES
+            if os.path.isfile(_PACKAGE / f"_C{suffix}")]
 
 
 def _built_for(library: Path) -> str | None:
@@ -216,9 +218,16 @@ def load_prebuilt() -> None:
     own kernels at import: loading a library is a cost of the process, not of a
     first fold (here 1-3 ms, mostly the dynamic linker binding the library's
     symbols to torch's). Whatever keeps it from loading is logged at debug level
-    only; the backends that need it say it again, with the fix, when asked."""
-    if _loaded_without_building() and "module" not in _state:
-        _state["module"] = _import_module()
+    only; the backends that need it say it again, with the fix, when asked.
+    ``FUSEDCONV_NATIVE_HELPERS=0`` leaves the load to the first fold that needs
+    the kernels."""
+    if os.environ.get("FUSEDCONV_NATIVE_HELPERS") == "0":
+        return  # the first fold loads it, for the kernels alone
+    try:
+        if _loaded_without_building() and "module" not in _state:
+            _state["module"] = _import_module()
+    except Exception as exc:  # noqa: BLE001  an import of fusedconv never fails for its library
+        logger.debug("the extension was not loaded at import: %s", exc)
 
 
 def _import_module():
