@@ -722,11 +722,13 @@ def test_which_source_texts_may_spell_batch_norm(text, spells):
 
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])
 @pytest.mark.parametrize("text, spells", SPELLINGS)
-def test_utf8_files_are_scanned_as_their_text(tmp_path, text, spells, encoding):
+def test_utf8_files_are_scanned_as_their_text(tmp_path, text, spells, encoding, monkeypatch):
     """A UTF-8 file's non-ASCII characters are taken from its bytes (its ASCII
     bytes deleted), with the answer its decoded text gives; bytes that are not
     UTF-8 make the file be read, as something the scan cannot vouch for."""
     from fusedconv.dataflow import source
+
+    monkeypatch.setattr(source, "_FILES_SPELLING", {})  # the process's cache keeps no temporary file
 
     path = tmp_path / "model_code.py"
     path.write_bytes(text.encode(encoding))

@@ -166,7 +166,8 @@ void rescale_all(at::TensorList weights, const Scales& row_scales, const Scales&
   };
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor& w = weights[i];
-    const std::optional<at::Tensor>&row = row_scales[i], &col = col_scales[i];
+    const std::optional<at::Tensor>& row = row_scales[i];
+    const std::optional<at::Tensor>& col = col_scales[i];
     if ((!row.has_value() && !col.has_value()) || w.numel() == 0) {
       continue;
     }

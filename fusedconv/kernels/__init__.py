@@ -45,7 +45,6 @@ from .backends import (
     resolve,
     why_device_unavailable,
 )
-from .extension import native_function
 
 __all__ = [
     "BACKENDS",
@@ -326,7 +325,7 @@ def _ran_directly(entry: str, *arguments) -> bool:
     or other record-function observer (csrc/cpu/direct_call.h). Torch function
     modes, which would see the op, and torch.compile, which traces the op into
     its graph, are checked here."""
-    direct = native_function(entry)
+    direct = extension.native_function(entry)
     if direct is None or torch._C._is_torch_function_mode_enabled() or torch.compiler.is_compiling():
         return False
     return direct(*arguments) is True

@@ -90,7 +90,8 @@ def _load_library() -> str:
 
 
 def _prebuilt() -> list[Path]:
-    """The extension built at install time (``fusedconv/_C*.so``), if it is there."""
+    """The extension built at install time for this Python (``fusedconv/_C``
+    with one of its extension suffixes), if it is there."""
     # The names this Python imports an extension module by (another Python's
     # build, left by an earlier install, is not this one's): tested one by one,
     # not with Path.glob, which compiles a pattern first, a cost of the import.
