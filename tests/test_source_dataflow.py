@@ -667,11 +667,11 @@ def _module_from(path, source: str):
     return module
 
 
-def test_functional_batch_norms_found_without_reading_classes_that_cannot_spell_them(tmp_path, monkeypatch):
+def test_functional_batch_norms_found_without_reading_classes_that_cannot_call_them(tmp_path, monkeypatch):
     """A model whose BNs all sit in blocks has its other classes scanned for
-    functional batch norms; a class whose methods come from files that never
-    contain the word is not read (most of a first fold's time), and a method
-    replaced by one from a file that does is read again and reported."""
+    functional batch norms; a class whose methods' code never names one is not
+    read (most of a first fold's time), and a method replaced by one whose code
+    does is read again and reported."""
     from fusedconv.dataflow import source
 
     head_class = _module_from(tmp_path / "plain_head.py", _PLAIN_SOURCE).Head
@@ -697,73 +697,67 @@ def test_functional_batch_norms_found_without_reading_classes_that_cannot_spell_
     monkeypatch.setattr(head_class, "forward", _module_from(
         tmp_path / "full_width.py", _FUNCTIONAL_SOURCE.replace("F.batch_norm", "F.\uff42atch_norm")).forward)
     assert [skip.module for skip in fusedconv.plan(model).skipped] == ["3: Head: F.batch_norm(...)"]
+    # A method whose code is replaced in place (its class's namespace unchanged) is looked at again.
+    other_class = _module_from(tmp_path / "plain_head_2.py", _PLAIN_SOURCE).Head
+    model[3] = other_class()
+    model[3].register_buffer("mean", torch.randn(2))
+    model[3].register_buffer("var", torch.rand(2) + 0.5)
+    assert fusedconv.plan(model.eval()).skipped == []
+    monkeypatch.setattr(other_class.forward, "__code__", functional_forward.__code__)
+    assert [skip.module for skip in fusedconv.plan(model).skipped] == ["3: Head: F.batch_norm(...)"]
 
 
+# Method sources and whether their compiled code may call a functional batch norm.
 SPELLINGS = [
-    ("y = F.batch_norm(x, m, v)\n", True),
-    ("y = self.bn(x)\n", False),
-    ("# ✅ done\ny = F.\uff42atch_norm(x, m, v)\n", True),  # full-width b, non-ASCII on another line too
-    ("# ✅ done\ny = F.batch\uff3fnorm(x)\n", True),  # full-width low line
-    ("# ✅ done\ny = self.bn(x)\n", False),
-    ("y = batch\n_norm\n", False),  # not one name
-    ("# ✅ ﬁne\ny = F.\U0001d41batch_norm(x)\n", True),  # a mathematical bold b
-    ("# ✅ ﬁne ①\ny = self.bn(x)\n", False),  # characters that decompose to ASCII, none spelling the name
+    ("return F.batch_norm(x, m, v)", True),
+    ("return self.bn(x)", False),
+    ("# F.batch_norm(x) in a comment\n    return self.bn(x)", False),  # comments do not compile
+    ("return F.\uff42atch_norm(x, m, v)  # ✅", True),  # a full-width b: Python reads the name in NFKC form
+    ("return F.batch\uff3fnorm(x)", True),  # a full-width low line
+    ("return F.\U0001d41batch_norm(x)", True),  # a mathematical bold b
+    ("return self.bn(x)  # ✅ ﬁne ①", False),  # characters that decompose to ASCII, none spelling the name
+    ("return batch_norm(x, m, v)", True),  # imported by name
+    ("norm = F.batch_norm\n    return norm(x, m, v)", True),  # an alias: more than the reading reports, not less
+    ("return (lambda y: F.batch_norm(y, m, v))(x)", True),  # code compiled inside the method
+    ("return [F.batch_norm(y, m, v) for y in x]", True),
+    ("def inner(y):\n        return F.batch_norm(y, m, v)\n    return inner(x)", True),
 ]
 
 
-@pytest.mark.parametrize("text, spells", SPELLINGS)
-def test_which_source_texts_may_spell_batch_norm(text, spells):
-    """The scan that decides whether a class's files are read finds the name as
-    Python reads identifiers (NFKC), normalizing only the non-ASCII lines."""
-    from fusedconv.dataflow.source import _spells_batch_norm
+def _class_with_forward(body: str, tmp_path, encoding: str = "utf-8", written_as: str | None = None):
+    """A module class whose forward is ``body``, imported from a file that
+    declares ``encoding`` (its text written in ``written_as``, by default that
+    encoding: "ascii" writes the bytes of an escape as they are)."""
+    source = f"# -*- coding: {encoding} -*-\nfrom torch import nn\n\n\nclass Head(nn.Module):\n" \
+             f"    def forward(self, x):\n        {body.replace(chr(10), chr(10) + '    ')}\n"
+    path = tmp_path / f"head_{abs(hash((body, encoding)))}.py"
+    path.write_bytes(source.encode(written_as or encoding))
+    import importlib.util
 
-    assert _spells_batch_norm(text) is spells
-
-
-@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])
-@pytest.mark.parametrize("text, spells", SPELLINGS)
-def test_utf8_files_are_scanned_as_their_text(tmp_path, text, spells, encoding, monkeypatch):
-    """A UTF-8 file's non-ASCII characters are taken from its bytes (its ASCII
-    bytes deleted), with the answer its decoded text gives; bytes that are not
-    UTF-8 make the file be read, as something the scan cannot vouch for."""
-    from fusedconv.dataflow import source
-
-    monkeypatch.setattr(source, "_FILES_SPELLING", {})  # the process's cache keeps no temporary file
-
-    path = tmp_path / "model_code.py"
-    path.write_bytes(text.encode(encoding))
-    assert source._file_spells_batch_norm(str(path)) is spells
-    # \xc3 opens a two-byte sequence that "a" does not continue; deleting the ASCII bytes would
-    # have joined it with the next byte \xa9 into a valid "é"
-    path.write_bytes(text.encode(encoding) + b"# \xc3a\xa9\n")
-    assert source._file_spells_batch_norm(str(path)) is True
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)  # not put in sys.modules: nothing to restore
+    spec.loader.exec_module(module)
+    return module.Head
 
 
-def test_a_source_file_is_scanned_again_when_it_changes(tmp_path, monkeypatch):
-    """Files are scanned from their bytes, cached by size and time; a file in
-    another declared encoding is decoded as Python would; code no file holds
-    (a notebook cell) is what linecache holds."""
-    import linecache
+@pytest.mark.parametrize("body, spells", SPELLINGS)
+def test_which_methods_may_call_a_functional_batch_norm(tmp_path, body, spells):
+    """The check that decides whether a class is read finds the name in the
+    compiled code, as Python reads identifiers (NFKC), in the method and in the
+    code compiled inside it, and never in a comment."""
+    from fusedconv.dataflow.source import _may_spell_batch_norm
 
-    from fusedconv.dataflow import source
+    assert _may_spell_batch_norm(_class_with_forward(body, tmp_path)) is spells
 
-    path = tmp_path / "model_code.py"
-    path.write_text("def forward(self, x):\n    return self.bn(x)\n")
-    assert source._file_spells_batch_norm(str(path)) is False
-    path.write_text("def forward(self, x):\n    return F.batch_norm(x, m, v)\n")
-    assert source._file_spells_batch_norm(str(path)) is True
-    latin = tmp_path / "latin.py"
-    latin.write_bytes("# -*- coding: latin-1 -*-\n# caf\xe9\ny = F.\xaatch_norm\n".encode("latin-1"))
-    assert source._file_spells_batch_norm(str(latin)) is False  # ª (NFKC: a) then "tch_norm": not the name
-    latin.write_bytes("# -*- coding: latin-1 -*-\n# caf\xe9\ny = F.batch_norm(x)\n".encode("latin-1"))
-    assert source._file_spells_batch_norm(str(latin)) is True
-    # ASCII bytes in an encoding that does not read them as ASCII: +AGI- (utf-7) and \x62 (unicode_escape) are "b"
-    for encoding, spelled in (("utf-7", "F.+AGI-atch_norm(x)"), ("unicode_escape", "F.\\x62atch_norm(x)")):
-        odd = tmp_path / f"{encoding}.py"
-        odd.write_bytes(f"# -*- coding: {encoding} -*-\ny = {spelled}\n".encode("ascii"))
-        assert source._file_spells_batch_norm(str(odd)) is True, encoding
-    cell = "<notebook-cell-7>"
-    monkeypatch.setitem(linecache.cache, cell, (0, None, ["y = F.batch_norm(x, m, v)\n"], cell))
-    assert source._file_spells_batch_norm(cell) is True
-    monkeypatch.setitem(linecache.cache, cell, (0, None, ["y = self.bn(x)\n"], cell))
-    assert source._file_spells_batch_norm(cell) is False
+
+@pytest.mark.parametrize("encoding, spelled, written_as", [
+    ("latin-1", "F.\xaatch_norm(x)", None), ("utf-7", "F.+AGI-atch_norm(x)", "ascii"),
+    ("utf-8-sig", "F.\uff42atch_norm(x)", None)])
+def test_a_declared_encoding_is_read_as_python_reads_it(tmp_path, encoding, spelled, written_as):
+    """Bytes are read in the encoding the file declares: ``+AGI-`` is a "b" in
+    UTF-7, and latin-1's ª (NFKC: a) makes "atch_norm", not the name; no file is
+    opened by the check itself."""
+    from fusedconv.dataflow.source import _may_spell_batch_norm
+
+    head = _class_with_forward(f"return {spelled}", tmp_path, encoding, written_as)
+    assert _may_spell_batch_norm(head) is (encoding != "latin-1")

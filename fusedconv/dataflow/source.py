@@ -34,15 +34,9 @@ import ast
 import collections
 import functools
 import inspect
-import io
-import linecache
-import os
-import re
 import sys
 import textwrap
-import tokenize
 import types
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -647,106 +641,66 @@ def _may_spell_batch_norm(cls: type) -> bool:
     """Whether a method of ``cls`` may contain a call that the reading reports as
     a functional batch norm: one spelled with ``batch_norm`` (as
     :meth:`_Reader.read_uses` looks for them). The reading reads functions of
-    the classes of its MRO, so a class none of whose functions was written in
-    a file containing the word has none, and need not be read: reading every
-    class of a model is most of a first fold's time when all its BNs sit in
-    blocks. Only functions have code to read (a module or builtin held by the
-    class is called from a method, where the spelling would be). Looked up
-    afresh each time: a method may be replaced, a file edited."""
-    files = set()
-    for klass in cls.__mro__:
-        if klass is object or klass is nn.Module:
-            continue
-        for value in vars(klass).values():
-            if isinstance(value, property):
-                value = value.fget
-            function = getattr(value, "__func__", value)  # staticmethod, classmethod
-            if isinstance(function, types.FunctionType):
-                files.add(function.__code__.co_filename)
-                if hasattr(function, "__wrapped__"):  # the reading reads a wrapper's original (as getsource unwraps)
-                    original = inspect.unwrap(function)
-                    if hasattr(original, "__code__"):
-                        files.add(original.__code__.co_filename)
-    return any(_file_spells_batch_norm(path) for path in files)
+    the classes of its MRO, so a class none of whose functions' compiled code
+    names ``batch_norm`` has none, and need not be read: reading every class
+    of a model is most of a first fold's time when all its BNs sit in blocks.
+    The code is what runs, and names every identifier its source spells as
+    Python reads it (in NFKC form: a full-width ``ｂatch_norm`` compiles to
+    ``batch_norm``, in whatever encoding the file declares), so no file is
+    opened. Only functions have code to read (a module or builtin held by the
+    class is called from a method, where the spelling would be)."""
+    return any(_class_names_batch_norm(klass) for klass in cls.__mro__
+               if klass is not object and klass is not nn.Module)
 
 
-# Each source file's (modification time, size) when it was last scanned, and whether it may spell "batch_norm".
-_FILES_SPELLING: dict[str, tuple[tuple[int, int], bool]] = {}
+# Per class: a copy of its namespace, its functions with their code objects, and
+# whether any of that code names ``batch_norm``; bounded as _READINGS is (oldest out first).
+_NAMESPACES_SCANNED: collections.OrderedDict[type, tuple[dict, tuple, bool]] = collections.OrderedDict()
 
 
-def _file_spells_batch_norm(path: str) -> bool:
-    """Whether the source file at ``path`` may spell ``batch_norm``, scanned
-    again when it changes (as linecache, which inspect reads through, tells an
-    edited file by its size and time). A file's bytes are searched without
-    decoding them, or splitting them into lines as linecache does: a model
-    zoo's files are large, and a first fold reads several. Code that no file
-    holds (typed in a notebook, made by exec) is what linecache holds for it."""
-    try:
-        status = os.stat(path)
-    except OSError:
-        linecache.checkcache(path)  # as inspect does: lines of a file since deleted are dropped
-        lines = linecache.getlines(path)
-        return not lines or _spells_batch_norm("".join(lines))
-    version = (status.st_mtime_ns, status.st_size)
-    known = _FILES_SPELLING.get(path)
-    if known is None or known[0] != version:
-        known = _FILES_SPELLING[path] = (version, _source_spells_batch_norm(path))
-    return known[1]
+def _class_names_batch_norm(klass: type) -> bool:
+    """Whether the code of a function ``klass`` itself defines (a method, a
+    property's getter, a static or class method, and the original of a
+    wrapper, which the reading reads as ``inspect.getsource`` unwraps) names
+    ``batch_norm``. Scanned again when the class's namespace or a function's
+    ``__code__`` has changed since (a method replaced, a class patched)."""
+    known = _NAMESPACES_SCANNED.get(klass)
+    if known is not None:
+        namespace, codes, answer = known
+        try:
+            same = namespace == vars(klass)  # identical values compare equal without running their __eq__
+        except Exception:  # a changed value whose __eq__ raises
+            same = False
+        if same and all(function.__code__ is code for function, code in codes):
+            return answer
+    functions = []
+    for value in vars(klass).values():
+        if isinstance(value, property):
+            value = value.fget
+        function = getattr(value, "__func__", value)  # staticmethod, classmethod
+        if isinstance(function, types.FunctionType):
+            functions.append(function)
+            if hasattr(function, "__wrapped__"):
+                original = inspect.unwrap(function)
+                if isinstance(original, types.FunctionType):
+                    functions.append(original)
+    answer = any(_code_names_batch_norm(function.__code__) for function in functions)
+    _NAMESPACES_SCANNED[klass] = (dict(vars(klass)), tuple((f, f.__code__) for f in functions), answer)
+    if len(_NAMESPACES_SCANNED) > _CACHED_CLASSES:
+        _NAMESPACES_SCANNED.popitem(last=False)
+    return answer
 
 
-def _source_spells_batch_norm(path: str) -> bool:
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError:
-        return True  # unreadable: the reading will say what it finds
-    if not data or b"batch_norm" in data:
-        return True
-    try:  # as Python decodes a source file (PEP 263)
-        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
-    except SyntaxError:
-        return True
-    if data.isascii() and encoding in ("utf-8", "utf-8-sig"):
-        return False  # ASCII bytes are this text (not so in utf-7 or unicode_escape: ``+AGI-`` is a "b")
-    try:
-        text = data.decode(encoding)
-    except (LookupError, UnicodeDecodeError):
-        return True
-    if encoding in ("utf-8", "utf-8-sig"):
-        # UTF-8 encodes every non-ASCII character in bytes >= 0x80 only, so what is
-        # left of valid UTF-8 without its ASCII bytes is those characters, one after
-        # another: a C pass over the bytes instead of a regex over the text.
-        return _spells_batch_norm(text, set(data.translate(None, _ASCII_BYTES).decode(encoding)))
-    return _spells_batch_norm(text)
-
-
-def _spells_batch_norm(text: str, non_ascii: set[str] | None = None) -> bool:
-    """Whether the text may spell ``batch_norm`` as Python reads identifiers
-    (NFKC: a full-width ``ｂatch_norm`` names ``batch_norm``). The whole text is
-    searched at once (a check per line costs a first fold more than reading
-    the file); only its non-ASCII lines are normalized (NFKC changes no ASCII
-    character and composes nothing across a line break), and only when one of
-    its characters decomposes to a letter of the name. An ASCII
-    ``batch_norm`` says yes at once: at worst a combining mark after it made it
-    another name, and the class is read for nothing. ``non_ascii`` is the set
-    of the text's non-ASCII characters, where the caller has it already."""
-    if "batch_norm" in text:
-        return True
-    if text.isascii():
-        return False
-    # NFKC turns characters into ASCII only by decomposing them (a full-width
-    # ｂ, a ligature, a mathematical letter), never by deleting or composing: a
-    # text none of whose non-ASCII characters decomposes to a letter of the name
-    # cannot spell it (a zoo's emoji and box drawings), and no line is normalized.
-    if non_ascii is None:
-        non_ascii = set(_NON_ASCII.findall(text))
-    if not any(_BATCH_NORM_LETTERS.intersection(unicodedata.normalize("NFKC", character))
-               for character in non_ascii):
-        return False
-    return any("batch_norm" in unicodedata.normalize("NFKC", line)
-               for line in text.splitlines() if not line.isascii())
-
-
-_BATCH_NORM_LETTERS = frozenset("batch_norm")
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
-_ASCII_BYTES = bytes(range(0x80))
+def _code_names_batch_norm(code: types.CodeType) -> bool:
+    """Whether ``code`` or a function, lambda or comprehension compiled inside it
+    names something with ``batch_norm`` in its name: a global or attribute
+    (``co_names``), a local (``co_varnames``) or a closure variable. Every name
+    in a call's dotted spelling is one of these."""
+    stack = [code]
+    while stack:
+        code = stack.pop()
+        for names in (code.co_names, code.co_varnames, code.co_cellvars, code.co_freevars):
+            if any("batch_norm" in name for name in names):
+                return True
+        stack.extend(value for value in code.co_consts if isinstance(value, types.CodeType))
+    return False
