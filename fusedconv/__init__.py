@@ -14,7 +14,7 @@ from .fold import fold_bn_conv, fold_conv_bn, folded_weights
 from .layers import count_batchnorms
 from .fusion_plan import Fold, FusionPlan, Skip
 from .registry import register_block
-from . import blocks
+from . import blocks, thirdparty  # noqa: F401  (thirdparty: the zoos' converters, registered by name)
 from .verification import ErrorStats, VerificationReport, verify
 
 __version__ = "0.1.0"

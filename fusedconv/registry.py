@@ -3,10 +3,11 @@
 A converter takes a module and its qualified name and returns the
 :class:`~fusedconv.reparam.Reparameterization` (or a list of them) that merges
 it, without modifying anything. fusedconv's own blocks
-(:class:`fusedconv.blocks.RepBlock`) describe themselves; converters for the
-blocks of timm and ultralytics are registered when those packages have been
-imported (fusedconv never imports them itself); users register their own with
-:func:`register_block`.
+(:class:`fusedconv.blocks.RepBlock`) describe themselves; the converters for
+the blocks of timm and ultralytics (:mod:`fusedconv.thirdparty`, loaded with
+fusedconv) are registered by their classes' names and take effect once those
+packages have been imported (fusedconv never imports them itself); users
+register their own with :func:`register_block`.
 
 A registered block is trusted like its own ``reparameterize``/``fuse`` method
 is: its branches are used by its forward only, so merging them changes nothing
@@ -16,7 +17,6 @@ outside it.
 from __future__ import annotations
 
 import contextvars
-import importlib
 import logging
 import sys
 from typing import Callable, Iterable, Sequence, Union
@@ -40,9 +40,10 @@ Converter = Callable[[nn.Module, str], Union[Reparameterization, Sequence[Repara
 
 _CONVERTERS: dict[type, Converter] = {}
 
-# Package whose blocks have built-in converters -> the fusedconv module that registers them.
-_THIRD_PARTY = {"timm": "fusedconv.thirdparty.timm", "ultralytics": "fusedconv.thirdparty.ultralytics"}
-_loaded: set[str] = set()
+# Converters for the classes of Python modules fusedconv does not import (the
+# model zoos'): module name -> [(class's qualified name, converter)], waiting
+# for the module to be imported.
+_BY_NAME: dict[str, list[tuple[str, Converter]]] = {}
 
 
 # id(block) -> its submodules, while plan_found_blocks runs the converters with a walk of the model at hand.
@@ -71,33 +72,62 @@ def register_block(cls: type, converter: Converter | None = None):
     return None
 
 
-def _load_third_party() -> None:
-    for package, module in _THIRD_PARTY.items():
-        if package in sys.modules and package not in _loaded:
-            _loaded.add(package)
-            try:
-                importlib.import_module(module)
-            except Exception as exc:  # e.g. a block class that moved in another version of the package
-                logger.warning("the converters for %s blocks did not load (%s: %s); its blocks are "
-                               "left as they are, their BatchNorms folded where possible",
-                               package, type(exc).__name__, exc)
+def register_block_by_name(module: str, qualname: str, converter: Converter) -> None:
+    """Register ``converter`` for the class ``qualname`` of the Python module
+    ``module`` (``"ultralytics.nn.modules.conv"``, ``"Conv"``), without importing
+    that module: the registration takes effect at the first lookup after it
+    has been imported. A class the module does not define (another version of
+    its package) gets nothing; one given a converter by :func:`register_block`
+    keeps that one."""
+    _BY_NAME.setdefault(module, []).append((qualname, converter))
+
+
+def imported_class(module: str, qualname: str) -> type | None:
+    """The class ``qualname`` of the Python module ``module`` when that module has
+    been imported and defines it, else None; imports nothing."""
+    found: object = sys.modules.get(module)
+    for part in qualname.split(".") if found is not None else ():
+        found = getattr(found, part, None)
+    return found if isinstance(found, type) else None
+
+
+def instance_of(value: object, module: str, qualname: str) -> bool:
+    """``isinstance(value, cls)`` for the class of :func:`imported_class`; False
+    where that module is not imported or does not define it."""
+    cls = imported_class(module, qualname)
+    return cls is not None and isinstance(value, cls)
+
+
+def _register_imported() -> None:
+    """Register the converters of :func:`register_block_by_name` whose modules have
+    been imported since the last lookup (a module still being imported is left
+    for a later one: it may not define its classes yet)."""
+    for module in [name for name in _BY_NAME if name in sys.modules]:
+        if getattr(getattr(sys.modules[module], "__spec__", None), "_initializing", False):
+            continue
+        for qualname, converter in _BY_NAME.pop(module):
+            cls = imported_class(module, qualname)
+            if cls is not None and issubclass(cls, nn.Module):
+                _CONVERTERS.setdefault(cls, converter)
+            else:
+                logger.debug("%s.%s is not a module class here: its converter is not registered", module, qualname)
 
 
 def converter_for(module: nn.Module) -> Converter | None:
     """The converter that merges ``module``, or None if it is not a known block."""
-    _load_third_party()
+    _register_imported()
     return _loaded_converter_for(module)
 
 
 def block_converter_lookup() -> Callable[[nn.Module], Converter | None]:
     """:func:`converter_for` for a caller that asks about many modules: the
-    third-party converters are loaded once, here."""
-    _load_third_party()
+    converters registered by name are looked at once, here."""
+    _register_imported()
     return _loaded_converter_for
 
 
 def _loaded_converter_for(module: nn.Module) -> Converter | None:
-    """:func:`converter_for`, once the third-party converters are loaded."""
+    """:func:`converter_for`, once the converters registered by name are registered."""
     converter = _CONVERTERS.get(type(module))
     if converter is None and isinstance(module, RepBlock) and not module.deployed:
         return _reparameterization_of
@@ -193,7 +223,7 @@ def _path_outside(candidates: Iterable[str], inside: tuple[str, ...], own_paths:
 def blocks_among(named_modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module, Converter]]:
     """:func:`find_blocks` over the (name, module) pairs of a model's
     ``named_modules()``, for a caller that walks them anyway."""
-    _load_third_party()  # once, not for each module
+    _register_imported()  # once, not for each module
     found: list[tuple[str, nn.Module, Converter]] = []
     inside = None  # the last block's prefix: depth first, the paths inside a block follow its own
     for name, module in named_modules:

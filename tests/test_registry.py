@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
-import logging
+import importlib
+import importlib.machinery
 import re
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
@@ -125,14 +129,72 @@ def test_training_mode_block_is_refused(my_block_registered):
         fusedconv.reparameterize(model)
 
 
-def test_broken_third_party_converters_are_reported_once(monkeypatch, caplog):
-    monkeypatch.setitem(registry._THIRD_PARTY, "json", "fusedconv.thirdparty.no_such_module")
-    monkeypatch.setattr(registry, "_loaded", set())
-    with caplog.at_level(logging.WARNING, logger="fusedconv"):
+def _fake_zoo_module(monkeypatch, name: str, **classes) -> types.ModuleType:
+    """A module ``name`` defining ``classes``, in sys.modules for this test only."""
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    for qualname, cls in classes.items():
+        setattr(module, qualname, cls)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_converters_registered_by_name_take_effect_once_their_module_is_imported(monkeypatch):
+    """A zoo's converter is registered by its class's name, importing nothing; it
+    takes effect at the first lookup after the module is imported (not while
+    the module is still being imported), a class the module does not define
+    gets nothing, and a converter registered for the class itself wins."""
+    monkeypatch.setattr(registry, "_BY_NAME", {})
+    monkeypatch.setattr(registry, "_CONVERTERS", dict(registry._CONVERTERS))
+
+    class ZooBlock(MyBlock):
+        pass
+
+    class OtherBlock(MyBlock):
+        pass
+
+    def mine(block, name):
+        return merge_my_block(block, name)
+
+    registry.register_block_by_name("fake_zoo.blocks", "ZooBlock", merge_my_block)
+    registry.register_block_by_name("fake_zoo.blocks", "Missing", merge_my_block)
+    registry.register_block_by_name("fake_zoo.blocks", "OtherBlock", merge_my_block)
+    registry.register_block(OtherBlock, mine)
+    assert "fake_zoo.blocks" not in sys.modules
+    assert registry.converter_for(ZooBlock()) is None  # not imported: not its class yet
+    module = _fake_zoo_module(monkeypatch, "fake_zoo.blocks", ZooBlock=ZooBlock, OtherBlock=OtherBlock)
+    module.__spec__._initializing = True  # importlib's mark while the module's code runs
+    assert registry.converter_for(ZooBlock()) is None and "fake_zoo.blocks" in registry._BY_NAME
+    module.__spec__._initializing = False
+    assert registry.converter_for(ZooBlock()) is merge_my_block
+    assert registry.converter_for(OtherBlock()) is mine
+    assert registry._BY_NAME == {}  # the missing class is dropped, not looked up again at every fold
+    model = nn.Sequential(ZooBlock(), nn.ReLU()).eval()
+    assert fusedconv.plan(model).merges == ["0"]
+
+
+def test_fusedconv_imports_no_model_zoo():
+    """Importing fusedconv loads its zoo converters but none of the zoos."""
+    code = "import sys, fusedconv; print(sorted(m for m in ('timm', 'ultralytics') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]"]
+
+
+@pytest.mark.parametrize("zoo", ["timm", "ultralytics"])
+def test_every_zoo_converter_names_a_class_of_the_installed_zoo(zoo):
+    """Each built-in converter's (module, class) names a module class of the
+    installed package, and is registered for it once that is imported: a
+    misspelt name would leave its blocks unmerged without a word."""
+    pytest.importorskip(zoo)
+    converters = importlib.import_module(f"fusedconv.thirdparty.{zoo}")
+    registry.converter_for(nn.Identity())  # registers what is imported
+    for module, qualname, converter in converters.BLOCKS:
+        importlib.import_module(module)
+        cls = registry.imported_class(module, qualname)
+        assert cls is not None and issubclass(cls, nn.Module), f"{module}.{qualname}"
         registry.converter_for(nn.Identity())
-        registry.converter_for(nn.Identity())
-    messages = [r.getMessage() for r in caplog.records if "converters for json" in r.getMessage()]
-    assert len(messages) == 1 and "ModuleNotFoundError" in messages[0]
+        assert registry._CONVERTERS.get(cls) is converter, f"{module}.{qualname}"
 
 
 def _readme_register_block_example() -> str:

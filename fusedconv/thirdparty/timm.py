@@ -1,4 +1,5 @@
-"""Converters for timm's re-parameterizable blocks, registered when timm is imported.
+"""Converters for timm's re-parameterizable blocks, registered by their classes' names:
+they take effect once timm has been imported (this module imports none of it).
 
 Each converter plans, without touching the block, the merge that the block's
 own ``reparameterize()``/``fuse()`` performs (what ``timm.utils.reparameterize_model``
@@ -58,29 +59,30 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from timm.layers import ConvNormAct, DropBlock2d, DropPath
-import timm.models
-from timm.models import byobnet, fastvit, repghost, repvit
-
 from ..affine import ChannelAffine
 from ..errors import FoldError
 from ..layers import batchnorm_kind, why_layer_cannot_change
 from ..reparam import Branch, ConvGeometry, Reparameterization, bn_affine, identity_branch
-from ..registry import register_block
+from ..registry import instance_of, register_block_by_name
 
 Plans = list[Reparameterization]
 LinearPart = tuple[nn.Module, ChannelAffine | None]
 """A conv and the affine map after it (None: nothing after it)."""
 
-# Modules that compute the identity in eval mode, where timm puts them inside branches.
-_EVAL_IDENTITIES = (nn.Identity, nn.modules.dropout._DropoutNd, DropPath, DropBlock2d)
+_LAYERS = "timm.layers"  # imported with any timm model's module
+
+
+def _computes_identity_in_eval(module: nn.Module) -> bool:
+    """Whether ``module`` is one that computes the identity in eval mode, where timm puts them inside branches."""
+    return isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) or \
+        instance_of(module, _LAYERS, "DropPath") or instance_of(module, _LAYERS, "DropBlock2d")
 
 
 # --------------------------------------------------------------------------- reading branches
 
 def _check_identity(module: nn.Module, name: str) -> None:
     """Raise unless ``module`` computes the identity (in eval mode, for dropouts)."""
-    if not isinstance(module, _EVAL_IDENTITIES) or (module.training and not isinstance(module, nn.Identity)):
+    if not _computes_identity_in_eval(module) or (module.training and not isinstance(module, nn.Identity)):
         raise FoldError(
             f"{name}: {type(module).__name__} stands inside a branch that is merged into one conv; only an "
             "identity or an eval-mode dropout can"
@@ -115,7 +117,7 @@ def _plain_conv(conv: nn.Module, name: str) -> nn.Module:
 
 def _conv_norm_act(branch: nn.Module, name: str) -> LinearPart:
     """The conv and BN affine map of a timm ``ConvNormAct`` used as a linear branch."""
-    if not isinstance(branch, ConvNormAct):
+    if not instance_of(branch, _LAYERS, "ConvNormAct"):
         raise FoldError(f"{name}: {type(branch).__name__} is not the ConvNormAct branch the merge expects")
     if getattr(branch, "aa", None) is not None:
         _check_identity(branch.aa, f"{name}.aa")
@@ -190,7 +192,7 @@ def _into_reparam_conv(block: nn.Module, branch_attrs: Sequence[str]) -> Callabl
 
 # --------------------------------------------------------------------------- RepVGG, MobileOne, FastViT
 
-def convert_byobnet_repvgg(block: byobnet.RepVggBlock, name: str) -> Plans:
+def convert_byobnet_repvgg(block: nn.Module, name: str) -> Plans:
     """RepVGG: ``kxk-BN + 1x1-BN + BN(x)`` into the kxk conv (``attn`` and ``act`` stay after it)."""
     if block.reparam_conv is not None:
         return []
@@ -200,7 +202,7 @@ def convert_byobnet_repvgg(block: byobnet.RepVggBlock, name: str) -> Plans:
                    _into_reparam_conv(block, ("conv_kxk", "conv_1x1", "identity", "drop_path")))]
 
 
-def convert_byobnet_mobileone(block: byobnet.MobileOneBlock, name: str) -> Plans:
+def convert_byobnet_mobileone(block: nn.Module, name: str) -> Plans:
     """MobileOne (byobnet): every kxk-BN branch, the 1x1-BN scale branch and BN(x) into the first kxk conv."""
     if block.reparam_conv is not None:
         return []
@@ -210,7 +212,7 @@ def convert_byobnet_mobileone(block: byobnet.MobileOneBlock, name: str) -> Plans
                    _into_reparam_conv(block, ("conv_kxk", "conv_scale", "identity", "drop_path")))]
 
 
-def convert_fastvit_mobileone(block: fastvit.MobileOneBlock, name: str) -> Plans:
+def convert_fastvit_mobileone(block: nn.Module, name: str) -> Plans:
     """MobileOne (FastViT): as in byobnet; ``se`` and ``act`` stay after the merged conv."""
     if block.reparam_conv is not None:
         return []
@@ -218,7 +220,7 @@ def convert_fastvit_mobileone(block: fastvit.MobileOneBlock, name: str) -> Plans
     return [_merge(name, parts, identities, _into_reparam_conv(block, ("conv_kxk", "conv_scale", "identity")))]
 
 
-def convert_fastvit_large_kernel(block: fastvit.ReparamLargeKernelConv, name: str) -> Plans:
+def convert_fastvit_large_kernel(block: nn.Module, name: str) -> Plans:
     """RepLKNet-style ``large-BN + small-BN`` into the large conv (``se`` and ``act`` stay)."""
     if block.reparam_conv is not None:
         return []
@@ -226,7 +228,7 @@ def convert_fastvit_large_kernel(block: fastvit.ReparamLargeKernelConv, name: st
     return [_merge(name, parts, [], _into_reparam_conv(block, ("large_conv", "small_conv")))]
 
 
-def convert_fastvit_rep_mixer(block: fastvit.RepMixer, name: str) -> Plans:
+def convert_fastvit_rep_mixer(block: nn.Module, name: str) -> Plans:
     """FastViT's RepMixer, ``x + gamma * (mixer(x) - norm(x))``, into the mixer's kxk conv.
 
     The mixer's branches are scaled by the layer scale ``gamma``, the norm's
@@ -237,7 +239,7 @@ def convert_fastvit_rep_mixer(block: fastvit.RepMixer, name: str) -> Plans:
     for part in ("mixer", "norm"):
         for attr in ("se", "act"):
             _check_identity(getattr(getattr(block, part), attr), f"{name}.{part}.{attr}")
-    if isinstance(block.layer_scale, fastvit.LayerScale2d):
+    if instance_of(block.layer_scale, "timm.models.fastvit", "LayerScale2d"):
         gamma = block.layer_scale.gamma.detach()
     else:
         _check_identity(block.layer_scale, f"{name}.layer_scale")
@@ -252,7 +254,7 @@ def convert_fastvit_rep_mixer(block: fastvit.RepMixer, name: str) -> Plans:
     return [_merge(name, parts, identities, _into_reparam_conv(block, ("mixer", "norm", "layer_scale")))]
 
 
-def convert_fastvit_rep_cpe(block: fastvit.RepConditionalPosEnc, name: str) -> Plans:
+def convert_fastvit_rep_cpe(block: nn.Module, name: str) -> Plans:
     """FastViT's conditional positional encoding, ``pos_enc(x) + x``, into ``pos_enc``."""
     if block.reparam_conv is not None:
         return []
@@ -262,7 +264,7 @@ def convert_fastvit_rep_cpe(block: fastvit.RepConditionalPosEnc, name: str) -> P
 
 # --------------------------------------------------------------------------- RepGhost
 
-def convert_repghost_module(block: repghost.RepGhostModule, name: str) -> Plans:
+def convert_repghost_module(block: nn.Module, name: str) -> Plans:
     """RepGhost: ``cheap(x1) + sum(fusion_bn(x1))`` into the cheap depthwise conv, where
     ``x1 = relu(BN(primary_conv(x)))``; that primary BN is folded into its conv too
     (timm leaves it, and nothing else can reach it inside a merged block)."""
@@ -338,7 +340,7 @@ def _bn_then_linear(linear_attr: str):
 
 # --------------------------------------------------------------------------- RepViT
 
-def convert_repvit_rep_vgg_dw(block: repvit.RepVggDw, name: str) -> Plans:
+def convert_repvit_rep_vgg_dw(block: nn.Module, name: str) -> Plans:
     """RepViT's token mixer, ``bn(conv(x) + conv1(x) + x)``, into the kxk conv of ``conv``.
 
     Each term passes through the final BN's scale, its shift is added once.
@@ -348,7 +350,7 @@ def convert_repvit_rep_vgg_dw(block: repvit.RepVggDw, name: str) -> Plans:
     if not hasattr(block, "conv1"):
         return []
     target = (_plain_conv(block.conv.c, f"{name}.conv.c"), _norm_affine(block.conv.bn, f"{name}.conv.bn"))
-    if isinstance(block.conv1, repvit.ConvNorm):
+    if instance_of(block.conv1, "timm.models.repvit", "ConvNorm"):
         second = (_plain_conv(block.conv1.c, f"{name}.conv1.c"), _norm_affine(block.conv1.bn, f"{name}.conv1.bn"))
     else:
         second = (_plain_conv(block.conv1, f"{name}.conv1"), None)
@@ -367,11 +369,11 @@ def convert_repvit_rep_vgg_dw(block: repvit.RepVggDw, name: str) -> Plans:
     return [_merge(name, [target, second], [identity], install)]
 
 
-def convert_repvit_classifier(block: repvit.RepVitClassifier, name: str) -> Plans:
+def convert_repvit_classifier(block: nn.Module, name: str) -> Plans:
     """RepViT's head: each NormLinear's BN folds into its Linear; with distillation,
     ``(head(x) + head_dist(x)) / 2`` becomes one Linear in ``head`` (``head_dist``
     is deleted and ``distillation`` turned off, so forward uses that Linear alone)."""
-    if not isinstance(block.head, repvit.NormLinear):
+    if not instance_of(block.head, "timm.models.repvit", "NormLinear"):
         return []  # no classes, or merged already
     fold_head = _bn_then_linear("l")
     if not block.distillation:
@@ -400,18 +402,20 @@ def convert_repvit_classifier(block: repvit.RepVitClassifier, name: str) -> Plan
 
 # --------------------------------------------------------------------------- registration
 
-register_block(byobnet.RepVggBlock, convert_byobnet_repvgg)
-register_block(byobnet.MobileOneBlock, convert_byobnet_mobileone)
-register_block(fastvit.MobileOneBlock, convert_fastvit_mobileone)
-register_block(fastvit.ReparamLargeKernelConv, convert_fastvit_large_kernel)
-register_block(fastvit.RepMixer, convert_fastvit_rep_mixer)
-register_block(fastvit.RepConditionalPosEnc, convert_fastvit_rep_cpe)
-register_block(repghost.RepGhostModule, convert_repghost_module)
-register_block(repvit.RepVggDw, convert_repvit_rep_vgg_dw)
-register_block(repvit.RepVitClassifier, convert_repvit_classifier)
-
-# Pairs that timm's fuse() turns into one Conv or Linear: (model module, class, converter).
-_PAIR_BLOCKS = (
+# (timm.models module, class, converter) for every block class merged here; the
+# pairs are those that timm's fuse() turns into one Conv or Linear. A class that
+# the installed timm lacks (the newer models are missing from older versions)
+# gets nothing.
+BLOCKS = tuple((f"timm.models.{module}", qualname, converter) for module, qualname, converter in (
+    ("byobnet", "RepVggBlock", convert_byobnet_repvgg),
+    ("byobnet", "MobileOneBlock", convert_byobnet_mobileone),
+    ("fastvit", "MobileOneBlock", convert_fastvit_mobileone),
+    ("fastvit", "ReparamLargeKernelConv", convert_fastvit_large_kernel),
+    ("fastvit", "RepMixer", convert_fastvit_rep_mixer),
+    ("fastvit", "RepConditionalPosEnc", convert_fastvit_rep_cpe),
+    ("repghost", "RepGhostModule", convert_repghost_module),
+    ("repvit", "RepVggDw", convert_repvit_rep_vgg_dw),
+    ("repvit", "RepVitClassifier", convert_repvit_classifier),
     ("repvit", "ConvNorm", _layer_then_bn("c")),
     ("repvit", "NormLinear", _bn_then_linear("l")),
     ("levit", "ConvNorm", _layer_then_bn("linear")),
@@ -424,8 +428,6 @@ _PAIR_BLOCKS = (
     ("shvit", "NormLinear", _bn_then_linear("l")),
     ("iformer", "ConvNorm", _layer_then_bn("c")),
     ("iformer", "NormLinear", _bn_then_linear("l")),
-)
-for _module, _class, _converter in _PAIR_BLOCKS:
-    _cls = getattr(getattr(timm.models, _module, None), _class, None)
-    if _cls is not None:  # the newer models are missing from older timm versions
-        register_block(_cls, _converter)
+))
+for _block in BLOCKS:
+    register_block_by_name(*_block)

@@ -1,4 +1,5 @@
-"""Converters for ultralytics' re-parameterizable blocks, registered when ultralytics is imported.
+"""Converters for ultralytics' re-parameterizable blocks, registered by their classes'
+names: they take effect once ultralytics has been imported (this module imports none of it).
 
 They plan, without touching the block, what ``BaseModel.fuse()`` does to it,
 computed with :mod:`fusedconv.reparam` in float64 with one rounding per write,
@@ -34,17 +35,17 @@ from typing import Callable
 
 from torch import nn
 
-from ultralytics.nn.modules import block as ultralytics_block
-from ultralytics.nn.modules import conv as ultralytics_conv
-
 from ..affine import ChannelAffine
 from ..errors import FoldError
 from ..layers import registered_attribute, set_plain_attribute
-from ..registry import block_submodules, register_block
+from ..registry import block_submodules, instance_of, register_block_by_name
 from ..reparam import Branch, ConvGeometry, Reparameterization, bn_affine, identity_branch
 from ..walking import submodules
 
 Plans = list[Reparameterization]
+
+_CONV_MODULE = "ultralytics.nn.modules.conv"
+_BLOCK_MODULE = "ultralytics.nn.modules.block"
 
 
 def _check_not_quantized(block: nn.Module, name: str) -> None:
@@ -80,7 +81,7 @@ def _freeze(conv: nn.Module) -> None:
 def _linear_conv_bn(part: nn.Module, name: str) -> tuple[nn.Module, ChannelAffine | None]:
     """The conv and BN affine map of an inner ``Conv(act=False)`` used as a linear branch
     (BN None when that Conv was fused on its own already)."""
-    if not isinstance(part, ultralytics_conv.Conv):
+    if not instance_of(part, _CONV_MODULE, "Conv"):
         raise FoldError(f"{name}: {type(part).__name__} is not the ultralytics Conv branch the merge expects")
     if not isinstance(part.act, nn.Identity):
         raise FoldError(f"{name}: its activation {type(part.act).__name__} stands inside a branch that is merged "
@@ -93,7 +94,7 @@ def _branch(conv: nn.Module, affine: ChannelAffine | None) -> Branch:
     return Branch(conv.weight.detach(), ConvGeometry.of(conv), conv.bias, affine)
 
 
-def convert_conv(block: ultralytics_conv.Conv, name: str) -> Plans:
+def convert_conv(block: nn.Module, name: str) -> Plans:
     """``act(bn(conv(x)))`` (Conv, DWConv): the BN folds into ``conv``."""
     bn = registered_attribute(block, "bn")
     if bn is None:
@@ -103,7 +104,7 @@ def convert_conv(block: ultralytics_conv.Conv, name: str) -> Plans:
                                _deploy(block, delete=("bn",), conv_attr="conv"), after=bn_affine(bn, f"{name}.bn"))]
 
 
-def convert_conv2(block: ultralytics_conv.Conv2, name: str) -> Plans:
+def convert_conv2(block: nn.Module, name: str) -> Plans:
     """``act(bn(conv(x) + cv2(x)))``: the 1x1 ``cv2`` lands on ``conv``'s centre tap,
     scaled by the BN like ``conv`` (the BN's shift is added once)."""
     if not hasattr(block, "bn"):
@@ -117,7 +118,7 @@ def convert_conv2(block: ultralytics_conv.Conv2, name: str) -> Plans:
                                after=after, branches=branches)]
 
 
-def convert_conv_transpose(block: ultralytics_conv.ConvTranspose, name: str) -> Plans:
+def convert_conv_transpose(block: nn.Module, name: str) -> Plans:
     """``act(bn(conv_transpose(x)))``: the BN folds into ``conv_transpose`` (output channels on dim 1)."""
     if not hasattr(block, "bn") or isinstance(block.bn, nn.Identity):
         return []  # fused already, or built with bn=False
@@ -126,7 +127,7 @@ def convert_conv_transpose(block: ultralytics_conv.ConvTranspose, name: str) -> 
                                after=bn_affine(block.bn, f"{name}.bn"))]
 
 
-def convert_rep_conv(block: ultralytics_conv.RepConv, name: str) -> Plans:
+def convert_rep_conv(block: nn.Module, name: str) -> Plans:
     """RepConv: ``conv1 (kxk-BN) + conv2 (1x1-BN) + bn(x)`` into ``conv1``'s conv, stored as ``conv``."""
     if hasattr(block, "conv"):
         return []
@@ -141,7 +142,7 @@ def convert_rep_conv(block: ultralytics_conv.RepConv, name: str) -> Plans:
                                after=after, branches=branches)]
 
 
-def convert_rep_vgg_dw(block: ultralytics_block.RepVGGDW, name: str) -> Plans:
+def convert_rep_vgg_dw(block: nn.Module, name: str) -> Plans:
     """RepVGGDW: ``conv (7x7-BN) + conv1 (3x3-BN)`` into the 7x7 conv, stored as ``conv``."""
     if not hasattr(block, "conv1"):
         return []
@@ -151,9 +152,14 @@ def convert_rep_vgg_dw(block: ultralytics_block.RepVGGDW, name: str) -> Plans:
                                branches=[_branch(*_linear_conv_bn(block.conv1, f"{name}.conv1"))])]
 
 
-register_block(ultralytics_conv.Conv, convert_conv)
-register_block(ultralytics_conv.DWConv, convert_conv)
-register_block(ultralytics_conv.Conv2, convert_conv2)
-register_block(ultralytics_conv.ConvTranspose, convert_conv_transpose)
-register_block(ultralytics_conv.RepConv, convert_rep_conv)
-register_block(ultralytics_block.RepVGGDW, convert_rep_vgg_dw)
+# (module, class, converter) for every block class merged here.
+BLOCKS = (
+    (_CONV_MODULE, "Conv", convert_conv),
+    (_CONV_MODULE, "DWConv", convert_conv),
+    (_CONV_MODULE, "Conv2", convert_conv2),
+    (_CONV_MODULE, "ConvTranspose", convert_conv_transpose),
+    (_CONV_MODULE, "RepConv", convert_rep_conv),
+    (_BLOCK_MODULE, "RepVGGDW", convert_rep_vgg_dw),
+)
+for _block in BLOCKS:
+    register_block_by_name(*_block)
