@@ -67,20 +67,19 @@ def _trusted(klass: type) -> bool:
         f"{klass.__module__}.{klass.__qualname__}" in _TRUSTED_CLASS_NAMES)
 
 
-_TRUSTED_CLASSES: dict[type, tuple[frozenset[str], frozenset[str]]] = {}
+_TRUSTED_CLASSES: dict[type, frozenset[str]] = {}
 
 
-def _trusted_class_names(cls: type) -> tuple[frozenset[str], frozenset[str]] | None:
+def _trusted_class_names(cls: type) -> frozenset[str] | None:
     """For a class whose whole MRO is trusted (torch's own classes, which nobody
-    is expected to patch): every name its classes define, and those that are
-    callable; worked out once per class. None for any other class, which is
-    examined afresh every time (its code may change between two plans)."""
+    is expected to patch): every name its classes define, worked out once per
+    class. None for any other class, which is examined afresh every time (its
+    code may change between two plans)."""
     names = _TRUSTED_CLASSES.get(cls)
     if names is None:
         if not all(_trusted(klass) for klass in cls.__mro__):
             return None
-        defined = frozenset(name for klass in cls.__mro__ for name in vars(klass))
-        names = _TRUSTED_CLASSES[cls] = (defined, frozenset(n for n in defined if callable(getattr(cls, n, None))))
+        names = _TRUSTED_CLASSES[cls] = frozenset(name for klass in cls.__mro__ for name in vars(klass))
     return names
 
 
@@ -121,11 +120,13 @@ def why_not_standard(module: nn.Module, proven: frozenset[str] = frozenset()) ->
         cls = original
     trusted_names = _trusted_class_names(cls)
     if trusted_names is not None:  # every class is trusted: only the instance can differ
-        shadows = registered & trusted_names[0]
+        shadows = registered & trusted_names
         if shadows:  # e.g. a torch class that gained a class attribute: still shadowed
             return f"{cls.__qualname__} defines {sorted(shadows)[0]} at class level, which hides the registered one"
-        replaced = (vars(module).keys() - MODULE_STATE) & trusted_names[1]
-        return f"its {sorted(replaced)[0]} is replaced on the instance" if replaced else None
+        # Only an instance attribute that a class defines can replace a method (rarely any: few are asked about).
+        replaced = sorted(name for name in (vars(module).keys() - MODULE_STATE) & trusted_names
+                          if callable(getattr(cls, name, None)))
+        return f"its {replaced[0]} is replaced on the instance" if replaced else None
     mro = cls.__mro__
     trusted = [klass for klass in mro if _trusted(klass)]
     for klass in mro:
@@ -270,8 +271,7 @@ def set_plain_attribute(module: nn.Module, name: str, value: object) -> None:
 def _names_torch_defines(klass: type) -> frozenset[str] | None:
     """The names the MRO of ``klass`` defines when all of it is torch's own (which
     keeps torch's ``__getattr__`` and ``__getattribute__``), else None."""
-    trusted = _trusted_class_names(klass)
-    return None if trusted is None else trusted[0]
+    return _trusted_class_names(klass)
 
 
 def has_own_forward(module: nn.Module) -> bool:
