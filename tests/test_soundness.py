@@ -1225,6 +1225,26 @@ def test_a_conv_reached_by_code_the_module_tree_does_not_show_is_not_folded(case
         assert torch.allclose(fused(x), expected, rtol=1e-5, atol=1e-5), (fused(x) - expected).abs().max()
 
 
+@pytest.mark.parametrize("case, held", [
+    ("hook_reading_its_module", lambda model: [model.conv, model.bn]),
+    ("pre_hook_of_a_child_reading_it", lambda model: [model[0].conv, model[0].bn]),
+    ("hook_of_a_block_reading_it", lambda model: list(model[0].modules())[1:]),
+    ("class_attribute", lambda model: [model.conv]),
+])
+def test_the_index_finds_the_modules_a_hook_or_class_holds(case, held):
+    """The index follows only the modules that hold values (a module's hooks are
+    among them) or whose class reaches a module: those a hook reading its
+    module, or a class attribute, holds are found, with their holder."""
+    from fusedconv.model_index import ModelIndex
+
+    model = REACHED_ANOTHER_WAY[case]().eval()
+    index = ModelIndex(model)
+    assert index.held_elsewhere is not None
+    assert {id(m) for m in held(model)} <= set(index.held_elsewhere)
+    assert all(index.holders[id(m)] for m in held(model))
+    assert ModelIndex(_hooked(False).eval()).held_elsewhere == {}  # a hook that never reads its module holds none
+
+
 def test_a_hook_that_never_reads_its_module_does_not_stop_folds():
     """Only a hook that uses the module it is called with reaches the modules
     below it: a hook that scales the output leaves the pair foldable."""

@@ -310,10 +310,13 @@ def modules_held_elsewhere(modules: Iterable[tuple[str, nn.Module]], *,
     by_class = {kind: _reached_by_class(kind) for kind in {type(module) for _, module in modules}}
     if any(reached is UNKNOWN for reached in by_class.values()):
         return None
-    for (path, module), held in zip(modules, values):
+    # Only a module holding values, or of a class that reaches a module, has
+    # anything to follow (most modules: nothing). Its forward hooks are among its
+    # values; FSDP2's own, left out there, are never followed.
+    reaching = any(by_class.values())
+    for (path, module), held in zip(modules, values) if reaching else \
+            [(entry, held) for entry, held in zip(modules, values) if held]:
         from_class = by_class[type(module)]
-        if not (held or from_class or module._forward_hooks or module._forward_pre_hooks):
-            continue  # most modules: nothing to follow
         reached = reachable_modules(held) if held else []
         if reached is UNKNOWN:
             return None

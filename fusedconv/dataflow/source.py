@@ -699,8 +699,8 @@ def _code_names_batch_norm(code: types.CodeType) -> bool:
     stack = [code]
     while stack:
         code = stack.pop()
-        for names in (code.co_names, code.co_varnames, code.co_cellvars, code.co_freevars):
-            if any("batch_norm" in name for name in names):
-                return True
-        stack.extend(value for value in code.co_consts if isinstance(value, types.CodeType))
+        # One search of the names joined: an identifier holds no space, so none is found across two.
+        if "batch_norm" in " ".join((*code.co_names, *code.co_varnames, *code.co_cellvars, *code.co_freevars)):
+            return True
+        stack += [value for value in code.co_consts if isinstance(value, types.CodeType)]
     return False
