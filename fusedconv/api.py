@@ -126,7 +126,9 @@ def fuse(
     else:
         if plan is None:
             check_foldable(network)
-            plan = make_plan(network, as_input_tuple(example_inputs), check_stats=False, index=index)
+            # What no fold removes (batch norms computed by function calls) is looked for only to be logged.
+            plan = make_plan(network, as_input_tuple(example_inputs), check_stats=False, index=index,
+                             list_functional=logger.isEnabledFor(logging.INFO))
         fused = apply_plan(network, plan, inplace=inplace, backend=backend, flush_subnormals=flush_subnormals,
                            index=index)
     if logger.isEnabledFor(logging.INFO):

@@ -281,11 +281,14 @@ def _warn_about(plan: FusionPlan, flow: Dataflow) -> None:
 
 
 def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_stats: bool = True,
-              index: ModelIndex | None = None) -> FusionPlan:
+              index: ModelIndex | None = None, list_functional: bool = True) -> FusionPlan:
     """Find what can be folded in ``model`` (not modified) and, unless
     ``check_stats`` is False (the caller applies the plan at once, which checks
     them again), check the statistics of every BN it folds and every block
     merge. ``index``: the model's :class:`ModelIndex`, when the caller has it.
+    ``list_functional=False``: where every BN module sits in a block, the plan
+    leaves out the batch norms computed by function calls, which no fold
+    removes and only a report lists (finding them reads every class's code).
     A sharded model (DTensor parameters, FSDP2) is planned from its code alone,
     without example inputs, and its statistics are checked when it is folded
     (by every rank at once: each holds part of them)."""
@@ -305,7 +308,7 @@ def make_plan(model: nn.Module, example_inputs: tuple | None = None, *, check_st
         planned[id(read)] = (read, Matcher(index, read).plan())
         return not planned[id(read)][1].skipped
 
-    flow = find_dataflow(model, index, example_inputs, settled)
+    flow = find_dataflow(model, index, example_inputs, settled, list_functional=list_functional)
     earlier = planned.get(id(flow))
     reuse = earlier is not None and earlier[0] is flow and flow.note is None  # a note changes the reasons
     plan = earlier[1] if reuse else Matcher(index, flow).plan()

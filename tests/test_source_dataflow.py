@@ -707,6 +707,40 @@ def test_functional_batch_norms_found_without_reading_classes_that_cannot_call_t
     assert [skip.module for skip in fusedconv.plan(model).skipped] == ["3: Head: F.batch_norm(...)"]
 
 
+def test_fuse_looks_for_functional_batch_norms_only_to_log_them(tmp_path, monkeypatch, caplog):
+    """Where every BN module sits in a block, fuse() does not read the other
+    classes' code for batch norms computed by function calls (no fold removes
+    them) unless it logs the plan, whose count of BNs left includes them; the
+    folded model is the same either way."""
+    import logging
+
+    from fusedconv.dataflow import find
+
+    head_class = _module_from(tmp_path / "functional_head.py", _PLAIN_SOURCE).Head
+    monkeypatch.setattr(head_class, "forward", _module_from(tmp_path / "functional_forward_2.py",
+                                                            _FUNCTIONAL_SOURCE).forward)
+    scans = []
+    real_scan = find.functional_batchnorm_calls
+    monkeypatch.setattr(find, "functional_batchnorm_calls", lambda modules: scans.append(1) or real_scan(modules))
+
+    original = nn.Sequential(fusedconv.blocks.RepVGGBlock(3, 4, 3, padding=1), nn.Flatten(1), nn.Linear(16, 4),
+                             head_class())
+    original[3].register_buffer("mean", torch.randn(2, generator=torch.Generator().manual_seed(1)))
+    original[3].register_buffer("var", torch.rand(2, generator=torch.Generator().manual_seed(2)) + 0.5)
+    original = randomize_batchnorm_stats(original, torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.WARNING, logger="fusedconv"):
+        quiet = fusedconv.fuse(original)
+    assert scans == []
+    with caplog.at_level(logging.INFO, logger="fusedconv"):
+        logged = fusedconv.fuse(original)
+    assert scans == [1]
+    assert any("1 BatchNorms left" in record.getMessage() for record in caplog.records)
+    with torch.no_grad():
+        assert torch.equal(quiet(x), logged(x))
+    assert [skip.module for skip in fusedconv.plan(original).skipped] == ["3: Head: F.batch_norm(...)"]
+
+
 # Method sources and whether their compiled code may call a functional batch norm.
 SPELLINGS = [
     ("return F.batch_norm(x, m, v)", True),

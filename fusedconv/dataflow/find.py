@@ -49,15 +49,18 @@ def _run(model: nn.Module, index, example_inputs: tuple) -> Dataflow:
 
 
 def find_dataflow(model: nn.Module, index, example_inputs: tuple | None,
-                  settled: Callable[[Dataflow], bool]) -> Dataflow:
+                  settled: Callable[[Dataflow], bool], *, list_functional: bool = True) -> Dataflow:
     """The dataflow of ``model`` (its :class:`fusedconv.model_index.ModelIndex` is
     ``index``), from the cheapest source that can vouch for it (module docstring).
     ``settled(flow)`` says whether a dataflow leaves nothing a trace could add
-    (the rules fold every BN by it). Raises :class:`fusedconv.FoldError` when a
-    run fails, or when fx cannot trace a model whose code proves nothing."""
+    (the rules fold every BN by it). Without ``list_functional``, a model whose
+    BNs all sit in blocks has no class's code looked at for batch norms
+    computed by function calls (which only a report lists: no fold removes
+    them). Raises :class:`fusedconv.FoldError` when a run fails, or when fx
+    cannot trace a model whose code proves nothing."""
     if not index.batchnorms:  # every BN sits in a block that its converter merges
         return Dataflow({name: Node(name) for name in index.tracked.values()}, "none",
-                        functional_batchnorms=functional_batchnorm_calls(index.outside))
+                        functional_batchnorms=functional_batchnorm_calls(index.outside) if list_functional else [])
     if example_inputs is not None:
         return _run(model, index, example_inputs)
     read = from_source(model, index.tracked, index.paths, index.held_elsewhere)
