@@ -67,20 +67,16 @@ def _trusted(klass: type) -> bool:
         f"{klass.__module__}.{klass.__qualname__}" in _TRUSTED_CLASS_NAMES)
 
 
-_TRUSTED_CLASSES: dict[type, frozenset[str]] = {}
-
-
+@functools.lru_cache(maxsize=1024)  # bounded: a program may make classes on the fly
 def _trusted_class_names(cls: type) -> frozenset[str] | None:
     """For a class whose whole MRO is trusted (torch's own classes, which nobody
-    is expected to patch): every name its classes define, worked out once per
-    class. None for any other class, which is examined afresh every time (its
-    code may change between two plans)."""
-    names = _TRUSTED_CLASSES.get(cls)
-    if names is None:
-        if not all(_trusted(klass) for klass in cls.__mro__):
-            return None
-        names = _TRUSTED_CLASSES[cls] = frozenset(name for klass in cls.__mro__ for name in vars(klass))
-    return names
+    is expected to patch, and which keep torch's ``__getattr__`` and
+    ``__getattribute__``): every name its classes define, worked out once per
+    class. None for any other class, whose methods are examined afresh every
+    time (its code may change between two plans)."""
+    if not all(_trusted(klass) for klass in cls.__mro__):
+        return None
+    return frozenset(name for klass in cls.__mro__ for name in vars(klass))
 
 
 def _forward_owner(module: nn.Module) -> str:
@@ -217,7 +213,7 @@ def registered_attribute(module: nn.Module, name: str) -> object:
     ``__getattr__`` reads them, and a name found nowhere (``running_mean`` of a
     conv) is None; any other class is left to ``getattr``.
     """
-    defined = _names_torch_defines(type(module))
+    defined = _trusted_class_names(type(module))
     if defined is not None and name not in defined and name not in module.__dict__:
         if name in module._parameters:
             return module._parameters[name]
@@ -267,11 +263,6 @@ def set_plain_attribute(module: nn.Module, name: str, value: object) -> None:
         setattr(module, name, value)
 
 
-@functools.lru_cache(maxsize=1024)  # bounded: a program may make classes on the fly
-def _names_torch_defines(klass: type) -> frozenset[str] | None:
-    """The names the MRO of ``klass`` defines when all of it is torch's own (which
-    keeps torch's ``__getattr__`` and ``__getattribute__``), else None."""
-    return _trusted_class_names(klass)
 
 
 def has_own_forward(module: nn.Module) -> bool:

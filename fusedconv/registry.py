@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import threading
 from typing import Callable, Iterable, Sequence, Union
 
 from torch import nn
@@ -42,8 +43,12 @@ _CONVERTERS: dict[type, Converter] = {}
 
 # Converters for the classes of Python modules fusedconv does not import (the
 # model zoos'): module name -> [(class's qualified name, converter)], waiting
-# for the module to be imported.
+# for the module to be imported; and the classes whose converter came from such
+# a registration (a later one by name replaces it, none replaces register_block's).
 _BY_NAME: dict[str, list[tuple[str, Converter]]] = {}
+_REGISTERED_BY_NAME: set[type] = set()
+# Held while _BY_NAME changes: two first folds on two threads register each entry once.
+_BY_NAME_LOCK = threading.Lock()
 
 
 # id(block) -> its submodules, while plan_found_blocks runs the converters with a walk of the model at hand.
@@ -68,7 +73,9 @@ def register_block(cls: type, converter: Converter | None = None):
         raise TypeError(f"register_block takes an nn.Module subclass, got {cls!r}")
     if converter is None:
         return lambda fn: register_block(cls, fn) or fn
-    _CONVERTERS[cls] = converter
+    with _BY_NAME_LOCK:
+        _CONVERTERS[cls] = converter
+        _REGISTERED_BY_NAME.discard(cls)
     return None
 
 
@@ -76,15 +83,19 @@ def register_block_by_name(module: str, qualname: str, converter: Converter) -> 
     """Register ``converter`` for the class ``qualname`` of the Python module
     ``module`` (``"ultralytics.nn.modules.conv"``, ``"Conv"``), without importing
     that module: the registration takes effect at the first lookup after it
-    has been imported. A class the module does not define (another version of
-    its package) gets nothing; one given a converter by :func:`register_block`
-    keeps that one."""
-    _BY_NAME.setdefault(module, []).append((qualname, converter))
+    has been imported. A later registration by name for the same class
+    replaces an earlier one (fusedconv's own for the zoos are made when it is
+    imported); a converter given to the class itself by :func:`register_block`
+    is kept whatever the order. A class the module does not define (another
+    version of its package) gets nothing, with a warning."""
+    with _BY_NAME_LOCK:
+        _BY_NAME.setdefault(module, []).append((qualname, converter))
 
 
 def imported_class(module: str, qualname: str) -> type | None:
     """The class ``qualname`` of the Python module ``module`` when that module has
-    been imported and defines it, else None; imports nothing."""
+    been imported and defines it, else None; looks it up among the imported
+    modules, and imports nothing itself."""
     found: object = sys.modules.get(module)
     for part in qualname.split(".") if found is not None else ():
         found = getattr(found, part, None)
@@ -101,16 +112,21 @@ def instance_of(value: object, module: str, qualname: str) -> bool:
 def _register_imported() -> None:
     """Register the converters of :func:`register_block_by_name` whose modules have
     been imported since the last lookup (a module still being imported is left
-    for a later one: it may not define its classes yet)."""
-    for module in [name for name in _BY_NAME if name in sys.modules]:
-        if getattr(getattr(sys.modules[module], "__spec__", None), "_initializing", False):
-            continue
-        for qualname, converter in _BY_NAME.pop(module):
-            cls = imported_class(module, qualname)
-            if cls is not None and issubclass(cls, nn.Module):
-                _CONVERTERS.setdefault(cls, converter)
-            else:
-                logger.debug("%s.%s is not a module class here: its converter is not registered", module, qualname)
+    for a later one: it may not define its classes yet; one blocked from
+    importing, None in ``sys.modules``, waits too)."""
+    with _BY_NAME_LOCK:
+        for module in [name for name in _BY_NAME if sys.modules.get(name) is not None]:
+            if getattr(getattr(sys.modules[module], "__spec__", None), "_initializing", False):
+                continue
+            for qualname, converter in _BY_NAME.pop(module):
+                cls = imported_class(module, qualname)
+                if cls is None or not issubclass(cls, nn.Module):
+                    logger.warning("%s has no module class %s: its blocks are not merged (their BatchNorms are "
+                                   "folded where they can be); this version of the package is not the one the "
+                                   "converter was written for", module, qualname)
+                elif cls not in _CONVERTERS or cls in _REGISTERED_BY_NAME:
+                    _CONVERTERS[cls] = converter
+                    _REGISTERED_BY_NAME.add(cls)
 
 
 def converter_for(module: nn.Module) -> Converter | None:

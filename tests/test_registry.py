@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.machinery
+import importlib.util
+import logging
 import re
 import subprocess
 import sys
@@ -139,12 +141,15 @@ def _fake_zoo_module(monkeypatch, name: str, **classes) -> types.ModuleType:
     return module
 
 
-def test_converters_registered_by_name_take_effect_once_their_module_is_imported(monkeypatch):
+def test_converters_registered_by_name_take_effect_once_their_module_is_imported(monkeypatch, caplog):
     """A zoo's converter is registered by its class's name, importing nothing; it
     takes effect at the first lookup after the module is imported (not while
-    the module is still being imported), a class the module does not define
-    gets nothing, and a converter registered for the class itself wins."""
+    the module is still being imported, nor while it is blocked), a class the
+    module does not define gets nothing with a warning, a later registration
+    by name replaces an earlier one, and a converter registered for the class
+    itself wins whatever the order."""
     monkeypatch.setattr(registry, "_BY_NAME", {})
+    monkeypatch.setattr(registry, "_REGISTERED_BY_NAME", set())
     monkeypatch.setattr(registry, "_CONVERTERS", dict(registry._CONVERTERS))
 
     class ZooBlock(MyBlock):
@@ -156,21 +161,73 @@ def test_converters_registered_by_name_take_effect_once_their_module_is_imported
     def mine(block, name):
         return merge_my_block(block, name)
 
+    def later(block, name):
+        return merge_my_block(block, name)
+
     registry.register_block_by_name("fake_zoo.blocks", "ZooBlock", merge_my_block)
     registry.register_block_by_name("fake_zoo.blocks", "Missing", merge_my_block)
     registry.register_block_by_name("fake_zoo.blocks", "OtherBlock", merge_my_block)
     registry.register_block(OtherBlock, mine)
     assert "fake_zoo.blocks" not in sys.modules
     assert registry.converter_for(ZooBlock()) is None  # not imported: not its class yet
+    monkeypatch.setitem(sys.modules, "fake_zoo.blocks", None)  # an import blocked: nothing to look at
+    assert registry.converter_for(ZooBlock()) is None and "fake_zoo.blocks" in registry._BY_NAME
     module = _fake_zoo_module(monkeypatch, "fake_zoo.blocks", ZooBlock=ZooBlock, OtherBlock=OtherBlock)
     module.__spec__._initializing = True  # importlib's mark while the module's code runs
     assert registry.converter_for(ZooBlock()) is None and "fake_zoo.blocks" in registry._BY_NAME
     module.__spec__._initializing = False
-    assert registry.converter_for(ZooBlock()) is merge_my_block
+    with caplog.at_level(logging.WARNING, logger="fusedconv"):
+        assert registry.converter_for(ZooBlock()) is merge_my_block
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["fake_zoo.blocks has no module class Missing"]
     assert registry.converter_for(OtherBlock()) is mine
     assert registry._BY_NAME == {}  # the missing class is dropped, not looked up again at every fold
+    registry.register_block_by_name("fake_zoo.blocks", "ZooBlock", later)
+    registry.register_block_by_name("fake_zoo.blocks", "OtherBlock", later)
+    assert registry.converter_for(ZooBlock()) is later  # the later registration by name
+    assert registry.converter_for(OtherBlock()) is mine  # register_block's, registered before it
+    registry.register_block(ZooBlock, mine)
+    assert registry.converter_for(ZooBlock()) is mine
     model = nn.Sequential(ZooBlock(), nn.ReLU()).eval()
     assert fusedconv.plan(model).merges == ["0"]
+
+
+def _look_up_after(start, errors: list) -> None:
+    """A converter lookup once ``start`` lets every thread go; what it raised goes to ``errors``."""
+    start.wait()
+    try:
+        registry.converter_for(nn.Identity())
+    except (KeyError, RuntimeError) as exc:  # the race raised KeyError, or "dictionary changed size"
+        errors.append(exc)
+
+
+def test_two_threads_register_the_converters_by_name_once(monkeypatch):
+    """Two first lookups at once, on two threads, register each converter once
+    and neither raises (the threads switched as often as the interpreter can)."""
+    import threading
+
+    monkeypatch.setattr(registry, "_REGISTERED_BY_NAME", set())
+    monkeypatch.setattr(registry, "_CONVERTERS", dict(registry._CONVERTERS))
+    classes = {f"Block{i}": type(f"Block{i}", (MyBlock,), {}) for i in range(5)}
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for round_ in range(10):
+            monkeypatch.setattr(registry, "_BY_NAME", {})
+            for zoo_module in range(50):
+                name = f"fake_zoo.round{round_}_{zoo_module}"
+                for qualname in classes:
+                    registry.register_block_by_name(name, qualname, merge_my_block)
+                _fake_zoo_module(monkeypatch, name, **classes)
+            start, errors = threading.Barrier(2), []
+            threads = [threading.Thread(target=_look_up_after, args=(start, errors)) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert errors == [] and registry._BY_NAME == {}
+            assert all(registry._CONVERTERS[cls] is merge_my_block for cls in classes.values())
+    finally:
+        sys.setswitchinterval(switch_interval)
 
 
 def test_fusedconv_imports_no_model_zoo():
@@ -183,17 +240,24 @@ def test_fusedconv_imports_no_model_zoo():
 
 @pytest.mark.parametrize("zoo", ["timm", "ultralytics"])
 def test_every_zoo_converter_names_a_class_of_the_installed_zoo(zoo):
-    """Each built-in converter's (module, class) names a module class of the
-    installed package, and is registered for it once that is imported: a
-    misspelt name would leave its blocks unmerged without a word."""
+    """Each built-in converter's (module, class), and each class a converter
+    tells a block's parts apart by, names a module class of the installed
+    package, and the converters are registered once it is imported: a misspelt
+    name would leave its blocks unmerged. timm's newer models (some pairs) may
+    be missing from an older timm."""
     pytest.importorskip(zoo)
     converters = importlib.import_module(f"fusedconv.thirdparty.{zoo}")
-    registry.converter_for(nn.Identity())  # registers what is imported
-    for module, qualname, converter in converters.BLOCKS:
+    for module, qualname in converters.CLASSES_ASKED_ABOUT:
+        importlib.import_module(module)
+        assert registry.imported_class(module, qualname) is not None, f"{module}.{qualname}"
+    optional = getattr(converters, "PAIR_BLOCKS", ())
+    for module, qualname, converter in (*converters.BLOCKS, *optional):
+        if (module, qualname, converter) in optional and importlib.util.find_spec(module) is None:
+            continue
         importlib.import_module(module)
         cls = registry.imported_class(module, qualname)
         assert cls is not None and issubclass(cls, nn.Module), f"{module}.{qualname}"
-        registry.converter_for(nn.Identity())
+        registry.converter_for(nn.Identity())  # registers what is imported
         assert registry._CONVERTERS.get(cls) is converter, f"{module}.{qualname}"
 
 

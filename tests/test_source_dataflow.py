@@ -10,6 +10,9 @@ checked on its own, so that a refusal cannot hide behind the fx fallback.
 
 from __future__ import annotations
 
+import builtins
+import functools
+import io
 import re
 
 import pytest
@@ -779,19 +782,46 @@ def test_which_methods_may_call_a_functional_batch_norm(tmp_path, body, spells):
     """The check that decides whether a class is read finds the name in the
     compiled code, as Python reads identifiers (NFKC), in the method and in the
     code compiled inside it, and never in a comment."""
-    from fusedconv.dataflow.source import _may_spell_batch_norm
+    from fusedconv.dataflow.source import _may_call_batch_norm
 
-    assert _may_spell_batch_norm(_class_with_forward(body, tmp_path)) is spells
+    assert _may_call_batch_norm(_class_with_forward(body, tmp_path)) is spells
 
 
 @pytest.mark.parametrize("encoding, spelled, written_as", [
     ("latin-1", "F.\xaatch_norm(x)", None), ("utf-7", "F.+AGI-atch_norm(x)", "ascii"),
     ("utf-8-sig", "F.\uff42atch_norm(x)", None)])
-def test_a_declared_encoding_is_read_as_python_reads_it(tmp_path, encoding, spelled, written_as):
+def test_a_declared_encoding_is_read_as_python_reads_it(tmp_path, encoding, spelled, written_as, monkeypatch):
     """Bytes are read in the encoding the file declares: ``+AGI-`` is a "b" in
     UTF-7, and latin-1's ª (NFKC: a) makes "atch_norm", not the name; no file is
     opened by the check itself."""
-    from fusedconv.dataflow.source import _may_spell_batch_norm
+    from fusedconv.dataflow.source import _may_call_batch_norm
 
     head = _class_with_forward(f"return {spelled}", tmp_path, encoding, written_as)
-    assert _may_spell_batch_norm(head) is (encoding != "latin-1")
+
+    def no_file(*args, **kwargs):
+        raise AssertionError("the check opened a file")
+
+    monkeypatch.setattr(builtins, "open", no_file)
+    monkeypatch.setattr(io, "open", no_file)
+    assert _may_call_batch_norm(head) is (encoding != "latin-1")
+
+
+def test_a_wrapper_is_looked_at_through_what_it_wraps_now(tmp_path):
+    """A method made by ``functools.wraps`` is read as its original: pointed at
+    another original, or at itself (a cycle ``inspect.unwrap`` refuses), it is
+    looked at again, the class's namespace unchanged."""
+    from fusedconv.dataflow.source import _may_call_batch_norm
+
+    plain = _class_with_forward("return self.bn(x)", tmp_path)
+    functional = _class_with_forward("return F.batch_norm(x, m, v)", tmp_path)
+
+    @functools.wraps(plain.forward)
+    def wrapper(self, x):
+        return x
+
+    plain.helper = wrapper
+    assert _may_call_batch_norm(plain) is False
+    wrapper.__wrapped__ = functional.forward
+    assert _may_call_batch_norm(plain) is True
+    wrapper.__wrapped__ = wrapper
+    assert _may_call_batch_norm(plain) is True

@@ -63,15 +63,21 @@ def _library_function(function: types.FunctionType) -> bool:
     return module.split(".")[0] in _LIBRARY_PREFIXES
 
 
-def _referenced_globals(code: types.CodeType, namespace: dict) -> list[object]:
-    """The globals a code object (and the code nested in it) may load."""
-    found: list[object] = []
+def code_objects(code: types.CodeType) -> list[types.CodeType]:
+    """``code`` and every code object compiled inside it (functions, lambdas,
+    comprehensions, classes), however deep."""
+    found: list[types.CodeType] = []
     stack = [code]
     while stack:
         current = stack.pop()
-        found.extend(namespace[name] for name in current.co_names if name in namespace)
-        stack.extend(const for const in current.co_consts if isinstance(const, types.CodeType))
+        found.append(current)
+        stack += [const for const in current.co_consts if isinstance(const, types.CodeType)]
     return found
+
+
+def _referenced_globals(code: types.CodeType, namespace: dict) -> list[object]:
+    """The globals a code object (and the code nested in it) may load."""
+    return [namespace[name] for current in code_objects(code) for name in current.co_names if name in namespace]
 
 
 def cell_contents(function: types.FunctionType) -> list[object]:

@@ -44,7 +44,7 @@ from torch import fx, nn
 
 from ..layers import MODULE_STATE, why_not_standard
 from . import Dataflow, Node
-from .references import UNKNOWN, modules_held_elsewhere, reachable_modules
+from .references import UNKNOWN, code_objects, modules_held_elsewhere, reachable_modules
 
 _MODULE_ATTRIBUTES = frozenset(dir(nn.Module)) - {"training", "forward"}
 _MODULE_INTERNALS = MODULE_STATE - {"training"}  # _modules, _parameters, hooks, ...: all reach the children
@@ -632,12 +632,12 @@ def functional_batchnorm_calls(modules: Iterable[tuple[str, nn.Module]]) -> list
         if cls in read or cls.__module__.startswith("torch.nn.modules."):
             continue
         read.add(cls)
-        if _may_spell_batch_norm(cls):
+        if _may_call_batch_norm(cls):
             found.extend(f"{where}: {call}" for call in read_class(cls).functional_batchnorms)
     return found
 
 
-def _may_spell_batch_norm(cls: type) -> bool:
+def _may_call_batch_norm(cls: type) -> bool:
     """Whether a method of ``cls`` may contain a call that the reading reports as
     a functional batch norm: one spelled with ``batch_norm`` (as
     :meth:`_Reader.read_uses` looks for them). The reading reads functions of
@@ -653,8 +653,9 @@ def _may_spell_batch_norm(cls: type) -> bool:
                if klass is not object and klass is not nn.Module)
 
 
-# Per class: a copy of its namespace, its functions with their code objects, and
-# whether any of that code names ``batch_norm``; bounded as _READINGS is (oldest out first).
+# Per class: a copy of its namespace, its functions with their code objects and
+# the functions they wrap, and whether any of that code names ``batch_norm``;
+# bounded (the oldest entry out first).
 _NAMESPACES_SCANNED: collections.OrderedDict[type, tuple[dict, tuple, bool]] = collections.OrderedDict()
 
 
@@ -662,8 +663,10 @@ def _class_names_batch_norm(klass: type) -> bool:
     """Whether the code of a function ``klass`` itself defines (a method, a
     property's getter, a static or class method, and the original of a
     wrapper, which the reading reads as ``inspect.getsource`` unwraps) names
-    ``batch_norm``. Scanned again when the class's namespace or a function's
-    ``__code__`` has changed since (a method replaced, a class patched)."""
+    ``batch_norm``. Scanned again when the class's namespace, a function's
+    ``__code__`` or what it wraps has changed since (a method replaced, a class
+    patched); a wrapper whose chain cannot be unwrapped counts as naming it
+    (the reading will say what it finds)."""
     known = _NAMESPACES_SCANNED.get(klass)
     if known is not None:
         namespace, codes, answer = known
@@ -671,9 +674,11 @@ def _class_names_batch_norm(klass: type) -> bool:
             same = namespace == vars(klass)  # identical values compare equal without running their __eq__
         except Exception:  # a changed value whose __eq__ raises
             same = False
-        if same and all(function.__code__ is code for function, code in codes):
+        if same and all(function.__code__ is code and function.__dict__.get("__wrapped__") is wrapped
+                        for function, code, wrapped in codes):
             return answer
     functions = []
+    answer = False
     for value in vars(klass).values():
         if isinstance(value, property):
             value = value.fget
@@ -681,11 +686,16 @@ def _class_names_batch_norm(klass: type) -> bool:
         if isinstance(function, types.FunctionType):
             functions.append(function)
             if hasattr(function, "__wrapped__"):
-                original = inspect.unwrap(function)
+                try:
+                    original = inspect.unwrap(function)
+                except ValueError:  # a cycle of wrappers
+                    answer = True
+                    continue
                 if isinstance(original, types.FunctionType):
                     functions.append(original)
-    answer = any(_code_names_batch_norm(function.__code__) for function in functions)
-    _NAMESPACES_SCANNED[klass] = (dict(vars(klass)), tuple((f, f.__code__) for f in functions), answer)
+    answer = answer or any(_code_names_batch_norm(function.__code__) for function in functions)
+    _NAMESPACES_SCANNED[klass] = (dict(vars(klass)), tuple((f, f.__code__, f.__dict__.get("__wrapped__"))
+                                                           for f in functions), answer)
     if len(_NAMESPACES_SCANNED) > _CACHED_CLASSES:
         _NAMESPACES_SCANNED.popitem(last=False)
     return answer
@@ -696,11 +706,6 @@ def _code_names_batch_norm(code: types.CodeType) -> bool:
     names something with ``batch_norm`` in its name: a global or attribute
     (``co_names``), a local (``co_varnames``) or a closure variable. Every name
     in a call's dotted spelling is one of these."""
-    stack = [code]
-    while stack:
-        code = stack.pop()
-        # One search of the names joined: an identifier holds no space, so none is found across two.
-        if "batch_norm" in " ".join((*code.co_names, *code.co_varnames, *code.co_cellvars, *code.co_freevars)):
-            return True
-        stack += [value for value in code.co_consts if isinstance(value, types.CodeType)]
-    return False
+    # One search of each code's names joined: an identifier holds no space, so none is found across two.
+    return any("batch_norm" in " ".join((*c.co_names, *c.co_varnames, *c.co_cellvars, *c.co_freevars))
+               for c in code_objects(code))

@@ -69,13 +69,22 @@ Plans = list[Reparameterization]
 LinearPart = tuple[nn.Module, ChannelAffine | None]
 """A conv and the affine map after it (None: nothing after it)."""
 
-_LAYERS = "timm.layers"  # imported with any timm model's module
+# The timm classes the converters tell a block's parts apart by, as (module, class):
+# timm.layers is imported with any timm model's module.
+_CONV_NORM_ACT = ("timm.layers", "ConvNormAct")
+_DROP_PATH = ("timm.layers", "DropPath")
+_DROP_BLOCK = ("timm.layers", "DropBlock2d")
+_LAYER_SCALE_2D = ("timm.models.fastvit", "LayerScale2d")
+_REPVIT_CONV_NORM = ("timm.models.repvit", "ConvNorm")
+_REPVIT_NORM_LINEAR = ("timm.models.repvit", "NormLinear")
+CLASSES_ASKED_ABOUT = (_CONV_NORM_ACT, _DROP_PATH, _DROP_BLOCK, _LAYER_SCALE_2D, _REPVIT_CONV_NORM,
+                       _REPVIT_NORM_LINEAR)
 
 
 def _computes_identity_in_eval(module: nn.Module) -> bool:
     """Whether ``module`` is one that computes the identity in eval mode, where timm puts them inside branches."""
     return isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) or \
-        instance_of(module, _LAYERS, "DropPath") or instance_of(module, _LAYERS, "DropBlock2d")
+        instance_of(module, *_DROP_PATH) or instance_of(module, *_DROP_BLOCK)
 
 
 # --------------------------------------------------------------------------- reading branches
@@ -117,7 +126,7 @@ def _plain_conv(conv: nn.Module, name: str) -> nn.Module:
 
 def _conv_norm_act(branch: nn.Module, name: str) -> LinearPart:
     """The conv and BN affine map of a timm ``ConvNormAct`` used as a linear branch."""
-    if not instance_of(branch, _LAYERS, "ConvNormAct"):
+    if not instance_of(branch, *_CONV_NORM_ACT):
         raise FoldError(f"{name}: {type(branch).__name__} is not the ConvNormAct branch the merge expects")
     if getattr(branch, "aa", None) is not None:
         _check_identity(branch.aa, f"{name}.aa")
@@ -239,7 +248,7 @@ def convert_fastvit_rep_mixer(block: nn.Module, name: str) -> Plans:
     for part in ("mixer", "norm"):
         for attr in ("se", "act"):
             _check_identity(getattr(getattr(block, part), attr), f"{name}.{part}.{attr}")
-    if instance_of(block.layer_scale, "timm.models.fastvit", "LayerScale2d"):
+    if instance_of(block.layer_scale, *_LAYER_SCALE_2D):
         gamma = block.layer_scale.gamma.detach()
     else:
         _check_identity(block.layer_scale, f"{name}.layer_scale")
@@ -350,7 +359,7 @@ def convert_repvit_rep_vgg_dw(block: nn.Module, name: str) -> Plans:
     if not hasattr(block, "conv1"):
         return []
     target = (_plain_conv(block.conv.c, f"{name}.conv.c"), _norm_affine(block.conv.bn, f"{name}.conv.bn"))
-    if instance_of(block.conv1, "timm.models.repvit", "ConvNorm"):
+    if instance_of(block.conv1, *_REPVIT_CONV_NORM):
         second = (_plain_conv(block.conv1.c, f"{name}.conv1.c"), _norm_affine(block.conv1.bn, f"{name}.conv1.bn"))
     else:
         second = (_plain_conv(block.conv1, f"{name}.conv1"), None)
@@ -373,8 +382,11 @@ def convert_repvit_classifier(block: nn.Module, name: str) -> Plans:
     """RepViT's head: each NormLinear's BN folds into its Linear; with distillation,
     ``(head(x) + head_dist(x)) / 2`` becomes one Linear in ``head`` (``head_dist``
     is deleted and ``distillation`` turned off, so forward uses that Linear alone)."""
-    if not instance_of(block.head, "timm.models.repvit", "NormLinear"):
-        return []  # no classes, or merged already
+    if not instance_of(block.head, *_REPVIT_NORM_LINEAR):
+        if isinstance(block.head, (nn.Identity, nn.Linear)):
+            return []  # no classes, or merged already
+        raise FoldError(f"{name}: its head is a {type(block.head).__name__}, not the NormLinear (or the merged "
+                        "Linear) the merge expects")
     fold_head = _bn_then_linear("l")
     if not block.distillation:
         return fold_head(block.head, f"{name}.head")
@@ -402,10 +414,7 @@ def convert_repvit_classifier(block: nn.Module, name: str) -> Plans:
 
 # --------------------------------------------------------------------------- registration
 
-# (timm.models module, class, converter) for every block class merged here; the
-# pairs are those that timm's fuse() turns into one Conv or Linear. A class that
-# the installed timm lacks (the newer models are missing from older versions)
-# gets nothing.
+# (timm.models module, class, converter) for every block class merged here.
 BLOCKS = tuple((f"timm.models.{module}", qualname, converter) for module, qualname, converter in (
     ("byobnet", "RepVggBlock", convert_byobnet_repvgg),
     ("byobnet", "MobileOneBlock", convert_byobnet_mobileone),
@@ -416,6 +425,11 @@ BLOCKS = tuple((f"timm.models.{module}", qualname, converter) for module, qualna
     ("repghost", "RepGhostModule", convert_repghost_module),
     ("repvit", "RepVggDw", convert_repvit_rep_vgg_dw),
     ("repvit", "RepVitClassifier", convert_repvit_classifier),
+))
+# The conv/linear-BN pairs that timm's fuse() turns into one Conv or Linear. The
+# newer models' modules are missing from older timm versions: their
+# registrations wait for a module that is never imported.
+PAIR_BLOCKS = tuple((f"timm.models.{module}", qualname, converter) for module, qualname, converter in (
     ("repvit", "ConvNorm", _layer_then_bn("c")),
     ("repvit", "NormLinear", _bn_then_linear("l")),
     ("levit", "ConvNorm", _layer_then_bn("linear")),
@@ -429,5 +443,5 @@ BLOCKS = tuple((f"timm.models.{module}", qualname, converter) for module, qualna
     ("iformer", "ConvNorm", _layer_then_bn("c")),
     ("iformer", "NormLinear", _bn_then_linear("l")),
 ))
-for _block in BLOCKS:
+for _block in BLOCKS + PAIR_BLOCKS:
     register_block_by_name(*_block)

@@ -46,6 +46,9 @@ Plans = list[Reparameterization]
 
 _CONV_MODULE = "ultralytics.nn.modules.conv"
 _BLOCK_MODULE = "ultralytics.nn.modules.block"
+# The ultralytics classes the converters tell a block's parts apart by, as (module, class).
+_CONV = (_CONV_MODULE, "Conv")
+CLASSES_ASKED_ABOUT = (_CONV,)
 
 
 def _check_not_quantized(block: nn.Module, name: str) -> None:
@@ -81,7 +84,7 @@ def _freeze(conv: nn.Module) -> None:
 def _linear_conv_bn(part: nn.Module, name: str) -> tuple[nn.Module, ChannelAffine | None]:
     """The conv and BN affine map of an inner ``Conv(act=False)`` used as a linear branch
     (BN None when that Conv was fused on its own already)."""
-    if not instance_of(part, _CONV_MODULE, "Conv"):
+    if not instance_of(part, *_CONV):
         raise FoldError(f"{name}: {type(part).__name__} is not the ultralytics Conv branch the merge expects")
     if not isinstance(part.act, nn.Identity):
         raise FoldError(f"{name}: its activation {type(part.act).__name__} stands inside a branch that is merged "
