@@ -263,8 +263,6 @@ def set_plain_attribute(module: nn.Module, name: str, value: object) -> None:
         setattr(module, name, value)
 
 
-
-
 def has_own_forward(module: nn.Module) -> bool:
     """Whether the layer runs a forward other than torch's own (even one proven a plain conv)."""
     return _forward_owner(module) not in _STANDARD_LAYER_FORWARDS

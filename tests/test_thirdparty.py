@@ -415,6 +415,18 @@ def test_repvit_classifier(distillation, dtype):
     assert not hasattr(merged, "head_dist")
 
 
+@needs_timm
+def test_repvit_classifier_with_an_unknown_head_is_refused():
+    """No classes (Identity) or a head merged already (Linear) leave nothing to
+    merge; any other head is refused rather than skipped, its BN unreported."""
+    from timm.models.repvit import RepVitClassifier
+    block = RepVitClassifier(8, 0).eval()
+    assert isinstance(block.head, nn.Identity) and plan_blocks(block) == []
+    block.head = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 5))
+    with pytest.raises(FoldError, match="its head is a Sequential, not the NormLinear"):
+        plan_blocks(block.eval())
+
+
 # --------------------------------------------------------------------------- timm: Conv/Linear + BN pairs
 
 def tokens(seed: int) -> tuple[torch.Tensor]:

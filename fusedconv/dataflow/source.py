@@ -644,8 +644,9 @@ def _may_call_batch_norm(cls: type) -> bool:
     the classes of its MRO, so a class none of whose functions' compiled code
     names ``batch_norm`` has none, and need not be read: reading every class
     of a model is most of a first fold's time when all its BNs sit in blocks.
-    The code is what runs, and names every identifier its source spells as
-    Python reads it (in NFKC form: a full-width ``ｂatch_norm`` compiles to
+    The code is what runs, and names every global, attribute, local and
+    closure variable its source uses (every name of a call's dotted spelling)
+    as Python read them (in NFKC form: a full-width ``ｂatch_norm`` compiles to
     ``batch_norm``, in whatever encoding the file declares), so no file is
     opened. Only functions have code to read (a module or builtin held by the
     class is called from a method, where the spelling would be)."""
